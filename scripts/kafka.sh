@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# Local single-node Apache Kafka (KRaft) from Apache Kafka's own jars on Maven
+# Central, run with the machine's Java 17. No Docker, no distribution tarball.
+#
+#   scripts/kafka.sh up     start (idempotent), return once metadata requests are answered
+#   scripts/kafka.sh down   stop cleanly (SIGTERM, then wait for the controlled shutdown)
+#   scripts/kafka.sh wipe   stop and delete the broker's data (the jar cache is kept)
+#
+# Environment:
+#   KAFKA_BOOTSTRAP_SERVERS  host:port of the broker (default 127.0.0.1:9092); the
+#                            KRaft controller listens on the next port
+#   PATTERNFLOW_CACHE        cache directory (default ~/.cache/patternflow): jars
+#                            in kafka-<version>/libs, data in kafka-data
+#   PYTHON                   a Python with confluent-kafka, used for the readiness check
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+bootstrap=${KAFKA_BOOTSTRAP_SERVERS:-127.0.0.1:9092}
+bootstrap=${bootstrap%%,*}
+host=${bootstrap%:*}
+port=${bootstrap##*:}
+controller_port=$((port + 1))
+cache=${PATTERNFLOW_CACHE:-$HOME/.cache/patternflow}
+version=$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$here/kafka/pom.xml")
+libs=$cache/kafka-$version/libs
+data=$cache/kafka-data/$port
+python=${PYTHON:-python3}
+
+answers_metadata() {
+  "$python" - "$bootstrap" <<'PY' >/dev/null 2>&1
+import sys
+from confluent_kafka.admin import AdminClient
+AdminClient({"bootstrap.servers": sys.argv[1]}).list_topics(timeout=2)
+PY
+}
+
+fetch_jars() {
+  [ -f "$libs/.complete" ] && return 0
+  echo "kafka: resolving Apache Kafka $version jars from Maven Central into $libs"
+  rm -rf "$libs" && mkdir -p "$libs"
+  if ! mvn -q -B -f "$here/kafka/pom.xml" dependency:copy-dependencies \
+      -DincludeScope=runtime -DoutputDirectory="$libs"; then
+    echo "kafka: Maven could not resolve the jars. Check that Maven Central is reachable (mvn -v, ~/.m2/settings.xml) and retry." >&2
+    exit 1
+  fi
+  touch "$libs/.complete"
+}
+
+write_config() {
+  mkdir -p "$data/logs"
+  cat > "$data/server.properties" <<PROPS
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@$host:$controller_port
+listeners=PLAINTEXT://$host:$port,CONTROLLER://$host:$controller_port
+advertised.listeners=PLAINTEXT://$host:$port
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+log.dirs=$data/logs
+num.partitions=1
+offsets.topic.replication.factor=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+auto.create.topics.enable=false
+PROPS
+  cat > "$data/log4j.properties" <<PROPS
+log4j.rootLogger=INFO, file
+log4j.appender.file=org.apache.log4j.FileAppender
+log4j.appender.file.File=$data/server.log
+log4j.appender.file.layout=org.apache.log4j.PatternLayout
+log4j.appender.file.layout.ConversionPattern=[%d] %p %m (%c)%n
+log4j.logger.kafka.request.logger=WARN
+log4j.logger.state.change.logger=WARN
+PROPS
+}
+
+java_cmd() {
+  java -Xms256m -Xmx1g -XX:+UseG1GC -Djava.awt.headless=true \
+    -Dlog4j.configuration="file:$data/log4j.properties" -cp "$libs/*" "$@"
+}
+
+up() {
+  if answers_metadata; then
+    echo "kafka: a broker already answers at $bootstrap"
+    return 0
+  fi
+  command -v java >/dev/null || { echo "kafka: java not found; install Java 17 (apt-get install openjdk-17-jre-headless)" >&2; exit 1; }
+  fetch_jars
+  write_config
+  if [ ! -f "$data/logs/meta.properties" ]; then
+    cluster_id=$(java_cmd kafka.tools.StorageTool random-uuid 2>/dev/null | tail -n 1)
+    java_cmd kafka.tools.StorageTool format -t "$cluster_id" -c "$data/server.properties" >/dev/null
+    echo "kafka: formatted storage in $data/logs (cluster $cluster_id)"
+  fi
+  nohup java -Xms256m -Xmx1g -XX:+UseG1GC -Djava.awt.headless=true \
+    -Dlog4j.configuration="file:$data/log4j.properties" -cp "$libs/*" \
+    kafka.Kafka "$data/server.properties" >"$data/stdout.log" 2>&1 &
+  echo $! > "$data/broker.pid"
+  for _ in $(seq 1 120); do
+    if answers_metadata; then
+      echo "kafka: Apache Kafka $version up at $bootstrap (pid $(cat "$data/broker.pid"), data in $data)"
+      return 0
+    fi
+    if ! kill -0 "$(cat "$data/broker.pid")" 2>/dev/null; then
+      break
+    fi
+    sleep 1
+  done
+  echo "kafka: the broker did not answer metadata requests at $bootstrap. Last lines of its logs:" >&2
+  tail -n 25 "$data/server.log" "$data/stdout.log" >&2 2>/dev/null || true
+  echo "kafka: check that port $port and $controller_port are free (ss -ltnp), or run 'make kafka-wipe' to reformat storage, then 'make kafka-up' again." >&2
+  exit 1
+}
+
+down() {
+  local pidfile=$data/broker.pid
+  if [ ! -f "$pidfile" ] || ! kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+    echo "kafka: no local broker running for port $port"
+    rm -f "$pidfile"
+    return 0
+  fi
+  local pid
+  pid=$(cat "$pidfile")
+  kill "$pid"
+  for _ in $(seq 1 60); do
+    kill -0 "$pid" 2>/dev/null || { rm -f "$pidfile"; echo "kafka: stopped"; return 0; }
+    sleep 1
+  done
+  echo "kafka: broker did not stop in 60 s; killing it" >&2
+  kill -9 "$pid" 2>/dev/null || true
+  rm -f "$pidfile"
+}
+
+case "${1:-}" in
+  up) up ;;
+  down) down ;;
+  wipe) down; rm -rf "$data"; echo "kafka: deleted $data" ;;
+  *) echo "usage: $0 up|down|wipe" >&2; exit 2 ;;
+esac

@@ -1,0 +1,14 @@
+"""Keyed state: an ordered key-value contract, its RocksDB and in-memory
+backends, and a store whose commits line up with Bytewax's snapshots."""
+
+from state.backends import Backend, MemoryBackend, RocksDBBackend
+from state.store import StateError, StateRecoveryError, StateStore
+
+__all__ = [
+    "Backend",
+    "MemoryBackend",
+    "RocksDBBackend",
+    "StateError",
+    "StateRecoveryError",
+    "StateStore",
+]

@@ -1,0 +1,253 @@
+"""Keyed state that stays consistent with Bytewax's recovery snapshots.
+
+Bytewax recovers by replaying input from the offsets saved in its last
+completed snapshot, so after a kill -9 the state must be put back to exactly
+what it was at that snapshot: anything newer would count replayed input twice.
+
+:class:`StateStore` keeps writes made since the last commit in a pending
+overlay that reads see. :meth:`StateStore.commit` writes the overlay to the
+backend in one atomic batch, together with an undo record per key (the bytes it
+had before) and the new sequence number, and returns that number: it is the
+token an operator hands Bytewax as its snapshot. On resume,
+:meth:`StateStore.restore` applies the undo records newer than the token, newest
+first, in one atomic batch. Undo records older than ``undo_retain`` commits are
+dropped, so a restore can go back that many commits (Bytewax resumes from its
+last or second to last snapshot unless its ``backup_interval`` holds more).
+
+Values are JSON documents (orjson): tuples come back as lists.
+
+Expiry: a value put with ``ttl_ms`` reads as absent once its time has passed and
+is deleted by :meth:`StateStore.expire`, which finds due keys through an ordered
+timer index instead of scanning all state. Operators use the same index for
+their own timers (window ends) through :meth:`set_timer` / :meth:`pop_due`.
+
+Key encoding (bytes, ordered so that scans are prefix ranges)::
+
+    b"d" + key                               -> expiry_ms (8 bytes BE, 0 = never) + orjson(value)
+    b"t" + timer + b"\\0" + due_ms (8 BE) + key -> b""
+    b"u" + seq (8 BE) + stored key           -> b"\\0" (was absent) or b"\\1" + previous bytes
+    b"m:seq"                                 -> last committed seq (8 bytes BE)
+
+Exceptions::
+
+    StateError
+     └── StateRecoveryError   the store cannot return to the snapshot asked for
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import orjson
+
+from state.backends import Backend
+
+__all__ = ["StateError", "StateRecoveryError", "StateStore"]
+
+_SEQ_KEY = b"m:seq"
+_TTL_TIMER = "ttl"
+_ABSENT = b"\x00"
+_PRESENT = b"\x01"
+
+
+class StateError(Exception):
+    pass
+
+
+class StateRecoveryError(StateError):
+    pass
+
+
+def _be(n: int) -> bytes:
+    return n.to_bytes(8, "big")
+
+
+def _data_key(key: str) -> bytes:
+    return b"d" + key.encode()
+
+
+def _timer_prefix(timer: str) -> bytes:
+    return b"t" + timer.encode() + b"\x00"
+
+
+def _undo_prefix(seq: int) -> bytes:
+    return b"u" + _be(seq)
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class StateStore:
+    """Epoch-consistent keyed state over a :class:`~state.backends.Backend`."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        undo_retain: int = 32,
+        now_ms: Callable[[], int] = _wall_ms,
+    ) -> None:
+        if undo_retain < 1:
+            raise ValueError(f"undo_retain must be >= 1, got {undo_retain}")
+        self.backend = backend
+        self.undo_retain = undo_retain
+        self._now_ms = now_ms
+        self._pending: dict[bytes, bytes | None] = {}
+        raw = backend.get(_SEQ_KEY)
+        self.seq = int.from_bytes(raw, "big") if raw else 0
+
+    # -- reads and writes -------------------------------------------------
+
+    def _raw_get(self, key: bytes) -> bytes | None:
+        if key in self._pending:
+            return self._pending[key]
+        return self.backend.get(key)
+
+    def _raw_put(self, key: bytes, value: bytes | None) -> None:
+        self._pending[key] = value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        raw = self._raw_get(_data_key(key))
+        if raw is None:
+            return default
+        expiry = int.from_bytes(raw[:8], "big")
+        if expiry and expiry <= self._now_ms():
+            return default
+        return orjson.loads(raw[8:])
+
+    def put(self, key: str, value: Any, *, ttl_ms: int | None = None) -> None:
+        dkey = _data_key(key)
+        old = self._raw_get(dkey)
+        old_expiry = int.from_bytes(old[:8], "big") if old else 0
+        expiry = self._now_ms() + ttl_ms if ttl_ms else 0
+        if old_expiry != expiry:
+            if old_expiry:
+                self.cancel_timer(_TTL_TIMER, key, old_expiry)
+            if expiry:
+                self.set_timer(_TTL_TIMER, key, expiry)
+        self._raw_put(dkey, _be(expiry) + orjson.dumps(value))
+
+    def delete(self, key: str) -> None:
+        dkey = _data_key(key)
+        old = self._raw_get(dkey)
+        if old is None:
+            return
+        old_expiry = int.from_bytes(old[:8], "big")
+        if old_expiry:
+            self.cancel_timer(_TTL_TIMER, key, old_expiry)
+        self._raw_put(dkey, None)
+
+    def items(self, prefix: str = "") -> Iterator[tuple[str, Any]]:
+        """Live ``(key, value)`` pairs whose key starts with ``prefix``, in key order."""
+        start = _data_key(prefix)
+        now = self._now_ms()
+        for dkey, raw in self._scan(start, start + b"\xff"):
+            expiry = int.from_bytes(raw[:8], "big")
+            if not expiry or expiry > now:
+                yield dkey[1:].decode(), orjson.loads(raw[8:])
+
+    # -- timers -----------------------------------------------------------
+
+    def set_timer(self, timer: str, key: str, due_ms: int) -> None:
+        self._raw_put(_timer_prefix(timer) + _be(due_ms) + key.encode(), b"")
+
+    def cancel_timer(self, timer: str, key: str, due_ms: int) -> None:
+        self._raw_put(_timer_prefix(timer) + _be(due_ms) + key.encode(), None)
+
+    def pop_due(self, timer: str, upto_ms: int) -> list[tuple[int, str]]:
+        """Remove and return ``(due_ms, key)`` of timers due at or before ``upto_ms``."""
+        prefix = _timer_prefix(timer)
+        due = list(self._scan(prefix, prefix + _be(upto_ms + 1)))
+        out = []
+        for tkey, _ in due:
+            self._raw_put(tkey, None)
+            rest = tkey[len(prefix) :]
+            out.append((int.from_bytes(rest[:8], "big"), rest[8:].decode()))
+        return out
+
+    def next_due_ms(self, timer: str) -> int | None:
+        prefix = _timer_prefix(timer)
+        for tkey, _ in self._scan(prefix, prefix + b"\xff" * 9):
+            return int.from_bytes(tkey[len(prefix) : len(prefix) + 8], "big")
+        return None
+
+    def expire(self) -> list[str]:
+        """Delete values whose TTL has passed; return their keys."""
+        expired = []
+        for _, key in self.pop_due(_TTL_TIMER, self._now_ms()):
+            self._raw_put(_data_key(key), None)
+            expired.append(key)
+        return expired
+
+    def _scan(self, start: bytes, stop: bytes) -> Iterator[tuple[bytes, bytes]]:
+        pending = sorted((k, v) for k, v in self._pending.items() if start <= k < stop)
+        stored = ((k, v) for k, v in self.backend.scan(start, stop) if k not in self._pending)
+        for key, value in heapq.merge(pending, stored, key=lambda kv: kv[0]):
+            if value is not None:
+                yield key, value
+
+    # -- epochs -----------------------------------------------------------
+
+    @property
+    def pending_writes(self) -> int:
+        return len(self._pending)
+
+    def commit(self) -> int:
+        """Write pending changes atomically; return the new sequence number."""
+        seq = self.seq + 1
+        batch: dict[bytes, bytes | None] = {}
+        undo = _undo_prefix(seq)
+        for key, value in self._pending.items():
+            before = self.backend.get(key)
+            batch[undo + key] = _ABSENT if before is None else _PRESENT + before
+            batch[key] = value
+        dropped = seq - self.undo_retain
+        if dropped > 0:
+            for key, _ in self.backend.scan(_undo_prefix(dropped), _undo_prefix(dropped + 1)):
+                batch[key] = None
+        batch[_SEQ_KEY] = _be(seq)
+        self.backend.write(batch)
+        self._pending.clear()
+        self.seq = seq
+        return seq
+
+    def restore(self, seq: int | None) -> None:
+        """Return to the state committed as ``seq`` (``None``: empty state).
+
+        Pending writes are discarded.
+        """
+        self._pending.clear()
+        if not seq:
+            self.backend.clear()
+            self.seq = 0
+            return
+        if seq > self.seq:
+            raise StateRecoveryError(
+                f"the snapshot to resume from is commit {seq}, but the state store at "
+                f"{getattr(self.backend, 'path', 'memory')} holds only commit {self.seq}; "
+                "the state directory was lost or belongs to another run. Point the state "
+                "directory at the one used with this recovery directory, or delete both to start over."
+            )
+        oldest = max(1, self.seq - self.undo_retain + 1)
+        if seq < oldest - 1:
+            raise StateRecoveryError(
+                f"cannot roll state back to commit {seq}: undo records go back to commit "
+                f"{oldest - 1} only; raise undo_retain above the number of snapshots "
+                "Bytewax keeps (backup_interval / snapshot interval)."
+            )
+        batch: dict[bytes, bytes | None] = {}
+        for s in range(self.seq, seq, -1):
+            undo = _undo_prefix(s)
+            for ukey, before in self.backend.scan(undo, _undo_prefix(s + 1)):
+                batch[ukey[len(undo) :]] = None if before == _ABSENT else before[1:]
+                batch[ukey] = None
+        batch[_SEQ_KEY] = _be(seq)
+        self.backend.write(batch)
+        self.seq = seq
+
+    def close(self) -> None:
+        self.backend.close()
