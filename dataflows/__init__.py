@@ -1,0 +1,1 @@
+"""One module per pattern; each builds a Dataflow from its settings."""

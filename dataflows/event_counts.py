@@ -1,0 +1,126 @@
+"""Keyed event counts in tumbling event-time windows, with state in RocksDB.
+
+Input, on ``EVENT_COUNTS_INPUT_TOPIC`` (default ``events``)::
+
+    {"key": "user-42", "ts_ms": 1767225600000}
+
+Output, on ``EVENT_COUNTS_OUTPUT_TOPIC`` (default ``event-counts``), keyed by the
+window id so that a compacted topic keeps one row per window, and a duplicate
+after recovery is the same row::
+
+    {"id": "user-42@1767225600000", "key": "user-42", "start_ms": ..., "end_ms": ..., "count": 3}
+
+Events for windows that have already closed go to ``<input>.late``; messages
+that are not such JSON go to ``<input>.dlq`` with the reason.
+
+Run (see README for the settings)::
+
+    python -m bytewax.run "dataflows.event_counts:build()" -r var/recovery/event_counts -s 5
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import bytewax.operators as op
+import orjson
+from bytewax.dataflow import Dataflow
+
+from operators import metrics
+from operators.dlq import DLQ_SUFFIX, InvalidMessage, decode_json, to_dlq_message, try_map
+from operators.kafka import KafkaMessage, KafkaSink, KafkaSource, Position, TopicSpec, ensure_topics, kafka_output
+from operators.settings import from_env
+from operators.stateful import StateConfig
+from operators.windowing import WindowResult, tumbling_window
+
+LATE_SUFFIX = ".late"
+
+
+@dataclass(frozen=True)
+class Settings:
+    kafka_bootstrap_servers: str = field(default="127.0.0.1:9092", metadata={"env": "KAFKA_BOOTSTRAP_SERVERS"})
+    input_topic: str = "events"
+    output_topic: str = "event-counts"
+    input_partitions: int = 3
+    window_ms: int = 60_000
+    allowed_lateness_ms: int = 5_000
+    start: Position = Position.earliest()  # noqa: RUF009
+    bounded: bool = False
+    state_dir: Path = Path("var/state/event_counts")
+    state_shards: int = 8
+    max_message_bytes: int = 1 << 20
+    metrics_port: int = 9100
+
+    def __post_init__(self) -> None:
+        if self.window_ms <= 0:
+            raise ValueError(f"EVENT_COUNTS_WINDOW_MS must be > 0, got {self.window_ms}")
+        if self.allowed_lateness_ms < 0:
+            raise ValueError(f"EVENT_COUNTS_ALLOWED_LATENESS_MS must be >= 0, got {self.allowed_lateness_ms}")
+
+    def topics(self) -> list[TopicSpec]:
+        return [
+            TopicSpec(self.input_topic, partitions=self.input_partitions),
+            TopicSpec(self.input_topic + DLQ_SUFFIX, retention_ms=-1),
+            TopicSpec(self.input_topic + LATE_SUFFIX),
+            TopicSpec(self.output_topic, partitions=self.input_partitions, cleanup_policy="compact"),
+        ]
+
+
+@dataclass(frozen=True)
+class Event:
+    key: str
+    ts_ms: int
+
+
+def parse_event(max_bytes: int):  # type: ignore[no-untyped-def]
+    decode = decode_json(max_bytes)
+
+    def parse(msg: KafkaMessage) -> Event:
+        doc = decode(msg)
+        if not isinstance(doc, dict):
+            raise InvalidMessage(f"expected a JSON object, got {type(doc).__name__}")
+        key, ts_ms = doc.get("key"), doc.get("ts_ms")
+        if not isinstance(key, str) or not key:
+            raise InvalidMessage(f"'key' must be a non-empty string, got {key!r}")
+        if not isinstance(ts_ms, int) or isinstance(ts_ms, bool) or ts_ms < 0:
+            raise InvalidMessage(f"'ts_ms' must be a non-negative integer (epoch ms), got {ts_ms!r}")
+        return Event(key, ts_ms)
+
+    return parse
+
+
+def count_message(topic: str, result: WindowResult[int]) -> KafkaMessage:
+    doc = {"id": result.id, "key": result.key, "start_ms": result.start_ms, "end_ms": result.end_ms, "count": result.value}
+    return KafkaMessage(orjson.dumps(doc), key=result.id.encode(), topic=topic)
+
+
+def late_message(topic: str, event: Event) -> KafkaMessage:
+    return KafkaMessage(orjson.dumps({"key": event.key, "ts_ms": event.ts_ms}), key=event.key.encode(), topic=topic)
+
+
+def build(settings: Settings | None = None) -> Dataflow:
+    s = settings or from_env(Settings, prefix="EVENT_COUNTS_")
+    ensure_topics(s.kafka_bootstrap_servers, s.topics())
+    metrics.serve(s.metrics_port + int(os.environ.get("BYTEWAX_PROCESS_ID", "0")) if s.metrics_port else 0)
+    state = StateConfig(s.state_dir, shards=s.state_shards)
+
+    flow = Dataflow("event_counts")
+    source = KafkaSource(s.kafka_bootstrap_servers, [s.input_topic], start=s.start, bounded=s.bounded)
+    msgs = op.input("in", flow, source)
+    # KafkaMessage
+    events = try_map("parse", msgs, parse_event(s.max_message_bytes))
+    # oks: Event; errs: DeadLetter
+    keyed = op.key_on("by_key", events.oks, lambda e: e.key)
+    # (key, Event)
+    windows = tumbling_window(
+        "count", keyed, lambda e: e.ts_ms, s.window_ms, lambda: 0, lambda n, _: n + 1, state, s.allowed_lateness_ms
+    )
+    # down: (key, WindowResult[int]); late: (key, Event)
+    counts = op.map("encode", windows.down, lambda kv: count_message(s.output_topic, kv[1]))
+    late = op.map("encode_late", windows.late, lambda kv: late_message(s.input_topic + LATE_SUFFIX, kv[1]))
+    dead = op.map("encode_dlq", events.errs, to_dlq_message)
+    # KafkaMessage, each with its topic
+    kafka_output("out", op.merge("all", counts, late, dead), KafkaSink(s.kafka_bootstrap_servers))
+    return flow

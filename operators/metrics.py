@@ -1,0 +1,38 @@
+"""Prometheus metrics shared by every dataflow.
+
+Each process serves one endpoint (:func:`serve`); series carry the step id so a
+dashboard can break a dataflow down step by step.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+__all__ = ["CONSUMER_LAG", "ERRORS", "ITEMS", "STEP_SECONDS", "serve"]
+
+ITEMS = Counter("patternflow_items", "Items handled by a step, by outcome", ["step", "outcome"])
+ERRORS = Counter("patternflow_errors", "Items a step sent to the dead-letter topic", ["step", "error"])
+STEP_SECONDS = Histogram(
+    "patternflow_step_seconds",
+    "Time a step spent on one batch of items",
+    ["step"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+CONSUMER_LAG = Gauge(
+    "patternflow_consumer_lag_messages",
+    "Messages between a source partition's position and its end",
+    ["step", "topic", "partition"],
+)
+
+_served: set[int] = set()
+_lock = threading.Lock()
+
+
+def serve(port: int) -> None:
+    """Serve ``/metrics`` on ``port`` once per process; ``0`` disables it."""
+    with _lock:
+        if port and port not in _served:
+            start_http_server(port)
+            _served.add(port)

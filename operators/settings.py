@@ -1,0 +1,75 @@
+"""Typed settings read from environment variables, checked at start.
+
+A dataflow declares its settings as a frozen dataclass and reads them with
+:func:`from_env`. Each field ``name`` is read from ``<PREFIX><NAME>`` unless
+its metadata names the variable (``field(metadata={"env": "..."})``); fields
+with no variable set keep their defaults. A value that does not parse stops
+the dataflow before it reads anything, naming the variable and the form
+expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+from operators.kafka import Position
+
+__all__ = ["SettingsError", "env_name", "from_env"]
+
+T = TypeVar("T")
+
+
+class SettingsError(ValueError):
+    pass
+
+
+_FORMS: dict[Any, tuple[str, Any]] = {
+    str: ("text", str),
+    int: ("an integer, e.g. 10", int),
+    float: ("a number, e.g. 0.5", float),
+    Path: ("a path", Path),
+    Position: ("earliest, latest, offset:<n> or timestamp:<epoch ms>", Position.parse),
+}
+_BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
+def env_name(settings_cls: type, field: dataclasses.Field[Any], prefix: str) -> str:
+    return str(field.metadata.get("env", prefix + field.name.upper()))
+
+
+def _parse(kind: Any, raw: str) -> Any:
+    if kind is bool:
+        if raw.lower() not in _BOOLS:
+            raise ValueError
+        return _BOOLS[raw.lower()]
+    return _FORMS[kind][1](raw)
+
+
+def _form(kind: Any) -> str:
+    return "true or false" if kind is bool else _FORMS[kind][0]
+
+
+def from_env(settings_cls: type[T], prefix: str = "", environ: Mapping[str, str] | None = None) -> T:
+    """Build ``settings_cls`` from the environment (or ``environ``)."""
+    env = os.environ if environ is None else environ
+    hints = typing.get_type_hints(settings_cls)
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(settings_cls):  # type: ignore[arg-type]
+        name = env_name(settings_cls, field, prefix)
+        raw = env.get(name)
+        if raw is None or raw == "":
+            continue
+        kind = hints[field.name]
+        try:
+            values[field.name] = _parse(kind, raw.strip())
+        except ValueError as exc:
+            raise SettingsError(f"{name}={raw!r} is not valid: expected {_form(kind)}") from exc
+    try:
+        return settings_cls(**values)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from exc

@@ -1,0 +1,149 @@
+"""Tumbling event-time windows whose state lives in RocksDB.
+
+Bytewax's windowing keeps open windows in Python objects and tracks a watermark
+per key, so a quiet key's windows close only on system time. Here each window's
+accumulator is a row in the shard's :class:`~state.StateStore`, window ends sit
+in its timer index, and the watermark is per shard: the latest event time seen,
+plus the system time since that event arrived, minus ``allowed_lateness_ms``
+(the semantics of Bytewax's ``EventClock``). A window closes, is emitted and
+its row deleted once the watermark passes its end; an item for a window that
+has already closed goes to ``late``. At the end of a bounded input every open
+window is emitted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import bytewax.operators as op
+from bytewax.dataflow import operator
+from bytewax.operators import KeyedStream
+
+from operators.stateful import StateConfig, keyed_state
+from state import StateStore
+
+__all__ = ["WindowOut", "WindowResult", "tumbling_window"]
+
+V = TypeVar("V")
+A = TypeVar("A")
+
+_CLOSE = "close"
+_SEP = "\x00"
+_CLOCK_KEY = "\x01clock"
+
+
+@dataclass(frozen=True)
+class WindowResult(Generic[A]):
+    key: str
+    start_ms: int
+    end_ms: int
+    value: A
+
+    @property
+    def id(self) -> str:
+        """Stable across replays: a duplicate after recovery carries the same id."""
+        return f"{self.key}@{self.start_ms}"
+
+
+@dataclass(frozen=True)
+class WindowOut(Generic[V, A]):
+    down: KeyedStream[WindowResult[A]]
+    late: KeyedStream[V]
+
+
+class _Tumbling(Generic[V, A]):
+    def __init__(
+        self,
+        timestamp_ms: Callable[[V], int],
+        length_ms: int,
+        allowed_lateness_ms: int,
+        init: Callable[[], A],
+        fold: Callable[[A, V], A],
+        now_ms: Callable[[], int],
+    ) -> None:
+        self._timestamp_ms = timestamp_ms
+        self._length_ms = length_ms
+        self._lateness_ms = allowed_lateness_ms
+        self._init = init
+        self._fold = fold
+        self._now_ms = now_ms
+        # The system time at which the latest event time was seen; on resume it
+        # restarts from now, so the downtime does not advance the watermark.
+        self._max_event_ms: int | None = None
+        self._seen_at_ms = 0
+
+    def _watermark_ms(self, store: StateStore) -> int | None:
+        if self._max_event_ms is None:
+            self._max_event_ms = store.get(_CLOCK_KEY)
+            self._seen_at_ms = self._now_ms()
+        if self._max_event_ms is None:
+            return None
+        return self._max_event_ms + (self._now_ms() - self._seen_at_ms) - self._lateness_ms
+
+    def on_item(self, store: StateStore, key: str, value: V) -> Iterable[tuple[str, Any]]:
+        ts = self._timestamp_ms(value)
+        start = ts - ts % self._length_ms
+        end = start + self._length_ms
+        watermark = self._watermark_ms(store)
+        if watermark is not None and end <= watermark:
+            return (((key), ("late", value)),)
+        row = f"{key}{_SEP}{start}"
+        acc = store.get(row)
+        if acc is None:
+            acc = self._init()
+            store.set_timer(_CLOSE, row, end)
+        store.put(row, self._fold(acc, value))
+        if self._max_event_ms is None or ts > self._max_event_ms:
+            self._max_event_ms = ts
+            self._seen_at_ms = self._now_ms()
+            store.put(_CLOCK_KEY, ts)
+        return ()
+
+    def _close(self, store: StateStore, upto_ms: int) -> list[tuple[str, Any]]:
+        out = []
+        for end, row in store.pop_due(_CLOSE, upto_ms):
+            key, _, start = row.rpartition(_SEP)
+            out.append((key, ("down", WindowResult(key, int(start), end, store.get(row)))))
+            store.delete(row)
+        return out
+
+    def on_timer(self, store: StateStore) -> Iterable[tuple[str, Any]]:
+        watermark = self._watermark_ms(store)
+        return () if watermark is None else self._close(store, watermark)
+
+    def next_timer_ms(self, store: StateStore) -> int | None:
+        due = store.next_due_ms(_CLOSE)
+        if due is None or self._max_event_ms is None:
+            return None
+        return self._seen_at_ms + (due + self._lateness_ms - self._max_event_ms)
+
+    def on_eof(self, store: StateStore) -> Iterable[tuple[str, Any]]:
+        return self._close(store, 2**62)
+
+
+@operator
+def tumbling_window(
+    step_id: str,
+    up: KeyedStream[V],
+    timestamp_ms: Callable[[V], int],
+    length_ms: int,
+    init: Callable[[], A],
+    fold: Callable[[A, V], A],
+    config: StateConfig,
+    allowed_lateness_ms: int = 0,
+) -> WindowOut[V, A]:
+    """Fold each key's items into tumbling windows of ``length_ms`` by event time."""
+    if length_ms <= 0:
+        raise ValueError(f"length_ms must be > 0, got {length_ms}")
+    tagged = keyed_state(
+        "state",
+        up,
+        lambda: _Tumbling(timestamp_ms, length_ms, allowed_lateness_ms, init, fold, config.now_ms),
+        config,
+    )
+    split = op.branch("split", tagged, lambda kv: kv[1][0] == "down")
+    down = op.map_value("down", split.trues, lambda tv: tv[1])
+    late = op.map_value("late", split.falses, lambda tv: tv[1])
+    return WindowOut(down, late)

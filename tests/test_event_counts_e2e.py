@@ -1,0 +1,170 @@
+"""The event-count dataflow end to end, against the real broker, as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import orjson
+import pytest
+
+from dataflows.event_counts import Settings
+from operators.kafka import KafkaMessage, ensure_topics, produce, read_topic
+
+WINDOW_MS = 10_000
+BASE_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z
+KEYS = [f"user-{i}" for i in range(20)]
+
+
+def events(topic: str, n: int, step_ms: int = 10) -> list[KafkaMessage]:
+    msgs = []
+    for i in range(n):
+        key = KEYS[(i * 7) % len(KEYS)]
+        doc = {"key": key, "ts_ms": BASE_MS + i * step_ms}
+        msgs.append(KafkaMessage(orjson.dumps(doc), key=key.encode(), topic=topic))
+    return msgs
+
+
+def expected_counts(msgs: list[KafkaMessage]) -> dict[str, int]:
+    counts: Counter[str] = Counter()
+    for msg in msgs:
+        doc = orjson.loads(msg.value or b"")
+        counts[f"{doc['key']}@{doc['ts_ms'] - doc['ts_ms'] % WINDOW_MS}"] += 1
+    return dict(counts)
+
+
+def start_dataflow(topic: str, tmp: Path, brokers: str, **extra: str) -> subprocess.Popen[bytes]:
+    recovery = tmp / "recovery"
+    if not recovery.exists():
+        recovery.mkdir()
+        subprocess.run([sys.executable, "-m", "bytewax.recovery", str(recovery), "1"], check=True)
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": brokers,
+        "EVENT_COUNTS_INPUT_TOPIC": topic,
+        "EVENT_COUNTS_OUTPUT_TOPIC": f"{topic}-counts",
+        "EVENT_COUNTS_WINDOW_MS": str(WINDOW_MS),
+        "EVENT_COUNTS_ALLOWED_LATENESS_MS": "60000",
+        "EVENT_COUNTS_BOUNDED": "true",
+        "EVENT_COUNTS_STATE_DIR": str(tmp / "state"),
+        "EVENT_COUNTS_METRICS_PORT": "0",
+        **extra,
+    }
+    cmd = [sys.executable, "-m", "bytewax.run", "dataflows.event_counts:build()", "-r", str(recovery), "-s", "1", "-b", "0"]
+    return subprocess.Popen(cmd, env=env, cwd=Path(__file__).parent.parent, stderr=subprocess.PIPE)
+
+
+def run_to_end(proc: subprocess.Popen[bytes], timeout_s: float = 240) -> None:
+    _, err = proc.communicate(timeout=timeout_s)
+    assert proc.returncode == 0, err.decode()[-3000:]
+
+
+def counts_by_id(brokers: str, topic: str) -> tuple[dict[str, int], int]:
+    rows = [orjson.loads(m.value or b"") for m in read_topic(brokers, f"{topic}-counts")]
+    by_id: dict[str, int] = {}
+    for row in rows:
+        # a duplicate after recovery must repeat the same id with the same count
+        assert by_id.setdefault(row["id"], row["count"]) == row["count"], row
+    return by_id, len(rows)
+
+
+def prepare(brokers: str, topic: str, msgs: list[KafkaMessage], partitions: int = 3) -> None:
+    settings = Settings(input_topic=topic, output_topic=f"{topic}-counts", input_partitions=partitions)
+    ensure_topics(brokers, settings.topics())
+    produce(brokers, msgs)
+
+
+def test_counts_equal_a_plain_python_count(brokers: str, topic: str, tmp_path: Path) -> None:
+    msgs = events(topic, 5_000)
+    prepare(brokers, topic, msgs)
+    run_to_end(start_dataflow(topic, tmp_path, brokers))
+    by_id, rows = counts_by_id(brokers, topic)
+    assert by_id == expected_counts(msgs)
+    assert rows == len(by_id)  # no crash, no duplicates
+    assert read_topic(brokers, f"{topic}.late") == []
+    assert read_topic(brokers, f"{topic}.dlq") == []
+
+
+def test_kill_9_mid_stream_loses_nothing_and_counts_nothing_twice(
+    brokers: str, topic: str, tmp_path: Path
+) -> None:
+    msgs = events(topic, 300_000, step_ms=2)
+    # One partition: with several, how far one partition's reads run ahead of
+    # another's differs between runs, and so would which events come too late.
+    prepare(brokers, topic, msgs, partitions=1)
+    proc = start_dataflow(topic, tmp_path, brokers)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        if read_topic(brokers, f"{topic}-counts"):
+            break
+    assert proc.poll() is None, "the dataflow finished before it could be killed; give it more input"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    _, before_restart = counts_by_id(brokers, topic)
+    assert 0 < before_restart < len(expected_counts(msgs))
+
+    run_to_end(start_dataflow(topic, tmp_path, brokers))
+    by_id, _ = counts_by_id(brokers, topic)
+    assert read_topic(brokers, f"{topic}.late") == []
+    assert by_id == expected_counts(msgs)
+
+
+def malformed(topic: str, n: int) -> list[tuple[KafkaMessage, str]]:
+    """Bad messages, each with the reason text the DLQ must give for it."""
+    kinds = [
+        (b"{not json", "JSONDecodeError"),
+        (b"[1, 2, 3]", "expected a JSON object"),
+        (orjson.dumps({"ts_ms": BASE_MS}), "'key' must be a non-empty string"),
+        (orjson.dumps({"key": "user-1", "ts_ms": "yesterday"}), "'ts_ms' must be a non-negative integer"),
+        (orjson.dumps({"key": "user-1", "ts_ms": BASE_MS, "pad": "x" * 2048}), "over the 1024 byte limit"),
+        (None, "no value"),
+    ]
+    out = []
+    for i in range(n):
+        value, reason = kinds[i % len(kinds)]
+        headers = (("trace", str(i).encode()),)
+        out.append((KafkaMessage(value, key=f"bad-{i}".encode(), headers=headers, topic=topic), reason))
+    return out
+
+
+def test_malformed_messages_go_to_the_dlq_with_reasons(brokers: str, topic: str, tmp_path: Path) -> None:
+    good = events(topic, 3_000)
+    bad_msgs = malformed(topic, 1_000)
+    # interleaved: every third good message is followed by a bad one
+    mixed = []
+    for i, msg in enumerate(good):
+        mixed.append(msg)
+        if i % 3 == 0 and i // 3 < len(bad_msgs):
+            mixed.append(bad_msgs[i // 3][0])
+    assert len(mixed) == 4_000
+    prepare(brokers, topic, mixed)
+    run_to_end(start_dataflow(topic, tmp_path, brokers, EVENT_COUNTS_MAX_MESSAGE_BYTES="1024"))
+
+    by_id, _ = counts_by_id(brokers, topic)
+    assert by_id == expected_counts(good)
+    dlq = read_topic(brokers, f"{topic}.dlq")
+    assert len(dlq) == 1_000
+    expected = {msg.key: (msg, reason) for msg, reason in bad_msgs}
+    assert {m.key for m in dlq} == set(expected)
+    for dead in dlq:
+        original, reason = expected[dead.key]
+        assert dead.value == original.value
+        assert reason in (dead.header("dlq.reason") or b"").decode()
+        assert dead.header("trace") == original.header("trace")
+        assert dead.header("dlq.step") == b"event_counts.parse"
+        assert dead.header("dlq.source.topic") == topic.encode()
+        assert int(dead.header("dlq.source.offset") or b"-1") >= 0
+
+
+@pytest.mark.parametrize("value", ["sometimes", "1m"])
+def test_an_invalid_setting_stops_the_dataflow_naming_the_variable(value: str, topic: str, tmp_path: Path) -> None:
+    proc = start_dataflow(topic, tmp_path, "127.0.0.1:9092", EVENT_COUNTS_BOUNDED=value, EVENT_COUNTS_WINDOW_MS=value)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    assert "EVENT_COUNTS_" in err.decode() and "is not valid: expected" in err.decode()
