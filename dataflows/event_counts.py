@@ -50,6 +50,7 @@ class Settings:
     bounded: bool = False
     state_dir: Path = Path("var/state/event_counts")
     state_shards: int = 8
+    state_max_pending_writes: int = 100_000
     max_message_bytes: int = 1 << 20
     metrics_port: int = 9100
 
@@ -104,7 +105,7 @@ def build(settings: Settings | None = None) -> Dataflow:
     s = settings or from_env(Settings, prefix="EVENT_COUNTS_")
     ensure_topics(s.kafka_bootstrap_servers, s.topics())
     metrics.serve(s.metrics_port + int(os.environ.get("BYTEWAX_PROCESS_ID", "0")) if s.metrics_port else 0)
-    state = StateConfig(s.state_dir, shards=s.state_shards)
+    state = StateConfig(s.state_dir, shards=s.state_shards, max_pending_writes=s.state_max_pending_writes)
 
     flow = Dataflow("event_counts")
     source = KafkaSource(s.kafka_bootstrap_servers, [s.input_topic], start=s.start, bounded=s.bounded)
