@@ -93,7 +93,13 @@ def parse_event(max_bytes: int):  # type: ignore[no-untyped-def]
 
 
 def count_message(topic: str, result: WindowResult[int]) -> KafkaMessage:
-    doc = {"id": result.id, "key": result.key, "start_ms": result.start_ms, "end_ms": result.end_ms, "count": result.value}
+    doc = {
+        "id": result.id,
+        "key": result.key,
+        "start_ms": result.start_ms,
+        "end_ms": result.end_ms,
+        "count": result.value,
+    }
     return KafkaMessage(orjson.dumps(doc), key=result.id.encode(), topic=topic)
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Generic, Protocol, TypeVar
 
@@ -63,9 +63,7 @@ class StateConfig:
 
     def open_store(self, step_id: str, shard: str) -> StateStore:
         backend = (
-            MemoryBackend()
-            if self.state_dir is None
-            else RocksDBBackend(self.state_dir / step_id / f"shard-{shard}")
+            MemoryBackend() if self.state_dir is None else RocksDBBackend(self.state_dir / step_id / f"shard-{shard}")
         )
         return StateStore(backend, undo_retain=self.undo_retain, now_ms=self.now_ms)
 
@@ -139,7 +137,7 @@ class _ShardLogic(StatefulBatchLogic[tuple[str, str, V], tuple[str, W], tuple[st
 
     def notify_at(self) -> datetime | None:
         due = None if self._store is None else self._program.next_timer_ms(self._store)
-        return None if due is None else datetime.fromtimestamp(due / 1000, tz=timezone.utc)
+        return None if due is None else datetime.fromtimestamp(due / 1000, tz=UTC)
 
     def snapshot(self) -> tuple[str, int]:
         assert self._store is not None, "Bytewax snapshots a logic only after it saw items"

@@ -48,25 +48,9 @@ fetch_jars() {
 
 write_config() {
   mkdir -p "$data/logs"
-  cat > "$data/server.properties" <<PROPS
-process.roles=broker,controller
-node.id=1
-controller.quorum.voters=1@$host:$controller_port
-listeners=PLAINTEXT://$host:$port,CONTROLLER://$host:$controller_port
-advertised.listeners=PLAINTEXT://$host:$port
-controller.listener.names=CONTROLLER
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
-inter.broker.listener.name=PLAINTEXT
-log.dirs=$data/logs
-num.partitions=1
-offsets.topic.replication.factor=1
-transaction.state.log.replication.factor=1
-transaction.state.log.min.isr=1
-share.coordinator.state.topic.replication.factor=1
-share.coordinator.state.topic.min.isr=1
-group.initial.rebalance.delay.ms=0
-auto.create.topics.enable=false
-PROPS
+  sed -e "s|@HOST@|$host|g" -e "s|@CONTROLLER_PORT@|$controller_port|g" \
+      -e "s|@PORT@|$port|g" -e "s|@DATA@|$data|g" \
+      "$here/../deploy/kafka/server.properties" > "$data/server.properties"
   cat > "$data/log4j.properties" <<PROPS
 log4j.rootLogger=INFO, file
 log4j.appender.file=org.apache.log4j.FileAppender
@@ -78,10 +62,8 @@ log4j.logger.state.change.logger=WARN
 PROPS
 }
 
-java_cmd() {
-  java -Xms256m -Xmx1g -XX:+UseG1GC -Djava.awt.headless=true \
-    -Dlog4j.configuration="file:$data/log4j.properties" -cp "$libs/*" "$@"
-}
+jvm=(java -Xms256m -Xmx1g -XX:+UseG1GC -Djava.awt.headless=true
+     "-Dlog4j.configuration=file:$data/log4j.properties" -cp "$libs/*")
 
 up() {
   if answers_metadata; then
@@ -92,13 +74,11 @@ up() {
   fetch_jars
   write_config
   if [ ! -f "$data/logs/meta.properties" ]; then
-    cluster_id=$(java_cmd kafka.tools.StorageTool random-uuid 2>/dev/null | tail -n 1)
-    java_cmd kafka.tools.StorageTool format -t "$cluster_id" -c "$data/server.properties" >/dev/null
+    cluster_id=$("${jvm[@]}" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -n 1)
+    "${jvm[@]}" kafka.tools.StorageTool format -t "$cluster_id" -c "$data/server.properties" >/dev/null
     echo "kafka: formatted storage in $data/logs (cluster $cluster_id)"
   fi
-  nohup java -Xms256m -Xmx1g -XX:+UseG1GC -Djava.awt.headless=true \
-    -Dlog4j.configuration="file:$data/log4j.properties" -cp "$libs/*" \
-    kafka.Kafka "$data/server.properties" >"$data/stdout.log" 2>&1 &
+  nohup "${jvm[@]}" kafka.Kafka "$data/server.properties" >"$data/stdout.log" 2>&1 &
   echo $! > "$data/broker.pid"
   for _ in $(seq 1 120); do
     if answers_metadata; then

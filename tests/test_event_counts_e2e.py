@@ -55,7 +55,18 @@ def start_dataflow(topic: str, tmp: Path, brokers: str, **extra: str) -> subproc
         "EVENT_COUNTS_METRICS_PORT": "0",
         **extra,
     }
-    cmd = [sys.executable, "-m", "bytewax.run", "dataflows.event_counts:build()", "-r", str(recovery), "-s", "1", "-b", "0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bytewax.run",
+        "dataflows.event_counts:build()",
+        "-r",
+        str(recovery),
+        "-s",
+        "1",
+        "-b",
+        "0",
+    ]
     return subprocess.Popen(cmd, env=env, cwd=Path(__file__).parent.parent, stderr=subprocess.PIPE)
 
 
@@ -90,9 +101,7 @@ def test_counts_equal_a_plain_python_count(brokers: str, topic: str, tmp_path: P
     assert read_topic(brokers, f"{topic}.dlq") == []
 
 
-def test_kill_9_mid_stream_loses_nothing_and_counts_nothing_twice(
-    brokers: str, topic: str, tmp_path: Path
-) -> None:
+def test_kill_9_mid_stream_loses_nothing_and_counts_nothing_twice(brokers: str, topic: str, tmp_path: Path) -> None:
     msgs = events(topic, 300_000, step_ms=2)
     # One partition: with several, how far one partition's reads run ahead of
     # another's differs between runs, and so would which events come too late.

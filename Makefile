@@ -1,0 +1,48 @@
+# patternflow: `make demo` runs the demo on the local broker, `make test` runs every check.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export KAFKA_BOOTSTRAP_SERVERS ?= 127.0.0.1:9092
+export PATTERNFLOW_CACHE ?= $(HOME)/.cache/patternflow
+
+.PHONY: help venv kafka-up kafka-down kafka-wipe test check demo bench clean
+
+help:
+	@echo "make demo        start the local Kafka broker and run the demo dataflow on demo traffic"
+	@echo "make test        install, start the broker, run ruff, mypy and pytest"
+	@echo "make kafka-up    start the local Apache Kafka broker (KRaft) at $$KAFKA_BOOTSTRAP_SERVERS"
+	@echo "make kafka-down  stop it;  make kafka-wipe  stop it and delete its data"
+	@echo "make bench       run the benchmarks in quick mode"
+
+venv:
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "patternflow needs Python 3.11 (Bytewax 0.21.1 wheels stop at 3.12); set PYTHON=/path/to/python3.11"'
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@# pip leaves installed packages alone, so a warm venv costs seconds
+	@$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
+
+kafka-up: venv
+	@PYTHON=$(PY) scripts/kafka.sh up
+
+kafka-down:
+	@PYTHON=$(PY) scripts/kafka.sh down
+
+kafka-wipe:
+	@PYTHON=$(PY) scripts/kafka.sh wipe
+
+check: venv
+	@PY=$(PY) scripts/check
+
+test: kafka-up check
+
+demo: kafka-up
+	@$(PY) -m scripts.demo
+
+bench: kafka-up
+	$(PY) -m bench.kafka_io --quick
+	$(PY) -m bench.state --quick
+
+clean:
+	rm -rf var bench/results/*.md bench/results/*.png
