@@ -1,0 +1,167 @@
+"""KafkaSource and KafkaSink against the real broker."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import bytewax.operators as op
+import pytest
+from bytewax.dataflow import Dataflow
+from bytewax.testing import TestingSink, TestingSource, run_main
+
+from operators.kafka import (
+    KafkaDeliveryError,
+    KafkaMessage,
+    KafkaSink,
+    KafkaSource,
+    KafkaSourceError,
+    Position,
+    TopicSpec,
+    ensure_topics,
+    kafka_output,
+    produce,
+    read_topic,
+)
+
+
+def read_with(source: KafkaSource) -> list[KafkaMessage]:
+    flow = Dataflow("read")
+    out: list[KafkaMessage] = []
+    op.output("out", op.input("in", flow, source), TestingSink(out))
+    run_main(flow)
+    return out
+
+
+def fill(brokers: str, topic: str, n: int, partitions: int = 2) -> None:
+    ensure_topics(brokers, [TopicSpec(topic, partitions=partitions)])
+    produce(brokers, (KafkaMessage(str(i).encode(), key=f"k{i % 5}".encode(), topic=topic) for i in range(n)))
+
+
+def test_start_positions_per_partition(brokers: str, topic: str) -> None:
+    fill(brokers, topic, 100, partitions=1)
+    def values(start):  # type: ignore[no-untyped-def]
+        return [int(m.value) for m in read_with(KafkaSource(brokers, [topic], start=start, bounded=True))]
+
+    assert values(Position.earliest()) == list(range(100))
+    assert values(Position.latest()) == []
+    assert values(Position.offset(90)) == list(range(90, 100))
+    assert values({0: Position.offset(95)}) == list(range(95, 100))
+    stamps = [m.timestamp_ms for m in read_topic(brokers, topic)]
+    assert values(Position.timestamp(stamps[50])) == list(range(stamps.index(stamps[50]), 100))
+
+
+def test_bounded_read_stops_at_the_end_fixed_at_start_while_producers_write(brokers: str, topic: str) -> None:
+    fill(brokers, topic, 1_000, partitions=1)
+    stop = threading.Event()
+
+    def keep_writing() -> None:
+        while not stop.is_set():
+            produce(brokers, [KafkaMessage(b"late", topic=topic)])
+
+    writer = threading.Thread(target=keep_writing)
+    writer.start()
+    try:
+        time.sleep(0.3)
+        source = KafkaSource(brokers, [topic], bounded=True)
+        part = source.build_part("test", source.list_parts()[0], None)
+        end = part.snapshot().end_offset
+        got: list[KafkaMessage] = []
+        with pytest.raises(StopIteration):
+            while True:
+                got.extend(part.next_batch())
+                time.sleep(0.01)  # let the writer get ahead
+        part.close()
+    finally:
+        stop.set()
+        writer.join()
+    assert end is not None and end >= 1_000
+    assert [m.offset for m in got] == list(range(end))
+
+
+def test_resumed_bounded_read_keeps_its_original_end(brokers: str, topic: str) -> None:
+    fill(brokers, topic, 50, partitions=1)
+    source = KafkaSource(brokers, [topic], bounded=True, batch_size=10)
+    part = source.build_part("test", source.list_parts()[0], None)
+    first = []
+    while len(first) < 20:
+        first.extend(part.next_batch())
+    state = part.snapshot()
+    part.close()
+    fill(brokers, topic, 50, partitions=1)  # written after the first run started
+    resumed = source.build_part("test", source.list_parts()[0], state)
+    rest = []
+    with pytest.raises(StopIteration):
+        while True:
+            rest.extend(resumed.next_batch())
+    resumed.close()
+    assert [m.offset for m in first + rest] == list(range(50))
+
+
+def test_sink_keeps_headers_and_partitions_by_key_like_java_clients(brokers: str, topic: str) -> None:
+    ensure_topics(brokers, [TopicSpec(topic, partitions=4)])
+    msgs = [
+        KafkaMessage(f"v{i}".encode(), key=f"key-{i % 7}".encode(), headers=(("h", str(i).encode()),), topic=topic)
+        for i in range(200)
+    ]
+    flow = Dataflow("write")
+    kafka_output("out", op.input("in", flow, TestingSource(msgs)), KafkaSink(brokers))
+    run_main(flow)
+    got = read_topic(brokers, topic)
+    assert sorted(m.value for m in got) == sorted(m.value for m in msgs)
+    partitions_of_key: dict[bytes, set[int]] = {}
+    for m in got:
+        partitions_of_key.setdefault(m.key, set()).add(m.partition)  # type: ignore[arg-type]
+        assert m.header("h") == m.value[1:]  # type: ignore[index]
+    assert all(len(p) == 1 for p in partitions_of_key.values())
+    # murmur2, as the Java client: "key-0" goes to partition 1 of 4 there too.
+    assert partitions_of_key[b"key-0"] == {murmur2_partition(b"key-0", 4)}
+    # per key, order is kept
+    for key in partitions_of_key:
+        assert [m.value for m in got if m.key == key] == [m.value for m in msgs if m.key == key]
+
+
+def murmur2_partition(key: bytes, partitions: int) -> int:
+    """Kafka's Java DefaultPartitioner: murmur2(key) & 0x7fffffff % partitions."""
+    m, r, seed = 0x5BD1E995, 24, 0x9747B28C
+    length = len(key)
+    h = (seed ^ length) & 0xFFFFFFFF
+    for i in range(0, length - length % 4, 4):
+        k = int.from_bytes(key[i : i + 4], "little")
+        k = (k * m) & 0xFFFFFFFF
+        k ^= k >> r
+        k = (k * m) & 0xFFFFFFFF
+        h = ((h * m) & 0xFFFFFFFF) ^ k
+    tail = key[length - length % 4 :]
+    if len(tail) >= 3:
+        h ^= tail[2] << 16
+    if len(tail) >= 2:
+        h ^= tail[1] << 8
+    if tail:
+        h ^= tail[0]
+        h = (h * m) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * m) & 0xFFFFFFFF
+    h ^= h >> 15
+    return (h & 0x7FFFFFFF) % partitions
+
+
+def test_a_failed_delivery_stops_the_dataflow(brokers: str, topic: str) -> None:
+    flow = Dataflow("undeliverable")
+    msgs = [KafkaMessage(b"x", topic=f"{topic}-missing")]  # topics are not auto-created
+    sink = KafkaSink(brokers, config={"message.timeout.ms": 2000})
+    kafka_output("out", op.input("in", flow, TestingSource(msgs)), sink)
+    with pytest.raises(Exception) as info:  # noqa: B017 (Bytewax wraps the error; its cause is checked)
+        run_main(flow)
+    causes = []
+    exc: BaseException | None = info.value
+    while exc is not None:
+        causes.append(exc)
+        exc = exc.__cause__
+    (delivery,) = [c for c in causes if isinstance(c, KafkaDeliveryError)]
+    assert "not delivered" in str(delivery) or "unacknowledged" in str(delivery)
+
+
+def test_reading_a_missing_topic_says_what_to_do(brokers: str, topic: str) -> None:
+    with pytest.raises(KafkaSourceError, match="does not exist"):
+        KafkaSource(brokers, [f"{topic}-missing"]).list_parts()

@@ -1,0 +1,100 @@
+"""Stateful operators and settings, in-process, checked against plain-Python references."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import bytewax.operators as op
+import pytest
+from bytewax.dataflow import Dataflow
+from bytewax.testing import TestingSink, TestingSource, run_main
+
+from operators.kafka import Position, hash_key
+from operators.settings import SettingsError, from_env
+from operators.stateful import StateConfig, _Fold, running_aggregate
+from operators.windowing import tumbling_window
+from state import MemoryBackend, StateStore
+
+
+def frozen_clock() -> int:
+    return 0  # system time never advances the watermark: results depend on the data alone
+
+
+@pytest.mark.parametrize("state_dir", [None, "rocksdb"])
+def test_tumbling_window_matches_a_batch_count(state_dir: str | None, tmp_path: Path) -> None:
+    rng = random.Random(3)
+    items = [(f"k{rng.randrange(5)}", i * 100 + rng.randrange(-250, 250)) for i in range(2_000)]
+    config = StateConfig(tmp_path if state_dir else None, shards=3, now_ms=frozen_clock)
+    flow = Dataflow("windows")
+    up = op.input("in", flow, TestingSource(items, batch_size=50))
+    out = tumbling_window("w", up, lambda ts: ts, 1_000, lambda: 0, lambda n, _: n + 1, config, 300)
+    down: list = []
+    late: list = []
+    op.output("down", out.down, TestingSink(down))
+    op.output("late", out.late, TestingSink(late))
+    run_main(flow)
+
+    # reference: replay the same watermark rule over the items in order, per shard
+    late_expected = []
+    max_seen: dict[int, int] = {}
+    for key, ts in items:
+        shard = hash_key(key) % 3
+        end = ts - ts % 1_000 + 1_000
+        if shard in max_seen and end <= max_seen[shard] - 300:
+            late_expected.append((key, ts))
+        max_seen[shard] = max(max_seen.get(shard, ts), ts)
+    on_time = Counter((k, ts - ts % 1_000) for k, ts in items if (k, ts) not in set(late_expected))
+    assert {(r.key, r.start_ms): r.value for _, r in down} == dict(on_time)
+    assert len(down) == len(on_time)  # each window emitted once
+    assert sorted(late) == sorted(late_expected)
+    assert late_expected, "the data should include late items"
+
+
+def test_running_aggregate_keeps_last_n_per_key(tmp_path: Path) -> None:
+    items = [("a", 1), ("a", 2), ("b", 1), ("a", 3), ("a", 4)]
+    flow = Dataflow("last_n")
+    up = op.input("in", flow, TestingSource(items))
+    out: list = []
+    agg = running_aggregate("last3", up, list, lambda acc, v: [*acc, v][-3:], StateConfig(tmp_path, shards=2))
+    op.output("out", agg, TestingSink(out))
+    run_main(flow)
+    assert [v for k, v in out if k == "a"] == [[1], [1, 2], [1, 2, 3], [2, 3, 4]]
+    assert [v for k, v in out if k == "b"] == [[1]]
+
+
+def test_running_aggregate_forgets_a_key_idle_past_its_ttl() -> None:
+    now = [0]
+    store = StateStore(MemoryBackend(), now_ms=lambda: now[0])
+    program = _Fold(int, lambda acc, v: acc + v, ttl_ms=10_000)
+    assert list(program.on_item(store, "a", 5)) == [("a", 5)]
+    now[0] = 9_000
+    assert list(program.on_item(store, "a", 1)) == [("a", 6)]  # refreshed: expires at 19,000
+    assert program.next_timer_ms(store) == 19_000
+    now[0] = 19_000
+    program.on_timer(store)
+    assert list(program.on_item(store, "a", 1)) == [("a", 1)]
+
+
+@dataclass(frozen=True)
+class Demo:
+    brokers: str = field(default="x:1", metadata={"env": "KAFKA_BOOTSTRAP_SERVERS"})
+    batch: int = 10
+    ratio: float = 0.5
+    on: bool = False
+    start: Position = Position.earliest()  # noqa: RUF009
+    path: Path = Path("var")
+
+
+def test_settings_parse_each_type_and_name_the_bad_variable() -> None:
+    env = {"KAFKA_BOOTSTRAP_SERVERS": "h:9", "D_BATCH": "7", "D_RATIO": "0.1", "D_ON": "yes", "D_START": "offset:4"}
+    assert from_env(Demo, "D_", env) == Demo("h:9", 7, 0.1, True, Position.offset(4), Path("var"))
+    assert from_env(Demo, "D_", {}) == Demo()
+    with pytest.raises(SettingsError, match=r"D_BATCH='ten' is not valid: expected an integer"):
+        from_env(Demo, "D_", {"D_BATCH": "ten"})
+    with pytest.raises(SettingsError, match=r"D_START='first' is not valid: expected earliest, latest"):
+        from_env(Demo, "D_", {"D_START": "first"})
+    with pytest.raises(SettingsError, match=r"D_ON='maybe' is not valid: expected true or false"):
+        from_env(Demo, "D_", {"D_ON": "maybe"})
