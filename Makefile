@@ -21,7 +21,8 @@ venv:
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "patternflow needs Python 3.11 (Bytewax 0.21.1 wheels stop at 3.12); set PYTHON=/path/to/python3.11"'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@# pip leaves installed packages alone, so a warm venv costs seconds
-	@$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]"
+	@$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]" > $(VENV)/pip.log 2>&1 \
+		|| { tail -n 30 $(VENV)/pip.log; echo "pip install failed: full log in $(VENV)/pip.log"; exit 1; }
 
 kafka-up: venv
 	@PYTHON=$(PY) scripts/kafka.sh up

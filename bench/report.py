@@ -9,8 +9,8 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import orjson  # noqa: E402
+import matplotlib.pyplot as plt
+import orjson
 
 RESULTS = Path(__file__).parent / "results"
 

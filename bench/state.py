@@ -12,8 +12,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import random
-import signal
 import shutil
+import signal
 import tempfile
 import time
 from multiprocessing.connection import Connection

@@ -21,6 +21,7 @@ Run (see README for the settings)::
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,7 +76,7 @@ class Event:
     ts_ms: int
 
 
-def parse_event(max_bytes: int):  # type: ignore[no-untyped-def]
+def parse_event(max_bytes: int) -> Callable[[KafkaMessage], Event]:
     decode = decode_json(max_bytes)
 
     def parse(msg: KafkaMessage) -> Event:

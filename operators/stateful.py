@@ -34,6 +34,8 @@ from state import MemoryBackend, RocksDBBackend, StateStore
 __all__ = ["ShardProgram", "StateConfig", "keyed_state", "running_aggregate"]
 
 V = TypeVar("V")
+V_in = TypeVar("V_in", contravariant=True)
+W_out = TypeVar("W_out", covariant=True)
 W = TypeVar("W")
 A = TypeVar("A")
 
@@ -68,18 +70,18 @@ class StateConfig:
         return StateStore(backend, undo_retain=self.undo_retain, now_ms=self.now_ms)
 
 
-class ShardProgram(Protocol[V, W]):
+class ShardProgram(Protocol[V_in, W_out]):
     """Per-shard logic: every method gets the shard's store and returns ``(key, output)`` pairs."""
 
-    def on_item(self, store: StateStore, key: str, value: V) -> Iterable[tuple[str, W]]: ...
+    def on_item(self, store: StateStore, key: str, value: V_in) -> Iterable[tuple[str, W_out]]: ...
 
-    def on_timer(self, store: StateStore) -> Iterable[tuple[str, W]]:
+    def on_timer(self, store: StateStore) -> Iterable[tuple[str, W_out]]:
         """Called when :meth:`next_timer_ms` has passed, and after each batch."""
 
     def next_timer_ms(self, store: StateStore) -> int | None:
         """Wall-clock epoch ms at which :meth:`on_timer` should run next, if any."""
 
-    def on_eof(self, store: StateStore) -> Iterable[tuple[str, W]]: ...
+    def on_eof(self, store: StateStore) -> Iterable[tuple[str, W_out]]: ...
 
 
 class _ShardLogic(StatefulBatchLogic[tuple[str, str, V], tuple[str, W], tuple[str, int]], Generic[V, W]):

@@ -40,6 +40,7 @@ def fill(brokers: str, topic: str, n: int, partitions: int = 2) -> None:
 
 def test_start_positions_per_partition(brokers: str, topic: str) -> None:
     fill(brokers, topic, 100, partitions=1)
+
     def values(start):  # type: ignore[no-untyped-def]
         return [int(m.value) for m in read_with(KafkaSource(brokers, [topic], start=start, bounded=True))]
 
@@ -151,7 +152,7 @@ def test_a_failed_delivery_stops_the_dataflow(brokers: str, topic: str) -> None:
     msgs = [KafkaMessage(b"x", topic=f"{topic}-missing")]  # topics are not auto-created
     sink = KafkaSink(brokers, config={"message.timeout.ms": 2000})
     kafka_output("out", op.input("in", flow, TestingSource(msgs)), sink)
-    with pytest.raises(Exception) as info:  # noqa: B017 (Bytewax wraps the error; its cause is checked)
+    with pytest.raises(Exception) as info:
         run_main(flow)
     causes = []
     exc: BaseException | None = info.value
