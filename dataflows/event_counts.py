@@ -74,6 +74,7 @@ class Settings:
 class Event:
     key: str
     ts_ms: int
+    partition: int  # of the input topic: the windows' watermark is the slowest partition's
 
 
 def parse_event(max_bytes: int) -> Callable[[KafkaMessage], Event]:
@@ -88,7 +89,7 @@ def parse_event(max_bytes: int) -> Callable[[KafkaMessage], Event]:
             raise InvalidMessage(f"'key' must be a non-empty string, got {key!r}")
         if not isinstance(ts_ms, int) or isinstance(ts_ms, bool) or ts_ms < 0:
             raise InvalidMessage(f"'ts_ms' must be a non-negative integer (epoch ms), got {ts_ms!r}")
-        return Event(key, ts_ms)
+        return Event(key, ts_ms, msg.partition or 0)
 
     return parse
 
@@ -123,7 +124,15 @@ def build(settings: Settings | None = None) -> Dataflow:
     keyed = op.key_on("by_key", events.oks, lambda e: e.key)
     # (key, Event)
     windows = tumbling_window(
-        "count", keyed, lambda e: e.ts_ms, s.window_ms, lambda: 0, lambda n, _: n + 1, state, s.allowed_lateness_ms
+        "count",
+        keyed,
+        lambda e: e.ts_ms,
+        s.window_ms,
+        lambda: 0,
+        lambda n, _: n + 1,
+        state,
+        s.allowed_lateness_ms,
+        stream_of=lambda e: str(e.partition),
     )
     # down: (key, WindowResult[int]); late: (key, Event)
     counts = op.map("encode", windows.down, lambda kv: count_message(s.output_topic, kv[1]))

@@ -32,7 +32,7 @@ from __future__ import annotations
 import threading
 import time
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar, Literal, NamedTuple
@@ -273,15 +273,10 @@ class KafkaSource(FixedPartitionedSource[KafkaMessage, _PartState]):
 
     def list_parts(self) -> list[str]:
         admin = AdminClient({"bootstrap.servers": self.brokers, **self.config})
-        try:
-            meta = admin.list_topics(timeout=self.timeout_s)
-        except KafkaException as exc:
-            raise KafkaSourceError(
-                f"cannot reach Kafka at {self.brokers}: {exc}. Is the broker up (make kafka-up)?"
-            ) from exc
+        topics = _list_topics(admin, self.brokers, self.timeout_s, KafkaSourceError)
         parts: list[str] = []
         for topic in self.topics:
-            tmeta = meta.topics.get(topic)
+            tmeta = topics.get(topic)
             if tmeta is None or tmeta.error is not None:
                 raise KafkaSourceError(
                     f"topic {topic!r} does not exist at {self.brokers}; create it first "
@@ -326,6 +321,28 @@ class KafkaSource(FixedPartitionedSource[KafkaMessage, _PartState]):
         start = state.next_offset if state.next_offset >= 0 else OFFSET_BEGINNING
         consumer.assign([TopicPartition(topic, partition, start)])
         return _SourcePartition(step_id, consumer, topic, partition, state, self.batch_size)
+
+
+def _list_topics(admin: AdminClient, brokers: str, timeout_s: float, error: type[KafkaError]) -> dict[str, Any]:
+    try:
+        return dict(admin.list_topics(timeout=timeout_s).topics)
+    except KafkaException as exc:
+        raise error(f"cannot reach Kafka at {brokers}: {exc}. Is the broker up (make kafka-up)?") from exc
+
+
+def _send(producer: Producer, topic: str, msg: KafkaMessage, on_delivery: Callable[[Any, Any], None]) -> None:
+    """Produce one message, waiting for room when the local queue is full."""
+    kwargs: dict[str, Any] = {"key": msg.key, "on_delivery": on_delivery}
+    if msg.headers:
+        kwargs["headers"] = list(msg.headers)
+    if msg.partition is not None:
+        kwargs["partition"] = msg.partition
+    while True:
+        try:
+            producer.produce(topic, msg.value, **kwargs)
+            return
+        except BufferError:
+            producer.poll(0.05)
 
 
 class _SharedProducer:
@@ -377,15 +394,7 @@ class _SinkPartition(StatefulSinkPartition[KafkaMessage, None]):
             topic = msg.topic or self._topic
             if topic is None:
                 raise KafkaDeliveryError(f"step {self._step_id!r}: message has no topic and the sink has no default")
-            kwargs: dict[str, Any] = {"key": msg.key, "headers": list(msg.headers) or None}
-            if msg.partition is not None:
-                kwargs["partition"] = msg.partition
-            while True:
-                try:
-                    producer.produce(topic, msg.value, on_delivery=self._shared.on_delivery, **kwargs)
-                    break
-                except BufferError:
-                    producer.poll(0.05)
+            _send(producer, topic, msg, self._shared.on_delivery)
         producer.poll(0)
         self._produced.inc(len(values))
         self._raise_failed()
@@ -482,10 +491,7 @@ class TopicSpec:
 def ensure_topics(brokers: str, specs: Iterable[TopicSpec], *, timeout_s: float = 30.0) -> None:
     """Create the topics that do not exist yet; existing ones are left as they are."""
     admin = AdminClient({"bootstrap.servers": brokers})
-    try:
-        existing = admin.list_topics(timeout=timeout_s).topics
-    except KafkaException as exc:
-        raise KafkaAdminError(f"cannot reach Kafka at {brokers}: {exc}. Is the broker up (make kafka-up)?") from exc
+    existing = _list_topics(admin, brokers, timeout_s, KafkaAdminError)
     wanted = [spec.new_topic() for spec in specs if spec.name not in existing]
     if not wanted:
         return
@@ -522,15 +528,7 @@ def produce(brokers: str, messages: Iterable[KafkaMessage], *, timeout_s: float 
     for msg in messages:
         if msg.topic is None:
             raise ValueError(f"produce() needs each message's topic; message {count} has none")
-        kwargs: dict[str, Any] = {"key": msg.key, "headers": list(msg.headers) or None, "on_delivery": on_delivery}
-        if msg.partition is not None:
-            kwargs["partition"] = msg.partition
-        while True:
-            try:
-                producer.produce(msg.topic, msg.value, **kwargs)
-                break
-            except BufferError:
-                producer.poll(0.05)
+        _send(producer, msg.topic, msg, on_delivery)
         count += 1
     remaining = producer.flush(timeout_s)
     if failed or remaining:

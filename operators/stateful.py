@@ -29,7 +29,7 @@ from bytewax.operators import KeyedStream, StatefulBatchLogic
 
 from operators import metrics
 from operators.kafka import hash_key
-from state import MemoryBackend, RocksDBBackend, StateStore
+from state import MemoryBackend, RocksDBBackend, StateError, StateStore
 
 __all__ = ["ShardProgram", "StateConfig", "keyed_state", "running_aggregate"]
 
@@ -38,6 +38,9 @@ V_in = TypeVar("V_in", contravariant=True)
 W_out = TypeVar("W_out", covariant=True)
 W = TypeVar("W")
 A = TypeVar("A")
+
+
+_SHARDS_KEY = "\x01shards"
 
 
 def wall_ms() -> int:
@@ -107,9 +110,18 @@ class _ShardLogic(StatefulBatchLogic[tuple[str, str, V], tuple[str, W], tuple[st
 
     def _open(self, shard: str, seq: int | None) -> StateStore:
         self._shard = shard
-        self._store = self._config.open_store(self._step_id, shard)
-        self._store.restore(seq)
-        return self._store
+        store = self._store = self._config.open_store(self._step_id, shard)
+        store.restore(seq)
+        written_with = store.get(_SHARDS_KEY)
+        if written_with is None:
+            store.put(_SHARDS_KEY, self._config.shards)
+        elif written_with != self._config.shards:
+            raise StateError(
+                f"step {self._step_id!r}: its state was written with {written_with} shards, and is now read "
+                f"with {self._config.shards}: keys would land on shards that do not hold them. Set the shard "
+                "count back, or start over with empty recovery and state directories."
+            )
+        return store
 
     def _done(self, store: StateStore, out: list[tuple[str, W]]) -> tuple[list[tuple[str, W]], bool]:
         if store.pending_writes > self._config.max_pending_writes:

@@ -9,6 +9,13 @@ plus the system time since that event arrived, minus ``allowed_lateness_ms``
 its row deleted once the watermark passes its end; an item for a window that
 has already closed goes to ``late``. At the end of a bounded input every open
 window is emitted.
+
+With ``stream_of`` (e.g. the Kafka partition an item came from) the shard keeps
+a clock per stream and its watermark is the slowest stream's, as Flink takes
+the minimum over input channels: however far one partition's reads run ahead
+of another's, an item that is in order within its own partition is never late.
+A stream joins the watermark with its first item: the shard cannot know of
+streams it has not seen.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ A = TypeVar("A")
 
 _CLOSE = "close"
 _SEP = "\x00"
-_CLOCK_KEY = "\x01clock"
+_CLOCKS_KEY = "\x01clocks"
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,7 @@ class _Tumbling(Generic[V, A]):
         allowed_lateness_ms: int,
         init: Callable[[], A],
         fold: Callable[[A, V], A],
+        stream_of: Callable[[V], str],
         now_ms: Callable[[], int],
     ) -> None:
         self._timestamp_ms = timestamp_ms
@@ -68,19 +76,27 @@ class _Tumbling(Generic[V, A]):
         self._lateness_ms = allowed_lateness_ms
         self._init = init
         self._fold = fold
+        self._stream_of = stream_of
         self._now_ms = now_ms
-        # The system time at which the latest event time was seen; on resume it
-        # restarts from now, so the downtime does not advance the watermark.
-        self._max_event_ms: int | None = None
-        self._seen_at_ms = 0
+        # Latest event time per stream (kept in the store), and the system time
+        # at which it was seen (in memory: on resume it restarts from now, so the
+        # downtime does not advance the watermark).
+        self._clocks: dict[str, int] | None = None
+        self._seen_at: dict[str, int] = {}
+
+    def _load_clocks(self, store: StateStore) -> dict[str, int]:
+        if self._clocks is None:
+            self._clocks = store.get(_CLOCKS_KEY, {})
+            now = self._now_ms()
+            self._seen_at = {stream: now for stream in self._clocks}
+        return self._clocks
 
     def _watermark_ms(self, store: StateStore) -> int | None:
-        if self._max_event_ms is None:
-            self._max_event_ms = store.get(_CLOCK_KEY)
-            self._seen_at_ms = self._now_ms()
-        if self._max_event_ms is None:
+        clocks = self._load_clocks(store)
+        if not clocks:
             return None
-        return self._max_event_ms + (self._now_ms() - self._seen_at_ms) - self._lateness_ms
+        now = self._now_ms()
+        return min(ts + now - self._seen_at[stream] for stream, ts in clocks.items()) - self._lateness_ms
 
     def on_item(self, store: StateStore, key: str, value: V) -> Iterable[tuple[str, Any]]:
         ts = self._timestamp_ms(value)
@@ -88,17 +104,19 @@ class _Tumbling(Generic[V, A]):
         end = start + self._length_ms
         watermark = self._watermark_ms(store)
         if watermark is not None and end <= watermark:
-            return (((key), ("late", value)),)
+            return ((key, ("late", value)),)
         row = f"{key}{_SEP}{start}"
         acc = store.get(row)
         if acc is None:
             acc = self._init()
             store.set_timer(_CLOSE, row, end)
         store.put(row, self._fold(acc, value))
-        if self._max_event_ms is None or ts > self._max_event_ms:
-            self._max_event_ms = ts
-            self._seen_at_ms = self._now_ms()
-            store.put(_CLOCK_KEY, ts)
+        clocks = self._load_clocks(store)
+        stream = self._stream_of(value)
+        if ts > clocks.get(stream, -1):
+            clocks[stream] = ts
+            self._seen_at[stream] = self._now_ms()
+            store.put(_CLOCKS_KEY, clocks)
         return ()
 
     def _close(self, store: StateStore, upto_ms: int) -> list[tuple[str, Any]]:
@@ -115,9 +133,11 @@ class _Tumbling(Generic[V, A]):
 
     def next_timer_ms(self, store: StateStore) -> int | None:
         due = store.next_due_ms(_CLOSE)
-        if due is None or self._max_event_ms is None:
+        clocks = self._load_clocks(store)
+        if due is None or not clocks:
             return None
-        return self._seen_at_ms + (due + self._lateness_ms - self._max_event_ms)
+        # the system time at which the slowest stream's clock reaches the window's end
+        return due + self._lateness_ms + max(self._seen_at[s] - ts for s, ts in clocks.items())
 
     def on_eof(self, store: StateStore) -> Iterable[tuple[str, Any]]:
         return self._close(store, 2**62)
@@ -133,14 +153,19 @@ def tumbling_window(
     fold: Callable[[A, V], A],
     config: StateConfig,
     allowed_lateness_ms: int = 0,
+    stream_of: Callable[[V], str] = lambda _: "",
 ) -> WindowOut[V, A]:
-    """Fold each key's items into tumbling windows of ``length_ms`` by event time."""
+    """Fold each key's items into tumbling windows of ``length_ms`` by event time.
+
+    ``stream_of`` names the input stream an item came from (its Kafka
+    partition, say); the watermark is the slowest stream's.
+    """
     if length_ms <= 0:
         raise ValueError(f"length_ms must be > 0, got {length_ms}")
     tagged = keyed_state(
         "state",
         up,
-        lambda: _Tumbling(timestamp_ms, length_ms, allowed_lateness_ms, init, fold, config.now_ms),
+        lambda: _Tumbling(timestamp_ms, length_ms, allowed_lateness_ms, init, fold, stream_of, config.now_ms),
         config,
     )
     split = op.branch("split", tagged, lambda kv: kv[1][0] == "down")

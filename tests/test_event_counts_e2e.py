@@ -38,7 +38,7 @@ def expected_counts(msgs: list[KafkaMessage]) -> dict[str, int]:
     return dict(counts)
 
 
-def start_dataflow(topic: str, tmp: Path, brokers: str, **extra: str) -> subprocess.Popen[bytes]:
+def start_dataflow(topic: str, tmp: Path, brokers: str, workers: int = 1, **extra: str) -> subprocess.Popen[bytes]:
     recovery = tmp / "recovery"
     if not recovery.exists():
         recovery.mkdir()
@@ -66,6 +66,8 @@ def start_dataflow(topic: str, tmp: Path, brokers: str, **extra: str) -> subproc
         "1",
         "-b",
         "0",
+        "-w",
+        str(workers),
     ]
     return subprocess.Popen(cmd, env=env, cwd=Path(__file__).parent.parent, stderr=subprocess.PIPE)
 
@@ -90,10 +92,11 @@ def prepare(brokers: str, topic: str, msgs: list[KafkaMessage], partitions: int 
     produce(brokers, msgs)
 
 
-def test_counts_equal_a_plain_python_count(brokers: str, topic: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_counts_equal_a_plain_python_count(workers: int, brokers: str, topic: str, tmp_path: Path) -> None:
     msgs = events(topic, 5_000)
     prepare(brokers, topic, msgs)
-    run_to_end(start_dataflow(topic, tmp_path, brokers))
+    run_to_end(start_dataflow(topic, tmp_path, brokers, workers))
     by_id, rows = counts_by_id(brokers, topic)
     assert by_id == expected_counts(msgs)
     assert rows == len(by_id)  # no crash, no duplicates
@@ -103,9 +106,7 @@ def test_counts_equal_a_plain_python_count(brokers: str, topic: str, tmp_path: P
 
 def test_kill_9_mid_stream_loses_nothing_and_counts_nothing_twice(brokers: str, topic: str, tmp_path: Path) -> None:
     msgs = events(topic, 300_000, step_ms=2)
-    # One partition: with several, how far one partition's reads run ahead of
-    # another's differs between runs, and so would which events come too late.
-    prepare(brokers, topic, msgs, partitions=1)
+    prepare(brokers, topic, msgs)
     # Tiny pending-write limit: the stores commit many times between snapshots,
     # so at the kill they are ahead of the snapshot and must roll back.
     small_epochs = {"EVENT_COUNTS_STATE_MAX_PENDING_WRITES": "50"}
@@ -176,7 +177,18 @@ def test_malformed_messages_go_to_the_dlq_with_reasons(brokers: str, topic: str,
 
 @pytest.mark.parametrize("value", ["sometimes", "1m"])
 def test_an_invalid_setting_stops_the_dataflow_naming_the_variable(value: str, topic: str, tmp_path: Path) -> None:
-    proc = start_dataflow(topic, tmp_path, "127.0.0.1:9092", EVENT_COUNTS_BOUNDED=value, EVENT_COUNTS_WINDOW_MS=value)
+    never_reached = "127.0.0.1:1"
+    proc = start_dataflow(topic, tmp_path, never_reached, EVENT_COUNTS_BOUNDED=value, EVENT_COUNTS_WINDOW_MS=value)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode != 0
     assert "EVENT_COUNTS_" in err.decode() and "is not valid: expected" in err.decode()
+
+
+def test_resuming_with_another_shard_count_is_refused(brokers: str, topic: str, tmp_path: Path) -> None:
+    prepare(brokers, topic, events(topic, 1_000))
+    run_to_end(start_dataflow(topic, tmp_path, brokers))
+    produce(brokers, events(topic, 100))
+    proc = start_dataflow(topic, tmp_path, brokers, EVENT_COUNTS_STATE_SHARDS="4")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "written with 8 shards, and is now read with 4" in err.decode()

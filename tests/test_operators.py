@@ -53,6 +53,28 @@ def test_tumbling_window_matches_a_batch_count(state_dir: str | None, tmp_path: 
     assert late_expected, "the data should include late items"
 
 
+@pytest.mark.parametrize("per_stream", [True, False])
+def test_a_stream_read_behind_another_is_not_late_with_a_clock_per_stream(per_stream: bool) -> None:
+    # after their first items, all of partition 0 arrives before the rest of partition 1
+    streams = {p: [("k", (p, ts)) for ts in range(0, 100_000, 100)] for p in (0, 1)}
+    items = [streams[0][0], streams[1][0], *streams[0][1:], *streams[1][1:]]
+    flow = Dataflow("skew")
+    up = op.input("in", flow, TestingSource(items, batch_size=100))
+    config = StateConfig(None, shards=1, now_ms=frozen_clock)
+    stream_of = (lambda v: str(v[0])) if per_stream else (lambda _: "")
+    out = tumbling_window("w", up, lambda v: v[1], 1_000, lambda: 0, lambda n, _: n + 1, config, 0, stream_of)
+    down: list = []
+    late: list = []
+    op.output("down", out.down, TestingSink(down))
+    op.output("late", out.late, TestingSink(late))
+    run_main(flow)
+    if per_stream:
+        assert late == []
+        assert sorted(r.value for _, r in down) == [20] * 100
+    else:  # one clock for both: partition 1 arrives after the watermark passed it
+        assert len(late) == 989
+
+
 def test_running_aggregate_keeps_last_n_per_key(tmp_path: Path) -> None:
     items = [("a", 1), ("a", 2), ("b", 1), ("a", 3), ("a", 4)]
     flow = Dataflow("last_n")
