@@ -69,6 +69,7 @@ __all__ = [
 ]
 
 Headers = tuple[tuple[str, bytes], ...]
+_LAG_INTERVAL_S = 5.0  # how often a tailing source asks the broker for the end offset
 
 
 class KafkaError(Exception):
@@ -186,6 +187,7 @@ class _SourcePartition(StatefulSourcePartition[KafkaMessage, _PartState]):
 
     def next_batch(self) -> list[KafkaMessage]:
         if self._end is not None and self._next >= self._end:
+            self._report_lag()
             raise StopIteration()
         msgs = self._consumer.consume(self._batch_size, 0.005)
         if not msgs:
@@ -227,14 +229,16 @@ class _SourcePartition(StatefulSourcePartition[KafkaMessage, _PartState]):
         return batch
 
     def _report_lag(self) -> None:
+        if self._end is not None:  # bounded: the end is known, no broker call needed
+            self._lag.set(self._end - self._next)
+            return
         now = time.monotonic()
-        if now - self._lag_checked < 5.0:
+        if now - self._lag_checked < _LAG_INTERVAL_S:
             return
         self._lag_checked = now
         tp = TopicPartition(self._topic, self._partition)
         _, high = self._consumer.get_watermark_offsets(tp, timeout=1.0, cached=False)
-        end = high if self._end is None else min(high, self._end)
-        self._lag.set(max(0, end - self._next))
+        self._lag.set(max(0, high - self._next))
 
     def snapshot(self) -> _PartState:
         return _PartState(self._next, self._end)

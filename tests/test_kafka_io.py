@@ -166,3 +166,31 @@ def test_a_failed_delivery_stops_the_dataflow(brokers: str, topic: str) -> None:
 def test_reading_a_missing_topic_says_what_to_do(brokers: str, topic: str) -> None:
     with pytest.raises(KafkaSourceError, match="does not exist"):
         KafkaSource(brokers, [f"{topic}-missing"]).list_parts()
+
+
+def test_metrics_endpoint_counts_items_errors_and_lag(brokers: str, topic: str) -> None:
+    import socket
+    import urllib.request
+
+    from operators import metrics
+    from operators.dlq import decode_json, try_map
+
+    ensure_topics(brokers, [TopicSpec(topic)])
+    produce(brokers, [KafkaMessage(b'{"ok": 1}' if i % 4 else b"{bad", topic=topic) for i in range(40)])
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    metrics.serve(port)
+    flow = Dataflow("metered")
+    msgs = op.input("in", flow, KafkaSource(brokers, [topic], bounded=True))
+    out = try_map(f"decode_{topic}", msgs, decode_json())
+    op.output("oks", out.oks, TestingSink([]))
+    op.output("errs", out.errs, TestingSink([]))
+    run_main(flow)
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    step = f"metered.decode_{topic}"
+    assert f'patternflow_items_total{{outcome="ok",step="{step}"}} 30.0' in text
+    assert f'patternflow_errors_total{{error="JSONDecodeError",step="{step}"}} 10.0' in text
+    assert f'patternflow_step_seconds_count{{step="{step}"}}' in text
+    assert f'patternflow_consumer_lag_messages{{partition="0",step="metered.in",topic="{topic}"}} 0.0' in text
