@@ -30,6 +30,7 @@ from bytewax.operators import KeyedStream, StatefulBatchLogic
 from operators import metrics
 from operators.kafka import hash_key
 from state import MemoryBackend, RocksDBBackend, StateError, StateStore
+from state.store import wall_ms
 
 __all__ = ["ShardProgram", "StateConfig", "keyed_state", "running_aggregate"]
 
@@ -41,10 +42,6 @@ A = TypeVar("A")
 
 
 _SHARDS_KEY = "\x01shards"
-
-
-def wall_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 @dataclass(frozen=True)
@@ -125,7 +122,7 @@ class _ShardLogic(StatefulBatchLogic[tuple[str, str, V], tuple[str, W], tuple[st
 
     def _done(self, store: StateStore, out: list[tuple[str, W]]) -> tuple[list[tuple[str, W]], bool]:
         if store.pending_writes > self._config.max_pending_writes:
-            store.commit()
+            store.commit(snapshot=False)
         return out, StatefulBatchLogic.RETAIN
 
     def on_batch(self, values: list[tuple[str, str, V]]) -> tuple[list[tuple[str, W]], bool]:

@@ -10,9 +10,11 @@ backend in one atomic batch, together with an undo record per key (the bytes it
 had before) and the new sequence number, and returns that number: it is the
 token an operator hands Bytewax as its snapshot. On resume,
 :meth:`StateStore.restore` applies the undo records newer than the token, newest
-first, in one atomic batch. Undo records older than ``undo_retain`` commits are
-dropped, so a restore can go back that many commits (Bytewax resumes from its
-last or second to last snapshot unless its ``backup_interval`` holds more).
+first, in one atomic batch. Undo records are kept back to the ``undo_retain``-th
+last snapshot commit, so a restore can go back that many snapshots (Bytewax
+resumes from its last or second to last unless its ``backup_interval`` holds
+more). Early commits (``snapshot=False``), which bound the memory held between
+snapshots, use no part of that allowance.
 
 Values are JSON documents (orjson): tuples come back as lists.
 
@@ -27,6 +29,7 @@ Key encoding (bytes, ordered so that scans are prefix ranges)::
     b"t" + timer + b"\\0" + due_ms (8 BE) + key -> b""
     b"u" + seq (8 BE) + stored key           -> b"\\0" (was absent) or b"\\1" + previous bytes
     b"m:seq"                                 -> last committed seq (8 bytes BE)
+    b"m:snapshots"                           -> {"snapshots": [seq, ...], "undo_floor": seq} (orjson)
 
 Exceptions::
 
@@ -48,6 +51,7 @@ from state.backends import Backend
 __all__ = ["StateError", "StateRecoveryError", "StateStore"]
 
 _SEQ_KEY = b"m:seq"
+_SNAPSHOTS_KEY = b"m:snapshots"
 _TTL_TIMER = "ttl"
 _ABSENT = b"\x00"
 _PRESENT = b"\x01"
@@ -77,7 +81,7 @@ def _undo_prefix(seq: int) -> bytes:
     return b"u" + _be(seq)
 
 
-def _wall_ms() -> int:
+def wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
@@ -89,7 +93,7 @@ class StateStore:
         backend: Backend,
         *,
         undo_retain: int = 32,
-        now_ms: Callable[[], int] = _wall_ms,
+        now_ms: Callable[[], int] = wall_ms,
     ) -> None:
         if undo_retain < 1:
             raise ValueError(f"undo_retain must be >= 1, got {undo_retain}")
@@ -97,8 +101,14 @@ class StateStore:
         self.undo_retain = undo_retain
         self._now_ms = now_ms
         self._pending: dict[bytes, bytes | None] = {}
-        raw = backend.get(_SEQ_KEY)
+        self._load_meta()
+
+    def _load_meta(self) -> None:
+        raw = self.backend.get(_SEQ_KEY)
         self.seq = int.from_bytes(raw, "big") if raw else 0
+        meta = orjson.loads(self.backend.get(_SNAPSHOTS_KEY) or b'{"snapshots": [], "undo_floor": 0}')
+        self._snapshots: list[int] = meta["snapshots"]
+        self._undo_floor: int = meta["undo_floor"]
 
     # -- reads and writes -------------------------------------------------
 
@@ -196,8 +206,13 @@ class StateStore:
     def pending_writes(self) -> int:
         return len(self._pending)
 
-    def commit(self) -> int:
-        """Write pending changes atomically; return the new sequence number."""
+    def commit(self, *, snapshot: bool = True) -> int:
+        """Write pending changes atomically; return the new sequence number.
+
+        ``snapshot=False`` makes an early commit, which only bounds the pending
+        writes held in memory: restores return to snapshot commits, and undo
+        records reach back to the ``undo_retain``-th last of them.
+        """
         seq = self.seq + 1
         batch: dict[bytes, bytes | None] = {}
         undo = _undo_prefix(seq)
@@ -205,10 +220,16 @@ class StateStore:
             before = self.backend.get(key)
             batch[undo + key] = _ABSENT if before is None else _PRESENT + before
             batch[key] = value
-        dropped = seq - self.undo_retain
-        if dropped > 0:
-            for key, _ in self.backend.scan(_undo_prefix(dropped), _undo_prefix(dropped + 1)):
-                batch[key] = None
+        if snapshot:
+            self._snapshots.append(seq)
+            if len(self._snapshots) > self.undo_retain:
+                del self._snapshots[: -self.undo_retain]
+                # a restore goes back to the oldest retained snapshot at most
+                new_floor = self._snapshots[0] + 1
+                for key, _ in self.backend.scan(_undo_prefix(self._undo_floor), _undo_prefix(new_floor)):
+                    batch[key] = None
+                self._undo_floor = new_floor
+            batch[_SNAPSHOTS_KEY] = orjson.dumps({"snapshots": self._snapshots, "undo_floor": self._undo_floor})
         batch[_SEQ_KEY] = _be(seq)
         self.backend.write(batch)
         self._pending.clear()
@@ -223,7 +244,7 @@ class StateStore:
         self._pending.clear()
         if not seq:
             self.backend.clear()
-            self.seq = 0
+            self._load_meta()
             return
         if seq > self.seq:
             raise StateRecoveryError(
@@ -232,19 +253,21 @@ class StateStore:
                 "the state directory was lost or belongs to another run. Point the state "
                 "directory at the one used with this recovery directory, or delete both to start over."
             )
-        oldest = max(1, self.seq - self.undo_retain + 1)
-        if seq < oldest - 1:
+        if seq + 1 < self._undo_floor:
             raise StateRecoveryError(
-                f"cannot roll state back to commit {seq}: undo records go back to commit "
-                f"{oldest - 1} only; raise undo_retain above the number of snapshots "
+                f"cannot roll state back to commit {seq}: undo records reach back to commit "
+                f"{self._undo_floor - 1} only; raise undo_retain above the number of snapshots "
                 "Bytewax keeps (backup_interval / snapshot interval)."
             )
         batch: dict[bytes, bytes | None] = {}
-        for s in range(self.seq, seq, -1):
-            undo = _undo_prefix(s)
-            for ukey, before in self.backend.scan(undo, _undo_prefix(s + 1)):
-                batch[ukey[len(undo) :]] = None if before == _ABSENT else before[1:]
-                batch[ukey] = None
+        # Oldest undo record first: a key's value before commit seq+1 is the one to restore.
+        for ukey, before in self.backend.scan(_undo_prefix(seq + 1), _undo_prefix(self.seq + 1)):
+            key = ukey[9:]
+            if key not in batch:
+                batch[key] = None if before == _ABSENT else before[1:]
+            batch[ukey] = None
+        self._snapshots = [s for s in self._snapshots if s <= seq]
+        batch[_SNAPSHOTS_KEY] = orjson.dumps({"snapshots": self._snapshots, "undo_floor": self._undo_floor})
         batch[_SEQ_KEY] = _be(seq)
         self.backend.write(batch)
         self.seq = seq

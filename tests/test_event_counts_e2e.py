@@ -109,7 +109,7 @@ def test_kill_9_mid_stream_loses_nothing_and_counts_nothing_twice(brokers: str, 
     prepare(brokers, topic, msgs)
     # Tiny pending-write limit: the stores commit many times between snapshots,
     # so at the kill they are ahead of the snapshot and must roll back.
-    small_epochs = {"EVENT_COUNTS_STATE_MAX_PENDING_WRITES": "50"}
+    small_epochs = {"EVENT_COUNTS_STATE_MAX_PENDING_WRITES": "1"}
     proc = start_dataflow(topic, tmp_path, brokers, **small_epochs)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:

@@ -98,8 +98,19 @@ def test_restore_beyond_retained_undo_fails_loudly(store: StateStore) -> None:
         store.commit()
     with pytest.raises(StateRecoveryError, match="undo_retain"):
         store.restore(2)
-    store.restore(6)  # within the 4 retained commits
-    assert store.get("a") == 5
+    store.restore(7)  # the oldest of the 4 retained snapshots
+    assert store.get("a") == 6
+
+
+def test_early_commits_do_not_use_up_the_undo_allowance(store: StateStore) -> None:
+    store.put("a", 1)
+    first = store.commit()
+    for i in range(20):  # undo_retain is 4
+        store.put("a", 100 + i)
+        store.commit(snapshot=False)
+    store.commit()
+    store.restore(first)
+    assert store.get("a") == 1
 
 
 def test_restore_ahead_of_store_fails_loudly(store: StateStore) -> None:
