@@ -31,7 +31,16 @@ from bytewax.dataflow import Dataflow
 
 from operators import metrics
 from operators.dlq import DLQ_SUFFIX, InvalidMessage, decode_json, to_dlq_message, try_map
-from operators.kafka import KafkaMessage, KafkaSink, KafkaSource, Position, TopicSpec, ensure_topics, kafka_output
+from operators.kafka import (
+    KafkaMessage,
+    KafkaSink,
+    KafkaSource,
+    Position,
+    TopicSpec,
+    ensure_topics,
+    kafka_output,
+    partition_count,
+)
 from operators.settings import from_env
 from operators.stateful import StateConfig
 from operators.windowing import WindowResult, tumbling_window
@@ -133,6 +142,7 @@ def build(settings: Settings | None = None) -> Dataflow:
         state,
         s.allowed_lateness_ms,
         stream_of=lambda e: str(e.partition),
+        streams=partition_count(s.kafka_bootstrap_servers, s.input_topic),
     )
     # down: (key, WindowResult[int]); late: (key, Event)
     counts = op.map("encode", windows.down, lambda kv: count_message(s.output_topic, kv[1]))

@@ -66,6 +66,7 @@ __all__ = [
     "TopicSpec",
     "ensure_topics",
     "kafka_output",
+    "partition_count",
 ]
 
 Headers = tuple[tuple[str, bytes], ...]
@@ -276,8 +277,12 @@ class KafkaSource(FixedPartitionedSource[KafkaMessage, _PartState]):
         self.config = dict(config or {})
 
     def list_parts(self) -> list[str]:
-        admin = AdminClient({"bootstrap.servers": self.brokers, **self.config})
-        topics = _list_topics(admin, self.brokers, self.timeout_s, KafkaSourceError)
+        # A consumer, not an AdminClient: the config holds consumer properties.
+        consumer = Consumer(_consumer_config(self.brokers, self.config))
+        try:
+            topics = _list_topics(consumer, self.brokers, self.timeout_s, KafkaSourceError)
+        finally:
+            consumer.close()
         parts: list[str] = []
         for topic in self.topics:
             tmeta = topics.get(topic)
@@ -327,9 +332,11 @@ class KafkaSource(FixedPartitionedSource[KafkaMessage, _PartState]):
         return _SourcePartition(step_id, consumer, topic, partition, state, self.batch_size)
 
 
-def _list_topics(admin: AdminClient, brokers: str, timeout_s: float, error: type[KafkaError]) -> dict[str, Any]:
+def _list_topics(
+    client: AdminClient | Consumer, brokers: str, timeout_s: float, error: type[KafkaError]
+) -> dict[str, Any]:
     try:
-        return dict(admin.list_topics(timeout=timeout_s).topics)
+        return dict(client.list_topics(timeout=timeout_s).topics)
     except KafkaException as exc:
         raise error(f"cannot reach Kafka at {brokers}: {exc}. Is the broker up (make kafka-up)?") from exc
 
@@ -490,6 +497,14 @@ class TopicSpec:
     def new_topic(self) -> NewTopic:
         config = {"cleanup.policy": self.cleanup_policy, "retention.ms": str(self.retention_ms), **self.config}
         return NewTopic(self.name, num_partitions=self.partitions, replication_factor=1, config=config)
+
+
+def partition_count(brokers: str, topic: str, *, timeout_s: float = 30.0) -> int:
+    """How many partitions ``topic`` has."""
+    topics = _list_topics(AdminClient({"bootstrap.servers": brokers}), brokers, timeout_s, KafkaAdminError)
+    if topic not in topics:
+        raise KafkaAdminError(f"topic {topic!r} does not exist at {brokers}")
+    return len(topics[topic].partitions)
 
 
 def ensure_topics(brokers: str, specs: Iterable[TopicSpec], *, timeout_s: float = 30.0) -> None:

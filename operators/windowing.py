@@ -14,8 +14,10 @@ With ``stream_of`` (e.g. the Kafka partition an item came from) the shard keeps
 a clock per stream and its watermark is the slowest stream's, as Flink takes
 the minimum over input channels: however far one partition's reads run ahead
 of another's, an item that is in order within its own partition is never late.
-A stream joins the watermark with its first item: the shard cannot know of
-streams it has not seen.
+Until a shard has seen all ``streams``, the missing ones hold its watermark at
+the first event time it saw, advanced by the system time since (as Flink's
+idleness does), so a partition whose first items come late makes none of them
+late, and an empty partition does not hold windows open for ever.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ class _Tumbling(Generic[V, A]):
         init: Callable[[], A],
         fold: Callable[[A, V], A],
         stream_of: Callable[[V], str],
+        streams: int,
         now_ms: Callable[[], int],
     ) -> None:
         self._timestamp_ms = timestamp_ms
@@ -77,26 +80,38 @@ class _Tumbling(Generic[V, A]):
         self._init = init
         self._fold = fold
         self._stream_of = stream_of
+        self._streams = streams
         self._now_ms = now_ms
-        # Latest event time per stream (kept in the store), and the system time
-        # at which it was seen (in memory: on resume it restarts from now, so the
-        # downtime does not advance the watermark).
+        # Kept in the store: the latest event time per stream, and the first
+        # event time the shard saw (where unseen streams hold the watermark).
         self._clocks: dict[str, int] | None = None
-        self._seen_at: dict[str, int] = {}
+        self._origin_ms = 0
+        # In memory: the system time each clock last moved (None: the origin).
+        # On resume it restarts from now, so downtime does not advance the watermark.
+        self._moved_at: dict[str | None, int] = {}
 
     def _load_clocks(self, store: StateStore) -> dict[str, int]:
         if self._clocks is None:
-            self._clocks = store.get(_CLOCKS_KEY, {})
+            doc = store.get(_CLOCKS_KEY, {"clocks": {}, "origin_ms": 0})
+            self._clocks, self._origin_ms = doc["clocks"], doc["origin_ms"]
             now = self._now_ms()
-            self._seen_at = {stream: now for stream in self._clocks}
+            self._moved_at = {stream: now for stream in [*self._clocks, None]}
         return self._clocks
 
-    def _watermark_ms(self, store: StateStore) -> int | None:
+    def _clock_terms(self, store: StateStore) -> list[tuple[int, int]]:
+        """``(event time, system time it was reached)`` of each clock the watermark waits for."""
         clocks = self._load_clocks(store)
-        if not clocks:
+        terms = [(ts, self._moved_at[stream]) for stream, ts in clocks.items()]
+        if terms and len(clocks) < self._streams:
+            terms.append((self._origin_ms, self._moved_at[None]))
+        return terms
+
+    def _watermark_ms(self, store: StateStore) -> int | None:
+        terms = self._clock_terms(store)
+        if not terms:
             return None
         now = self._now_ms()
-        return min(ts + now - self._seen_at[stream] for stream, ts in clocks.items()) - self._lateness_ms
+        return min(ts + now - moved_at for ts, moved_at in terms) - self._lateness_ms
 
     def on_item(self, store: StateStore, key: str, value: V) -> Iterable[tuple[str, Any]]:
         ts = self._timestamp_ms(value)
@@ -114,9 +129,12 @@ class _Tumbling(Generic[V, A]):
         clocks = self._load_clocks(store)
         stream = self._stream_of(value)
         if ts > clocks.get(stream, -1):
+            now = self._now_ms()
+            if not clocks:
+                self._origin_ms, self._moved_at[None] = ts, now
             clocks[stream] = ts
-            self._seen_at[stream] = self._now_ms()
-            store.put(_CLOCKS_KEY, clocks)
+            self._moved_at[stream] = now
+            store.put(_CLOCKS_KEY, {"clocks": clocks, "origin_ms": self._origin_ms})
         return ()
 
     def _close(self, store: StateStore, upto_ms: int) -> list[tuple[str, Any]]:
@@ -133,11 +151,11 @@ class _Tumbling(Generic[V, A]):
 
     def next_timer_ms(self, store: StateStore) -> int | None:
         due = store.next_due_ms(_CLOSE)
-        clocks = self._load_clocks(store)
-        if due is None or not clocks:
+        terms = self._clock_terms(store)
+        if due is None or not terms:
             return None
-        # the system time at which the slowest stream's clock reaches the window's end
-        return due + self._lateness_ms + max(self._seen_at[s] - ts for s, ts in clocks.items())
+        # the system time at which the slowest clock reaches the window's end
+        return due + self._lateness_ms + max(moved_at - ts for ts, moved_at in terms)
 
     def on_eof(self, store: StateStore) -> Iterable[tuple[str, Any]]:
         return self._close(store, 2**62)
@@ -154,18 +172,20 @@ def tumbling_window(
     config: StateConfig,
     allowed_lateness_ms: int = 0,
     stream_of: Callable[[V], str] = lambda _: "",
+    streams: int = 1,
 ) -> WindowOut[V, A]:
     """Fold each key's items into tumbling windows of ``length_ms`` by event time.
 
     ``stream_of`` names the input stream an item came from (its Kafka
-    partition, say); the watermark is the slowest stream's.
+    partition, say) and ``streams`` says how many there are; the watermark is
+    the slowest stream's.
     """
     if length_ms <= 0:
         raise ValueError(f"length_ms must be > 0, got {length_ms}")
     tagged = keyed_state(
         "state",
         up,
-        lambda: _Tumbling(timestamp_ms, length_ms, allowed_lateness_ms, init, fold, stream_of, config.now_ms),
+        lambda: _Tumbling(timestamp_ms, length_ms, allowed_lateness_ms, init, fold, stream_of, streams, config.now_ms),
         config,
     )
     split = op.branch("split", tagged, lambda kv: kv[1][0] == "down")

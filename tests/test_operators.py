@@ -15,7 +15,7 @@ from bytewax.testing import TestingSink, TestingSource, run_main
 from operators.kafka import Position, hash_key
 from operators.settings import SettingsError, from_env
 from operators.stateful import StateConfig, _Fold, running_aggregate
-from operators.windowing import tumbling_window
+from operators.windowing import _Tumbling, tumbling_window
 from state import MemoryBackend, StateStore
 
 
@@ -55,14 +55,13 @@ def test_tumbling_window_matches_a_batch_count(state_dir: str | None, tmp_path: 
 
 @pytest.mark.parametrize("per_stream", [True, False])
 def test_a_stream_read_behind_another_is_not_late_with_a_clock_per_stream(per_stream: bool) -> None:
-    # after their first items, all of partition 0 arrives before the rest of partition 1
-    streams = {p: [("k", (p, ts)) for ts in range(0, 100_000, 100)] for p in (0, 1)}
-    items = [streams[0][0], streams[1][0], *streams[0][1:], *streams[1][1:]]
+    # the worst skew: all of partition 0 arrives before any of partition 1
+    items = [("k", (p, ts)) for p in (0, 1) for ts in range(0, 100_000, 100)]
     flow = Dataflow("skew")
     up = op.input("in", flow, TestingSource(items, batch_size=100))
     config = StateConfig(None, shards=1, now_ms=frozen_clock)
-    stream_of = (lambda v: str(v[0])) if per_stream else (lambda _: "")
-    out = tumbling_window("w", up, lambda v: v[1], 1_000, lambda: 0, lambda n, _: n + 1, config, 0, stream_of)
+    stream_of, streams = ((lambda v: str(v[0])), 2) if per_stream else ((lambda _: ""), 1)
+    out = tumbling_window("w", up, lambda v: v[1], 1_000, lambda: 0, lambda n, _: n + 1, config, 0, stream_of, streams)
     down: list = []
     late: list = []
     op.output("down", out.down, TestingSink(down))
@@ -72,7 +71,20 @@ def test_a_stream_read_behind_another_is_not_late_with_a_clock_per_stream(per_st
         assert late == []
         assert sorted(r.value for _, r in down) == [20] * 100
     else:  # one clock for both: partition 1 arrives after the watermark passed it
-        assert len(late) == 989
+        assert len(late) == 990
+
+
+def test_an_unseen_partition_holds_windows_only_until_system_time_passes() -> None:
+    now = [0]
+    store = StateStore(MemoryBackend(), now_ms=lambda: now[0])
+    program = _Tumbling(lambda ts: ts, 1_000, 0, int, lambda n, _: n + 1, lambda _: "0", 2, lambda: now[0])
+    for ts in range(0, 5_000, 100):
+        assert list(program.on_item(store, "k", ts)) == []
+    assert list(program.on_timer(store)) == []  # partition 1 unseen: held at the first event time
+    assert program.next_timer_ms(store) == 1_000
+    now[0] = 2_000  # two seconds with nothing from partition 1
+    closed = [result for _, (_, result) in program.on_timer(store)]
+    assert [(r.start_ms, r.value) for r in closed] == [(0, 10), (1_000, 10)]
 
 
 def test_running_aggregate_keeps_last_n_per_key(tmp_path: Path) -> None:
