@@ -162,6 +162,9 @@ def _consumer_config(brokers: str, extra: Mapping[str, Any]) -> dict[str, Any]:
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
         "fetch.wait.max.ms": 50,
+        # librdkafka pauses a partition's fetches for this long once its local
+        # queue is full (default 1 s): a stall of a second after each burst.
+        "fetch.queue.backoff.ms": 10,
         **extra,
     }
 
