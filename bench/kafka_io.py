@@ -18,12 +18,21 @@ from bytewax.testing import TestingSink, TestingSource, run_main
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from bench.report import parse_args, progress, write_report
-from operators.kafka import KafkaMessage, KafkaSink, KafkaSource, TopicSpec, ensure_topics, kafka_output
+from operators.kafka import (
+    KafkaMessage,
+    KafkaSink,
+    KafkaSource,
+    TopicSpec,
+    consumer_config,
+    ensure_topics,
+    kafka_output,
+    producer_config,
+)
 
 BROKERS = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
-# The settings our source and sink use, so both sides fetch and batch alike.
-CONSUMER = {"bootstrap.servers": BROKERS, "group.id": "bench", "enable.auto.commit": False, "fetch.wait.max.ms": 50, "fetch.queue.backoff.ms": 10}
-PRODUCER = {"bootstrap.servers": BROKERS, "partitioner": "murmur2_random", "linger.ms": 2, "enable.idempotence": True}
+# Our source's and sink's own settings, so both sides fetch and batch alike.
+CONSUMER = consumer_config(BROKERS, {"group.id": "bench"})
+PRODUCER = producer_config(BROKERS)
 
 
 def messages(topic: str, n: int, size: int) -> list[KafkaMessage]:
@@ -137,8 +146,7 @@ def main() -> None:
             f"{rounds} rounds of {n:,} messages of {size} bytes over {partitions} partitions, "
             "fresh topics each round; medians. One Bytewax worker.",
             "Ours runs inside a Bytewax dataflow (run_main); raw is a plain confluent-kafka loop "
-            "with the same client settings (producer: linger.ms=2, idempotence, murmur2 partitioner; "
-            "consumer: fetch.wait.max.ms=50). "
+            "with the same client settings (operators.kafka.consumer_config / producer_config). "
             "Both are timed from start-up (client creation, or the dataflow's start) to the last "
             "message acknowledged or read.",
             "Raw consume takes from each record what the source passes on (value, key, headers, "
@@ -148,9 +156,9 @@ def main() -> None:
             "does the same), while the raw loop runs one consumer for all partitions; and it builds "
             "a KafkaMessage per record. A consumer shared by a worker's partitions, tried in its "
             "place, measured no faster within this machine's noise, so the simpler design stays.",
-            "Command: `python -m bench.kafka_io" + (" --quick`" if args.quick else "`"),
         ],
         result,
+        quick=args.quick,
     )
 
 

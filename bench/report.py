@@ -32,6 +32,8 @@ def write_report(
     unit: str,
     notes: list[str],
     result: dict[str, Any],
+    *,
+    quick: bool,
 ) -> Path:
     """Write ``bench/results/<name>.md`` and ``<name>.png``; print the result as the last line."""
     RESULTS.mkdir(exist_ok=True)
@@ -46,7 +48,8 @@ def write_report(
     fig.savefig(png, dpi=120)
     lines = [f"# {title}", "", f"![{title}]({png.name})", "", "| measure | value |", "| --- | --- |"]
     lines += [f"| {key} | {value} |" for key, value in result.items()]
-    lines += ["", *notes, ""]
+    command = f"python -m bench.{name}" + (" --quick" if quick else "")
+    lines += ["", *notes, f"Command: `{command}`", ""]
     md = RESULTS / f"{name}.md"
     md.write_text("\n".join(lines))
     progress(f"report: {md}")

@@ -101,12 +101,13 @@ def main() -> None:
         "ops per second (one get + one put)",
         [
             f"{n_ops:,} read-modify-write ops over {n_keys:,} keys, a commit every 10,000 ops.",
-            "Recovery: 1M keys committed, then an epoch of 10,000 updates committed but not in the "
-            "snapshot, and pending writes; time to reopen RocksDB and roll back to the snapshot. "
+            "Recovery: a process commits 1M keys, then an epoch of 10,000 updates that no snapshot "
+            "recorded, holds more writes pending and is killed with SIGKILL; measured: reopening "
+            "RocksDB (replaying its log) and rolling back to the snapshot. "
             "State is not loaded into memory, so recovery time does not grow with the key count.",
-            "Command: `python -m bench.state" + (" --quick`" if args.quick else "`"),
         ],
         result,
+        quick=args.quick,
     )
 
 

@@ -64,9 +64,11 @@ __all__ = [
     "KafkaSourceError",
     "Position",
     "TopicSpec",
+    "consumer_config",
     "ensure_topics",
     "kafka_output",
     "partition_count",
+    "producer_config",
 ]
 
 Headers = tuple[tuple[str, bytes], ...]
@@ -154,7 +156,8 @@ class _PartState:
     end_offset: int | None  # exclusive; None while tailing
 
 
-def _consumer_config(brokers: str, extra: Mapping[str, Any]) -> dict[str, Any]:
+def consumer_config(brokers: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The librdkafka settings of :class:`KafkaSource`'s consumers; ``extra`` overrides."""
     return {
         "bootstrap.servers": brokers,
         # Offsets live in Bytewax snapshots; the group id only satisfies librdkafka.
@@ -165,7 +168,20 @@ def _consumer_config(brokers: str, extra: Mapping[str, Any]) -> dict[str, Any]:
         # librdkafka pauses a partition's fetches for this long once its local
         # queue is full (default 1 s): a stall of a second after each burst.
         "fetch.queue.backoff.ms": 10,
-        **extra,
+        **(extra or {}),
+    }
+
+
+def producer_config(brokers: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The librdkafka settings of :class:`KafkaSink`'s producers; ``extra`` overrides."""
+    return {
+        "bootstrap.servers": brokers,
+        "partitioner": "murmur2_random",  # the Java client's key hashing
+        "linger.ms": 2,
+        "enable.idempotence": True,
+        # Reports for failed messages only: success needs no per-message callback.
+        "delivery.report.only.error": True,
+        **(extra or {}),
     }
 
 
@@ -281,7 +297,7 @@ class KafkaSource(FixedPartitionedSource[KafkaMessage, _PartState]):
 
     def list_parts(self) -> list[str]:
         # A consumer, not an AdminClient: the config holds consumer properties.
-        consumer = Consumer(_consumer_config(self.brokers, self.config))
+        consumer = Consumer(consumer_config(self.brokers, self.config))
         try:
             topics = _list_topics(consumer, self.brokers, self.timeout_s, KafkaSourceError)
         finally:
@@ -318,7 +334,7 @@ class KafkaSource(FixedPartitionedSource[KafkaMessage, _PartState]):
     def build_part(self, step_id: str, for_part: str, resume_state: _PartState | None) -> _SourcePartition:
         part, topic = for_part.split("-", 1)
         partition = int(part)
-        consumer = Consumer(_consumer_config(self.brokers, self.config))
+        consumer = Consumer(consumer_config(self.brokers, self.config))
         try:
             state = resume_state
             if state is None:
@@ -463,16 +479,8 @@ class KafkaSink(FixedPartitionedSink[KafkaMessage, None]):
         return hash_key(item_key)
 
     def build_part(self, step_id: str, for_part: str, resume_state: None) -> _SinkPartition:
-        config = {
-            "bootstrap.servers": self.brokers,
-            "partitioner": "murmur2_random",
-            "linger.ms": 2,
-            "enable.idempotence": True,
-            # Reports for failed messages only: success needs no per-message callback.
-            "delivery.report.only.error": True,
-            **self.config,
-        }
-        return _SinkPartition(step_id, _SharedProducer.acquire(config), self.topic, self.timeout_s)
+        shared = _SharedProducer.acquire(producer_config(self.brokers, self.config))
+        return _SinkPartition(step_id, shared, self.topic, self.timeout_s)
 
 
 @operator
@@ -539,7 +547,7 @@ def produce(brokers: str, messages: Iterable[KafkaMessage], *, timeout_s: float 
     For scripts, demos and tests: raises :class:`KafkaDeliveryError` unless every
     message is acknowledged.
     """
-    producer = Producer({"bootstrap.servers": brokers, "partitioner": "murmur2_random", "linger.ms": 5})
+    producer = Producer(producer_config(brokers))
     failed: list[str] = []
 
     def on_delivery(err: Any, msg: Any) -> None:
