@@ -209,7 +209,10 @@ class _SourcePartition(StatefulSourcePartition[KafkaMessage, _PartState]):
         if self._end is not None and self._next >= self._end:
             self._report_lag()
             raise StopIteration()
-        msgs = self._consumer.consume(self._batch_size, 0.005)
+        # Never block: a worker runs its operators on one thread, and a blocking poll
+        # here would hold up every item downstream. With nothing to read, Bytewax
+        # calls again after 1 ms.
+        msgs = self._consumer.consume(self._batch_size, 0)
         if not msgs:
             if self._end is not None:
                 # Transaction markers take offsets but are never returned:

@@ -10,7 +10,7 @@ import threading
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-__all__ = ["CONSUMER_LAG", "ERRORS", "ITEMS", "STEP_SECONDS", "serve"]
+__all__ = ["CONSUMER_LAG", "ERRORS", "INFERENCE_SECONDS", "ITEMS", "STEP_SECONDS", "serve"]
 
 ITEMS = Counter("patternflow_items", "Items handled by a step, by outcome", ["step", "outcome"])
 ERRORS = Counter("patternflow_errors", "Items a step sent to the dead-letter topic", ["step", "error"])
@@ -19,6 +19,13 @@ STEP_SECONDS = Histogram(
     "Time a step spent on one batch of items",
     ["step"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+INFERENCE_SECONDS = Histogram(
+    "patternflow_inference_seconds",
+    "Per-request latency of online inference, by stage: queue (produced to read), batch_wait "
+    "(read to batch formed), compute (the batch's forward pass), serialize, end_to_end (produced to reply)",
+    ["model", "stage"],
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0),
 )
 CONSUMER_LAG = Gauge(
     "patternflow_consumer_lag_messages",

