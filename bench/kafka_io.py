@@ -17,7 +17,7 @@ from bytewax.dataflow import Dataflow
 from bytewax.testing import TestingSink, TestingSource, run_main
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from bench.report import parse_args, progress, write_report
+from bench.report import bar_chart, parse_args, progress, write_report
 from operators.kafka import (
     KafkaMessage,
     KafkaSink,
@@ -137,11 +137,11 @@ def main() -> None:
         "message_bytes": size,
         "rounds": rounds,
     }
+    title = "Kafka I/O: patternflow vs raw confluent-kafka (median of rounds)"
     write_report(
         "kafka_io",
-        "Kafka I/O: patternflow vs raw confluent-kafka (median of rounds)",
-        med,
-        "messages per second",
+        title,
+        bar_chart(title, med, "messages per second"),
         [
             f"{rounds} rounds of {n:,} messages of {size} bytes over {partitions} partitions, "
             "fresh topics each round; medians. One Bytewax worker.",

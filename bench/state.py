@@ -19,7 +19,7 @@ import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from bench.report import parse_args, progress, write_report
+from bench.report import bar_chart, parse_args, progress, write_report
 from state import MemoryBackend, RocksDBBackend, StateStore
 
 
@@ -94,11 +94,11 @@ def main() -> None:
         "recovery_s_1m_keys": round(recover_s, 3),
         "write_s_1m_keys": round(write_s, 1),
     }
+    title = "Keyed state: get+put ops/s on one worker"
     write_report(
         "state",
-        "Keyed state: get+put ops/s on one worker",
-        {"RocksDB": rocks, "in-memory": memory},
-        "ops per second (one get + one put)",
+        title,
+        bar_chart(title, {"RocksDB": rocks, "in-memory": memory}, "ops per second (one get + one put)"),
         [
             f"{n_ops:,} read-modify-write ops over {n_keys:,} keys, a commit every 10,000 ops.",
             "Recovery: a process commits 1M keys, then an epoch of 10,000 updates that no snapshot "
