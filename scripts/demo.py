@@ -1,9 +1,12 @@
-"""`make demo`: demo traffic through the event-count dataflow on the local broker.
+"""`make demo`: each pattern's dataflow on demo traffic, on the local broker.
 
-Produces a few minutes of click events for eight users (with malformed and late
-messages mixed in), runs ``dataflows.event_counts`` on them as a bounded replay
-with a recovery directory, then prints the per-minute counts, the dead letters
-and the late events it wrote, and plots the counts.
+1. Streaming: a few minutes of click events for eight users (with malformed and
+   late messages mixed in) through ``dataflows.event_counts`` as a bounded replay
+   with a recovery directory; prints the per-minute counts, the dead letters and
+   the late events, and plots the counts.
+2. Online inference: ``dataflows.online_inference`` serving the tabular risk
+   model and MiniLM embeddings; a few requests through the Python client, a
+   burst of concurrent ones (batch sizes, latency), and a malformed one.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import orjson
 
+from clients.inference import InferenceClient, InferenceTimeout
 from dataflows.event_counts import LATE_SUFFIX, Settings
+from dataflows.online_inference import Settings as OnlineSettings
 from operators.dlq import DLQ_SUFFIX
 from operators.kafka import KafkaMessage, ensure_topics, produce, read_topic
 
@@ -48,8 +53,13 @@ def traffic(start_ms: int, n: int = 20_000) -> list[KafkaMessage]:
 
 
 def main() -> None:
-    run = time.strftime("%Y%m%d-%H%M%S")
-    workdir = Path("var/demo") / run
+    workdir = Path("var/demo") / time.strftime("%Y%m%d-%H%M%S")
+    event_counts_demo(workdir)
+    online_demo(workdir)
+
+
+def event_counts_demo(workdir: Path) -> None:
+    print("== streaming: dataflows.event_counts", flush=True)
     settings = Settings(input_topic=TOPIC, output_topic="demo.event-counts", allowed_lateness_ms=10_000)
     ensure_topics(BROKERS, settings.topics())
     started_ms = int(time.time() * 1000)
@@ -100,7 +110,58 @@ def main() -> None:
     fig.tight_layout()
     plot = workdir / "event_counts.png"
     fig.savefig(plot, dpi=110)
-    print(f"\n  plot: {plot}\n  metrics were served at http://127.0.0.1:{settings.metrics_port}/metrics while it ran")
+    print(f"\n  plot: {plot}\n  metrics were served at http://127.0.0.1:{settings.metrics_port}/metrics while it ran\n")
+
+
+def online_demo(workdir: Path) -> None:
+    print("== online inference: dataflows.online_inference", flush=True)
+    settings = OnlineSettings()
+    (workdir / "online-recovery").mkdir(parents=True)
+    subprocess.run([sys.executable, "-m", "bytewax.recovery", str(workdir / "online-recovery"), "1"], check=True)
+    cmd = [sys.executable, "-m", "bytewax.run", "dataflows.online_inference:build()"]
+    cmd += ["-r", str(workdir / "online-recovery"), "-s", "5", "-b", "0"]
+    print("1/3 starting the server (loads and warms up both models) ...", flush=True)
+    server = subprocess.Popen(cmd, env={**os.environ, "ONLINE_START": "latest"})
+    try:
+        with InferenceClient(BROKERS, timeout_s=2) as client:
+            for _ in range(60):
+                try:
+                    client.predict("tabular-risk", [0.0] * 8)
+                    break
+                except InferenceTimeout:
+                    pass
+            print("2/3 requests through the Python client:", flush=True)
+            for row in ([2.5, 3.0, 1.5, 1.2, 1.0, -1.0, 1.0, 0.0], [-0.5, 0.2, -1.0, -0.3, -0.2, 1.5, 0.0, 1.0]):
+                reply = client.predict("tabular-risk", row)
+                print(f"    tabular-risk {row} -> {reply['outputs']}")
+            texts = [
+                "card used abroad twice within an hour",
+                "two foreign card payments in one hour",
+                "weekly grocery shopping",
+            ]
+            vectors = [client.predict("minilm-embeddings", t)["outputs"] for t in texts]
+            for text, vector in zip(texts[1:], vectors[1:], strict=True):
+                cosine = sum(a * b for a, b in zip(vectors[0], vector, strict=True))
+                print(f"    minilm-embeddings: cos({texts[0]!r}, {text!r}) = {cosine:.2f}  ({len(vector)} dims)")
+            bad = client.predict("tabular-risk", [1, 2, 3])
+            print(f"    a malformed request -> {bad['status']}: {bad['error']}")
+
+            print("3/3 a burst of 2,000 concurrent requests:", flush=True)
+            start = time.perf_counter()
+            futures = [
+                client.submit("tabular-risk", [((i * 7 + j) % 11) / 5 - 1 for j in range(8)])[1] for i in range(2_000)
+            ]
+            replies = [f.result(timeout=30) for f in futures]
+            elapsed = time.perf_counter() - start
+            statuses = Counter(r["status"] for r in replies)
+            sizes = Counter(r.get("batch_size", 0) for r in replies)
+            print(f"    {dict(statuses)} in {elapsed:.2f} s ({len(replies) / elapsed:,.0f} requests/s)")
+            print(f"    batch sizes: mean {sum(k * v for k, v in sizes.items()) / len(replies):.1f}, max {max(sizes)}")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    print(f"    dead letters go to {settings.request_topic}{DLQ_SUFFIX}")
+    print(f"    metrics were served at http://127.0.0.1:{settings.metrics_port}/metrics while it ran")
 
 
 if __name__ == "__main__":

@@ -305,3 +305,15 @@ def test_http_gateway_maps_replies_to_status_codes(server: Server) -> None:
     finally:
         http.should_exit = True
         thread.join(timeout=10)
+
+
+def test_the_readme_plain_kafka_client_example_works(server: Server) -> None:
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("**With any Kafka client**", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    code = block.replace('"inference.requests"', f'"{server.topic}.requests"').replace(
+        'TopicPartition("inference.replies", 0)', f'TopicPartition("{server.topic}.replies", 0)'
+    )
+    assert code != block, "the example names the default topics"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ok {'risk': ")
