@@ -44,6 +44,7 @@ MODEL = "tabular-risk"
 LOW_RATE = 50
 TIMEOUT_S = 1.0
 P99_BUDGET_MS = 100.0
+SNAPSHOT_S = 5  # Bytewax snapshot (epoch) interval of the served dataflow
 
 HTTP_APP = """
 from fastapi import FastAPI
@@ -156,7 +157,9 @@ def wait_http(url: str, timeout_s: float = 60) -> None:
     raise RuntimeError(f"the HTTP baseline did not come up at {url}")
 
 
-async def run_patternflow(rates: list[int], seconds: float, workdir: Path) -> list[dict[str, float]]:
+async def run_patternflow(
+    rates: list[int], seconds: float, workdir: Path, snapshot_s: int = SNAPSHOT_S
+) -> list[dict[str, float]]:
     topic = f"bench-online-{uuid.uuid4().hex[:6]}"
     settings = Settings(request_topic=f"{topic}.requests", reply_topic=f"{topic}.replies")
     ensure_topics(BROKERS, settings.topics())
@@ -170,18 +173,8 @@ async def run_patternflow(rates: list[int], seconds: float, workdir: Path) -> li
         "ONLINE_MODELS": MODEL,
         "ONLINE_METRICS_PORT": "0",
     }
-    cmd = [
-        sys.executable,
-        "-m",
-        "bytewax.run",
-        "dataflows.online_inference:build()",
-        "-r",
-        str(recovery),
-        "-s",
-        "5",
-        "-b",
-        "0",
-    ]
+    cmd = [sys.executable, "-m", "bytewax.run", "dataflows.online_inference:build()", "-r", str(recovery)]
+    cmd += ["-s", str(snapshot_s), "-b", "0"]
     server = subprocess.Popen(cmd, env=env, cwd=ROOT)
     try:
         client = AsyncInferenceClient(

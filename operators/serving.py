@@ -38,15 +38,12 @@ from models.registry import Model, get_spec
 from operators.dlq import DeadLetter, InvalidMessage, to_dlq_message, try_map
 from operators.kafka import KafkaMessage
 from operators.metrics import INFERENCE_SECONDS, ITEMS
+from state.store import wall_ms
 
 __all__ = ["BatchConfig", "Reply", "Request", "serve_requests"]
 
 Status = Literal["ok", "error", "timeout", "rejected"]
 SERVED_BY = f"{socket.gethostname()}:{os.getpid()}"
-
-
-def wall_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 @dataclass(frozen=True)
