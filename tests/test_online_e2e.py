@@ -42,6 +42,7 @@ class Server:
             **env,
         }
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.metrics_port = 0
         ensure_topics(brokers, Settings(request_topic=f"{topic}.requests", reply_topic=f"{topic}.replies").topics())
 
     def start(self) -> Server:
@@ -116,7 +117,12 @@ def replies_by_id(brokers: str, topic: str) -> dict[str, list[dict[str, Any]]]:
 def server(brokers: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     import uuid
 
-    srv = Server(brokers, f"online-{uuid.uuid4().hex[:8]}", tmp_path_factory.mktemp("online")).start()
+    port = free_port()
+    srv = Server(
+        brokers, f"online-{uuid.uuid4().hex[:8]}", tmp_path_factory.mktemp("online"), ONLINE_METRICS_PORT=str(port)
+    )
+    srv.metrics_port = port
+    srv.start()
     with srv.client() as client:
         srv.wait_ready(client)
     yield srv
@@ -317,3 +323,24 @@ def test_the_readme_plain_kafka_client_example_works(server: Server) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ok {'risk': ")
+
+
+def test_latency_breakdown_is_exported_per_stage(server: Server) -> None:
+    import urllib.request
+
+    with server.client() as client:
+        for i in range(20):
+            assert client.predict("tabular-risk", inputs(i))["status"] == "ok"
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
+    for stage in ("queue", "batch_wait", "compute", "serialize", "end_to_end"):
+        line = next(
+            (
+                x
+                for x in text.splitlines()
+                if x.startswith("patternflow_inference_seconds_count")
+                and f'stage="{stage}"' in x
+                and 'model="tabular-risk"' in x
+            ),
+            "",
+        )
+        assert line and float(line.rsplit(" ", 1)[1]) >= 20, (stage, line)
