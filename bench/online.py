@@ -282,7 +282,10 @@ async def main_async(quick: bool) -> None:
             f"Open-loop load at each rate for {seconds:.0f} s; a request unanswered after {TIMEOUT_S:.0f} s fails; "
             f"max rps = highest offered rate with no failure and p99 <= {P99_BUDGET_MS:.0f} ms. "
             f"p50/p99 in the table above are patternflow's at {LOW_RATE}/s.",
-            "All three servers and the load generator share this machine's cores, as does the Kafka broker.",
+            "All three servers and the load generator share this machine's 2 cores, as does the Kafka broker; "
+            "each server is one process. The generator drives all three from one asyncio process, so each "
+            "client's own cost (httpx for HTTP, librdkafka for Kafka) counts against its server, as it would "
+            "for a real caller. p99 at a given rate is noisy here (single 4 s runs); the sweep's shape is not.",
         ],
         result,
         quick=quick,
