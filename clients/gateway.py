@@ -47,6 +47,7 @@ class Settings:
 
 def create_app(settings: Settings) -> Starlette:
     clients: list[AsyncInferenceClient] = []
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -79,7 +80,6 @@ def create_app(settings: Settings) -> Starlette:
         return JSONResponse(reply, status_code=STATUS_CODES.get(reply.get("status", ""), 502))
 
     async def healthz(request: Request) -> Response:
-        admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
         try:
             topics = (await asyncio.to_thread(admin.list_topics, timeout=2)).topics
         except Exception as exc:

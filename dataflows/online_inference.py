@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass, field
 
 import bytewax.operators as op
+import torch
 from bytewax.dataflow import Dataflow
 
 from models.registry import get_spec
@@ -45,6 +46,7 @@ class Settings:
     max_queue: int = 1024
     source_batch_size: int = 256
     start: Position = Position.earliest()  # noqa: RUF009
+    torch_threads: int = 1
     metrics_port: int = 9101
 
     def __post_init__(self) -> None:
@@ -67,6 +69,8 @@ class Settings:
 def build(settings: Settings | None = None) -> Dataflow:
     s = settings or from_env(Settings, prefix="ONLINE_")
     ensure_topics(s.kafka_bootstrap_servers, s.topics())
+    if s.torch_threads:
+        torch.set_num_threads(s.torch_threads)
     # Loaded and warmed up once per process, before any request is read; workers share them.
     models = {name: get_spec(name).load() for name in s.model_names}
     metrics.serve(s.metrics_port + int(os.environ.get("BYTEWAX_PROCESS_ID", "0")) if s.metrics_port else 0)
