@@ -31,6 +31,7 @@ from typing import Any
 
 import httpx
 import matplotlib.pyplot as plt
+import torch
 
 from bench.report import parse_args, progress, write_report
 from clients.inference import AsyncInferenceClient, InferenceTimeout
@@ -47,8 +48,10 @@ P99_BUDGET_MS = 100.0
 SNAPSHOT_S = 5  # Bytewax snapshot (epoch) interval of the served dataflow
 
 HTTP_APP = """
+import torch
 from fastapi import FastAPI
 from models.registry import REGISTRY
+torch.set_num_threads(1)  # as the dataflow runs it (ONLINE_TORCH_THREADS=1)
 model = REGISTRY["tabular-risk"].load()
 app = FastAPI()
 
@@ -218,6 +221,7 @@ async def run_http(rates: list[int], seconds: float, workdir: Path) -> list[dict
 
 
 async def run_direct(rates: list[int], seconds: float) -> list[dict[str, float]]:
+    torch.set_num_threads(1)  # as the dataflow runs it (ONLINE_TORCH_THREADS=1)
     server = DirectServer(REGISTRY[MODEL].load())
     return await sweep("direct", lambda x: asyncio.wrap_future(server.submit(x)), rates, seconds)
 
@@ -283,7 +287,8 @@ async def main_async(quick: bool) -> None:
             f"max rps = highest offered rate with no failure and p99 <= {P99_BUDGET_MS:.0f} ms. "
             f"p50/p99 in the table above are patternflow's at {LOW_RATE}/s.",
             "All three servers and the load generator share this machine's 2 cores, as does the Kafka broker; "
-            "each server is one process. The generator drives all three from one asyncio process, so each "
+            "each server is one process and runs the model with one torch thread. The generator drives all "
+            "three from one asyncio process, so each "
             "client's own cost (httpx for HTTP, librdkafka for Kafka) counts against its server, as it would "
             "for a real caller. p99 at a given rate is noisy here (single 4 s runs); the sweep's shape is not.",
         ],
