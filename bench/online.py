@@ -251,7 +251,8 @@ async def main_async(quick: bool) -> None:
     if quick:
         rates, seconds = [LOW_RATE, 200, 400, 500, 600, 800, 1200, 1600, 2400], 1.5
     else:
-        rates, seconds = [LOW_RATE, 100, 200, 300, 400, 500, 600, 700, 800, 1000, 1200, 1600, 2000, 2400, 3200], 4.0
+        rates = [LOW_RATE, 100, 200, 300, 400, 500, 600, 700, 800, 1000, 1200, 1600, 2000, 2400, 3200, 4000, 4800]
+        seconds = 4.0
     progress(f"model {MODEL}, rates {rates}/s, {seconds:.0f} s each, broker {BROKERS}")
     with tempfile.TemporaryDirectory(prefix="bench-online-") as tmp:
         workdir = Path(tmp)
