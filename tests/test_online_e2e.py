@@ -42,7 +42,7 @@ class Server:
             **env,
         }
         self.procs: list[subprocess.Popen[bytes]] = []
-        self.metrics_port = 0
+        self.metrics_port = int(self.env["ONLINE_METRICS_PORT"])
         ensure_topics(brokers, Settings(request_topic=f"{topic}.requests", reply_topic=f"{topic}.replies").topics())
 
     def start(self) -> Server:
@@ -117,12 +117,9 @@ def replies_by_id(brokers: str, topic: str) -> dict[str, list[dict[str, Any]]]:
 def server(brokers: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     import uuid
 
-    port = free_port()
-    srv = Server(
-        brokers, f"online-{uuid.uuid4().hex[:8]}", tmp_path_factory.mktemp("online"), ONLINE_METRICS_PORT=str(port)
-    )
-    srv.metrics_port = port
-    srv.start()
+    metrics_port = str(free_port())
+    topic = f"online-{uuid.uuid4().hex[:8]}"
+    srv = Server(brokers, topic, tmp_path_factory.mktemp("online"), ONLINE_METRICS_PORT=metrics_port).start()
     with srv.client() as client:
         srv.wait_ready(client)
     yield srv
