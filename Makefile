@@ -44,6 +44,7 @@ demo: kafka-up
 bench: kafka-up
 	$(PY) -m bench.kafka_io --quick
 	$(PY) -m bench.state --quick
+	$(PY) -m bench.online --quick
 
 clean:
 	rm -rf var bench/results/*.md bench/results/*.png

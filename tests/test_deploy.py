@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 
 from dataflows.event_counts import Settings
+from dataflows.online_inference import Settings as OnlineSettings
 
 ROOT = Path(__file__).parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -45,12 +46,17 @@ def test_compose_publishes_the_default_bootstrap_port() -> None:
     assert f"{port}:{port}" in COMPOSE["services"]["kafka"]["ports"]
 
 
-def test_prometheus_scrapes_every_dataflow_metrics_port() -> None:
+def targets_by_job() -> dict[str, list[str]]:
     config = yaml.safe_load((ROOT / "deploy/prometheus.yml").read_text())
-    targets = {
+    return {
         job["job_name"]: [t for sc in job["static_configs"] for t in sc["targets"]] for job in config["scrape_configs"]
     }
+
+
+def test_prometheus_scrapes_every_dataflow_metrics_port() -> None:
+    targets = targets_by_job()
     assert targets["event_counts"] == [f"host.docker.internal:{Settings().metrics_port}"]
+    assert targets["online_inference"] == [f"host.docker.internal:{OnlineSettings().metrics_port}"]
     mounted = COMPOSE["services"]["prometheus"]["volumes"]
     assert "./deploy/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in mounted
 
@@ -70,6 +76,7 @@ def test_dashboards_query_only_metrics_the_dataflows_export() -> None:
     suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
     exported = {m.name + s for m in REGISTRY.collect() for s in suffixes.get(m.type, [""])}
     dashboards = list((ROOT / "deploy/grafana/dashboards").glob("*.json"))
+    assert {d.stem for d in dashboards} == set(targets_by_job()), "a dashboard per scraped dataflow"
     queried = {name for d in dashboards for name in re.findall(r"patternflow_[a-z_]+", d.read_text())}
     assert dashboards and queried
     assert queried <= exported, queried - exported
