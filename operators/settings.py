@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from operators.kafka import Position
 
-__all__ = ["SettingsError", "env_name", "from_env"]
+__all__ = ["SettingsError", "from_env"]
 
 T = TypeVar("T")
 
@@ -38,7 +38,7 @@ _FORMS: dict[Any, tuple[str, Any]] = {
 _BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
 
-def env_name(settings_cls: type, field: dataclasses.Field[Any], prefix: str) -> str:
+def _env_name(field: dataclasses.Field[Any], prefix: str) -> str:
     return str(field.metadata.get("env", prefix + field.name.upper()))
 
 
@@ -60,7 +60,7 @@ def from_env(settings_cls: type[T], prefix: str = "", environ: Mapping[str, str]
     hints = typing.get_type_hints(settings_cls)
     values: dict[str, Any] = {}
     for field in dataclasses.fields(settings_cls):  # type: ignore[arg-type]
-        name = env_name(settings_cls, field, prefix)
+        name = _env_name(field, prefix)
         raw = env.get(name)
         if raw is None or raw == "":
             continue
