@@ -35,6 +35,7 @@ import torch
 
 from bench.report import parse_args, progress, write_report
 from clients.inference import AsyncInferenceClient, InferenceTimeout
+from dataflows.launch import run_command
 from dataflows.online_inference import Settings
 from models.registry import REGISTRY, Model
 from operators.kafka import ensure_topics
@@ -160,15 +161,10 @@ def wait_http(url: str, timeout_s: float = 60) -> None:
     raise RuntimeError(f"the HTTP baseline did not come up at {url}")
 
 
-async def run_patternflow(
-    rates: list[int], seconds: float, workdir: Path, snapshot_s: int = SNAPSHOT_S
-) -> list[dict[str, float]]:
+async def run_patternflow(rates: list[int], seconds: float, workdir: Path) -> list[dict[str, float]]:
     topic = f"bench-online-{uuid.uuid4().hex[:6]}"
     settings = Settings(request_topic=f"{topic}.requests", reply_topic=f"{topic}.replies")
     ensure_topics(BROKERS, settings.topics())
-    recovery = workdir / "recovery"
-    recovery.mkdir()
-    subprocess.run([sys.executable, "-m", "bytewax.recovery", str(recovery), "1"], check=True)
     env = {
         **os.environ,
         "ONLINE_REQUEST_TOPIC": settings.request_topic,
@@ -176,8 +172,7 @@ async def run_patternflow(
         "ONLINE_MODELS": MODEL,
         "ONLINE_METRICS_PORT": "0",
     }
-    cmd = [sys.executable, "-m", "bytewax.run", "dataflows.online_inference:build()", "-r", str(recovery)]
-    cmd += ["-s", str(snapshot_s), "-b", "0"]
+    cmd = run_command("dataflows.online_inference:build()", workdir / "recovery", snapshot_s=SNAPSHOT_S)
     server = subprocess.Popen(cmd, env=env, cwd=ROOT)
     try:
         client = AsyncInferenceClient(

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import random
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -27,6 +26,7 @@ import orjson
 
 from clients.inference import InferenceClient, InferenceTimeout
 from dataflows.event_counts import LATE_SUFFIX, Settings
+from dataflows.launch import run_command
 from dataflows.online_inference import Settings as OnlineSettings
 from operators.dlq import DLQ_SUFFIX
 from operators.kafka import KafkaMessage, ensure_topics, produce, read_topic
@@ -69,8 +69,6 @@ def event_counts_demo(workdir: Path) -> None:
     print(f"    {sent:,} messages", flush=True)
 
     print("2/3 running dataflows.event_counts (bounded replay of this run's messages) ...", flush=True)
-    (workdir / "recovery").mkdir(parents=True)
-    subprocess.run([sys.executable, "-m", "bytewax.recovery", str(workdir / "recovery"), "1"], check=True)
     env = {
         **os.environ,
         "EVENT_COUNTS_INPUT_TOPIC": settings.input_topic,
@@ -80,8 +78,8 @@ def event_counts_demo(workdir: Path) -> None:
         "EVENT_COUNTS_BOUNDED": "true",
         "EVENT_COUNTS_STATE_DIR": str(workdir / "state"),
     }
-    cmd = [sys.executable, "-m", "bytewax.run", "dataflows.event_counts:build()"]
-    subprocess.run([*cmd, "-r", str(workdir / "recovery"), "-s", "5", "-b", "0"], env=env, check=True)
+    cmd = run_command("dataflows.event_counts:build()", workdir / "recovery", snapshot_s=5)
+    subprocess.run(cmd, env=env, check=True)
 
     print("3/3 results", flush=True)
     mine = [m for m in read_topic(BROKERS, settings.output_topic) if (m.timestamp_ms or 0) >= started_ms]
@@ -116,10 +114,7 @@ def event_counts_demo(workdir: Path) -> None:
 def online_demo(workdir: Path) -> None:
     print("== online inference: dataflows.online_inference", flush=True)
     settings = OnlineSettings()
-    (workdir / "online-recovery").mkdir(parents=True)
-    subprocess.run([sys.executable, "-m", "bytewax.recovery", str(workdir / "online-recovery"), "1"], check=True)
-    cmd = [sys.executable, "-m", "bytewax.run", "dataflows.online_inference:build()"]
-    cmd += ["-r", str(workdir / "online-recovery"), "-s", "5", "-b", "0"]
+    cmd = run_command("dataflows.online_inference:build()", workdir / "online-recovery", snapshot_s=5)
     print("1/3 starting the server (loads and warms up both models) ...", flush=True)
     server = subprocess.Popen(cmd, env={**os.environ, "ONLINE_START": "latest"})
     try:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -14,6 +13,7 @@ import orjson
 import pytest
 
 from dataflows.event_counts import Settings
+from dataflows.launch import run_command
 from operators.kafka import KafkaMessage, ensure_topics, produce, read_topic
 
 WINDOW_MS = 10_000
@@ -39,10 +39,6 @@ def expected_counts(msgs: list[KafkaMessage]) -> dict[str, int]:
 
 
 def start_dataflow(topic: str, tmp: Path, brokers: str, workers: int = 1, **extra: str) -> subprocess.Popen[bytes]:
-    recovery = tmp / "recovery"
-    if not recovery.exists():
-        recovery.mkdir()
-        subprocess.run([sys.executable, "-m", "bytewax.recovery", str(recovery), "1"], check=True)
     env = {
         **os.environ,
         "KAFKA_BOOTSTRAP_SERVERS": brokers,
@@ -55,20 +51,7 @@ def start_dataflow(topic: str, tmp: Path, brokers: str, workers: int = 1, **extr
         "EVENT_COUNTS_METRICS_PORT": "0",
         **extra,
     }
-    cmd = [
-        sys.executable,
-        "-m",
-        "bytewax.run",
-        "dataflows.event_counts:build()",
-        "-r",
-        str(recovery),
-        "-s",
-        "1",
-        "-b",
-        "0",
-        "-w",
-        str(workers),
-    ]
+    cmd = run_command("dataflows.event_counts:build()", tmp / "recovery", workers=workers)
     return subprocess.Popen(cmd, env=env, cwd=Path(__file__).parent.parent, stderr=subprocess.PIPE)
 
 

@@ -19,6 +19,7 @@ import orjson
 import pytest
 
 from clients.inference import InferenceClient, InferenceTimeout
+from dataflows.launch import run_command
 from dataflows.online_inference import Settings
 from models.registry import REGISTRY
 from operators.kafka import KafkaMessage, ensure_topics, produce, read_topic
@@ -46,11 +47,7 @@ class Server:
         ensure_topics(brokers, Settings(request_topic=f"{topic}.requests", reply_topic=f"{topic}.replies").topics())
 
     def start(self) -> Server:
-        if not self.recovery.exists():
-            self.recovery.mkdir()
-            subprocess.run([sys.executable, "-m", "bytewax.recovery", str(self.recovery), "1"], check=True)
-        cmd = [sys.executable, "-m", "bytewax.run", "dataflows.online_inference:build()"]
-        cmd += ["-r", str(self.recovery), "-s", "1", "-b", "0"]
+        cmd = run_command("dataflows.online_inference:build()", self.recovery)
         if self.processes > 1:
             ports = [free_port() for _ in range(self.processes)]
             addresses = ";".join(f"127.0.0.1:{p}" for p in ports)
