@@ -20,7 +20,6 @@ Run (see README for the settings)::
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,7 +120,7 @@ def late_message(topic: str, event: Event) -> KafkaMessage:
 def build(settings: Settings | None = None) -> Dataflow:
     s = settings or from_env(Settings, prefix="EVENT_COUNTS_")
     ensure_topics(s.kafka_bootstrap_servers, s.topics())
-    metrics.serve(s.metrics_port + int(os.environ.get("BYTEWAX_PROCESS_ID", "0")) if s.metrics_port else 0)
+    metrics.serve(s.metrics_port)
     state = StateConfig(s.state_dir, shards=s.state_shards, max_pending_writes=s.state_max_pending_writes)
 
     flow = Dataflow("event_counts")

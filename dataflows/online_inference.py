@@ -16,7 +16,6 @@ batch is one forward pass (CUDA when present). Run::
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import bytewax.operators as op
@@ -73,7 +72,7 @@ def build(settings: Settings | None = None) -> Dataflow:
         torch.set_num_threads(s.torch_threads)
     # Loaded and warmed up once per process, before any request is read; workers share them.
     models = {name: get_spec(name).load() for name in s.model_names}
-    metrics.serve(s.metrics_port + int(os.environ.get("BYTEWAX_PROCESS_ID", "0")) if s.metrics_port else 0)
+    metrics.serve(s.metrics_port)
 
     flow = Dataflow("online_inference")
     source = KafkaSource(s.kafka_bootstrap_servers, [s.request_topic], start=s.start, batch_size=s.source_batch_size)

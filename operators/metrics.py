@@ -6,6 +6,7 @@ dashboard can break a dataflow down step by step.
 
 from __future__ import annotations
 
+import os
 import threading
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
@@ -38,8 +39,12 @@ _lock = threading.Lock()
 
 
 def serve(port: int) -> None:
-    """Serve ``/metrics`` on ``port`` once per process; ``0`` disables it."""
+    """Serve ``/metrics`` on ``port`` plus ``BYTEWAX_PROCESS_ID`` (so processes on one
+    host do not collide), once per process; ``0`` disables it."""
+    if not port:
+        return
+    port += int(os.environ.get("BYTEWAX_PROCESS_ID", "0"))
     with _lock:
-        if port and port not in _served:
+        if port not in _served:
             start_http_server(port)
             _served.add(port)
