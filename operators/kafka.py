@@ -42,7 +42,6 @@ from bytewax.dataflow import Stream, operator
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 from confluent_kafka import (
-    OFFSET_BEGINNING,
     OFFSET_END,
     Consumer,
     KafkaException,
@@ -321,9 +320,7 @@ class KafkaSource(FixedPartitionedSource[KafkaMessage, _PartState]):
             return self.start
         return self.start.get(partition, Position.earliest())
 
-    def _resolve(self, consumer: Consumer, topic: str, partition: int) -> int:
-        tp = TopicPartition(topic, partition)
-        low, high = consumer.get_watermark_offsets(tp, timeout=self.timeout_s)
+    def _resolve(self, consumer: Consumer, topic: str, partition: int, low: int, high: int) -> int:
         pos = self._position(partition)
         if pos.kind == "earliest":
             return int(low)
@@ -341,16 +338,13 @@ class KafkaSource(FixedPartitionedSource[KafkaMessage, _PartState]):
         try:
             state = resume_state
             if state is None:
-                end = None
-                if self.bounded:
-                    _, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=self.timeout_s)
-                    end = int(high)
-                state = _PartState(self._resolve(consumer, topic, partition), end)
+                tp = TopicPartition(topic, partition)
+                low, high = consumer.get_watermark_offsets(tp, timeout=self.timeout_s)
+                state = _PartState(self._resolve(consumer, topic, partition, low, high), high if self.bounded else None)
         except KafkaException as exc:
             consumer.close()
             raise KafkaSourceError(f"step {step_id!r}: cannot position {topic}[{partition}]: {exc}") from exc
-        start = state.next_offset if state.next_offset >= 0 else OFFSET_BEGINNING
-        consumer.assign([TopicPartition(topic, partition, start)])
+        consumer.assign([TopicPartition(topic, partition, state.next_offset)])
         return _SourcePartition(step_id, consumer, topic, partition, state, self.batch_size)
 
 
@@ -384,7 +378,8 @@ class _SharedProducer:
     _lock = threading.Lock()
     _instances: ClassVar[dict[tuple[tuple[str, str], ...], _SharedProducer]] = {}
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, key: tuple[tuple[str, str], ...], config: dict[str, Any]) -> None:
+        self._key = key
         self.producer = Producer(config)
         self.errors: list[str] = []
         self.users = 0
@@ -395,7 +390,7 @@ class _SharedProducer:
         with cls._lock:
             shared = cls._instances.get(key)
             if shared is None:
-                shared = cls._instances[key] = cls(config)
+                shared = cls._instances[key] = cls(key, config)
             shared.users += 1
             return shared
 
@@ -404,9 +399,7 @@ class _SharedProducer:
             self.users -= 1
             if self.users == 0:
                 self.producer.flush(timeout_s)
-                for key, shared in list(self._instances.items()):
-                    if shared is self:
-                        del self._instances[key]
+                del self._instances[self._key]
 
     def on_delivery(self, err: Any, msg: Any) -> None:
         if err is not None:
