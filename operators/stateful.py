@@ -195,7 +195,7 @@ class _Fold(Generic[V, A]):
         return ()
 
     def next_timer_ms(self, store: StateStore) -> int | None:
-        return store.next_due_ms("ttl")
+        return store.next_expiry_ms()
 
     def on_eof(self, store: StateStore) -> Iterable[tuple[str, A]]:
         return ()

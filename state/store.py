@@ -101,6 +101,9 @@ class StateStore:
         self.undo_retain = undo_retain
         self._now_ms = now_ms
         self._pending: dict[bytes, bytes | None] = {}
+        # Pending keys by namespace (b"d", b"t"): a timer scan on the hot path
+        # then looks at pending timers only, not at every pending data write.
+        self._pending_keys: dict[bytes, set[bytes]] = {}
         self._load_meta()
 
     def _load_meta(self) -> None:
@@ -118,7 +121,13 @@ class StateStore:
         return self.backend.get(key)
 
     def _raw_put(self, key: bytes, value: bytes | None) -> None:
+        if key not in self._pending:
+            self._pending_keys.setdefault(key[:1], set()).add(key)
         self._pending[key] = value
+
+    def _clear_pending(self) -> None:
+        self._pending.clear()
+        self._pending_keys.clear()
 
     def get(self, key: str, default: Any = None) -> Any:
         raw = self._raw_get(_data_key(key))
@@ -185,6 +194,10 @@ class StateStore:
             return int.from_bytes(tkey[len(prefix) : len(prefix) + 8], "big")
         return None
 
+    def next_expiry_ms(self) -> int | None:
+        """When the next value put with ``ttl_ms`` expires, if any."""
+        return self.next_due_ms(_TTL_TIMER)
+
     def expire(self) -> list[str]:
         """Delete values whose TTL has passed; return their keys."""
         expired = []
@@ -194,7 +207,8 @@ class StateStore:
         return expired
 
     def _scan(self, start: bytes, stop: bytes) -> Iterator[tuple[bytes, bytes]]:
-        pending = sorted((k, v) for k, v in self._pending.items() if start <= k < stop)
+        candidates = self._pending_keys.get(start[:1], ())
+        pending = sorted((k, self._pending[k]) for k in candidates if start <= k < stop)
         stored = ((k, v) for k, v in self.backend.scan(start, stop) if k not in self._pending)
         for key, value in heapq.merge(pending, stored, key=lambda kv: kv[0]):
             if value is not None:
@@ -232,7 +246,7 @@ class StateStore:
             batch[_SNAPSHOTS_KEY] = orjson.dumps({"snapshots": self._snapshots, "undo_floor": self._undo_floor})
         batch[_SEQ_KEY] = _be(seq)
         self.backend.write(batch)
-        self._pending.clear()
+        self._clear_pending()
         self.seq = seq
         return seq
 
@@ -241,7 +255,7 @@ class StateStore:
 
         Pending writes are discarded.
         """
-        self._pending.clear()
+        self._clear_pending()
         if not seq:
             self.backend.clear()
             self._load_meta()

@@ -158,7 +158,7 @@ def test_ttl_expiry(store: StateStore, clock: Clock) -> None:
     store.commit()
     assert dict(store.items()) == {"forever": 3}
     # nothing of the expired keys is left behind, timers included
-    assert store.next_due_ms("ttl") is None
+    assert store.next_expiry_ms() is None
 
 
 def test_timers_pop_in_due_order(store: StateStore) -> None:
