@@ -6,7 +6,6 @@ a plain confluent-kafka loop with the same producer settings, in the same run.
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 import uuid
@@ -18,18 +17,12 @@ from bytewax.testing import TestingSink, TestingSource, run_main
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from bench.report import bar_chart, parse_args, progress, write_report
-from operators.kafka import (
-    KafkaMessage,
-    KafkaSink,
-    KafkaSource,
-    TopicSpec,
-    consumer_config,
-    ensure_topics,
-    kafka_output,
-    producer_config,
-)
+from common import default_brokers
+from operators.kafka import KafkaMessage, TopicSpec, consumer_config, ensure_topics, producer_config
+from operators.kafka.sink import KafkaSink, kafka_output
+from operators.kafka.source import KafkaSource
 
-BROKERS = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+BROKERS = default_brokers()
 # Our source's and sink's own settings, so both sides fetch and batch alike.
 CONSUMER = consumer_config(BROKERS, {"group.id": "bench"})
 PRODUCER = producer_config(BROKERS)

@@ -35,12 +35,13 @@ import torch
 
 from bench.report import parse_args, progress, write_report
 from clients.inference import AsyncInferenceClient, InferenceTimeout
+from common import default_brokers
 from dataflows.launch import run_command
 from dataflows.online_inference import Settings
 from models.registry import REGISTRY, Model
 from operators.kafka import ensure_topics
 
-BROKERS = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+BROKERS = default_brokers()
 ROOT = Path(__file__).parent.parent
 MODEL = "tabular-risk"
 LOW_RATE = 50

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import orjson
 import uvicorn
@@ -28,7 +28,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from clients.inference import AsyncInferenceClient, InferenceTimeout
-from operators.settings import from_env
+from operators.protocol import REPLY_TOPIC, REQUEST_TOPIC
+from operators.settings import brokers_field, from_env
 
 __all__ = ["Settings", "create_app"]
 
@@ -37,12 +38,12 @@ STATUS_CODES = {"ok": 200, "error": 400, "rejected": 429, "timeout": 504}
 
 @dataclass(frozen=True)
 class Settings:
-    kafka_bootstrap_servers: str = field(default="127.0.0.1:9092", metadata={"env": "KAFKA_BOOTSTRAP_SERVERS"})
+    kafka_bootstrap_servers: str = brokers_field()
     host: str = "127.0.0.1"
     port: int = 8080
     timeout_ms: int = 1_000
-    request_topic: str = "inference.requests"
-    reply_topic: str = "inference.replies"
+    request_topic: str = REQUEST_TOPIC
+    reply_topic: str = REPLY_TOPIC
 
 
 def create_app(settings: Settings) -> Starlette:

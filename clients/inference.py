@@ -5,7 +5,10 @@
 for the reply on their own reply partition. Each instance reads one partition
 of the reply topic from its end at start; replies for ids it is not waiting for
 (other clients on the same partition, late or duplicate replies) are ignored. A
-caller always gets a reply or :class:`InferenceTimeout` by its own clock.
+caller always gets a reply or :class:`InferenceTimeout` by its own clock. A
+client started before the server waits for the server's topics (up to
+``wait_for_server_s``, then :class:`~operators.kafka.KafkaAdminError`); a
+broker restart delays replies but loses no request (librdkafka retries them).
 
     with InferenceClient("127.0.0.1:9092") as client:
         reply = client.predict("tabular-risk", [0.2, 1.0, 0.0, 0.5, 0.0, 1.2, 0.0, 1.0])
@@ -26,7 +29,8 @@ from typing import Any
 import orjson
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from operators.kafka import consumer_config, partition_count, producer_config
+from operators.kafka import Outage, consumer_config, partition_count, producer_config, wait_for_topics
+from operators.protocol import REPLY_TOPIC, REQUEST_TOPIC, request_headers
 
 __all__ = ["AsyncInferenceClient", "InferenceClient", "InferenceTimeout"]
 
@@ -40,21 +44,27 @@ class InferenceClient:
         self,
         brokers: str,
         *,
-        request_topic: str = "inference.requests",
-        reply_topic: str = "inference.replies",
+        request_topic: str = REQUEST_TOPIC,
+        reply_topic: str = REPLY_TOPIC,
         reply_partition: int | None = None,
         timeout_s: float = 1.0,
+        wait_for_server_s: float = 120.0,
     ) -> None:
         self.request_topic = request_topic
         self.reply_topic = reply_topic
         self.timeout_s = timeout_s
+        # The server creates the topics: a client started first waits for them.
+        wait_for_topics(
+            brokers, [request_topic, reply_topic], timeout_s=wait_for_server_s, who="dataflows.online_inference"
+        )
         if reply_partition is None:
             reply_partition = random.randrange(partition_count(brokers, reply_topic))
         self.reply_partition = reply_partition
         self._producer = Producer(producer_config(brokers, {"linger.ms": 0}))
         self._consumer = Consumer(consumer_config(brokers, {"fetch.wait.max.ms": 5}))
         tp = TopicPartition(reply_topic, reply_partition)
-        _, end = self._consumer.get_watermark_offsets(tp, timeout=10)
+        outage = Outage(f"positioning on {reply_topic}[{reply_partition}] at {brokers}")
+        _, end = outage.call(lambda: self._consumer.get_watermark_offsets(tp, timeout=5))
         # Positioned before the first request goes out, so no reply can slip past.
         self._consumer.assign([TopicPartition(reply_topic, reply_partition, end)])
         self._waiting: dict[str, Future[dict[str, Any]]] = {}
@@ -70,14 +80,14 @@ class InferenceClient:
         future: Future[dict[str, Any]] = Future()
         with self._lock:
             self._waiting[correlation_id] = future
-        headers: list[tuple[str, str | bytes | None]] = [
-            ("correlation_id", correlation_id.encode()),
-            ("reply_topic", self.reply_topic.encode()),
-            ("reply_partition", str(self.reply_partition).encode()),
-            ("deadline_ms", str(deadline_ms).encode()),
-        ]
+        headers = request_headers(correlation_id, self.reply_topic, self.reply_partition, deadline_ms)
         value = orjson.dumps({"model": model, "inputs": inputs}, option=orjson.OPT_SERIALIZE_NUMPY)
-        self._producer.produce(self.request_topic, value, key=correlation_id.encode(), headers=headers)
+        while True:
+            try:
+                self._producer.produce(self.request_topic, value, key=correlation_id.encode(), headers=headers)
+                break
+            except BufferError:  # the local queue is full (e.g. while the broker restarts): wait for room
+                self._producer.poll(0.05)
         self._producer.poll(0)
         return correlation_id, future
 

@@ -21,7 +21,7 @@ Run (see README for the settings)::
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import bytewax.operators as op
@@ -30,26 +30,20 @@ from bytewax.dataflow import Dataflow
 
 from operators import metrics
 from operators.dlq import DLQ_SUFFIX, InvalidMessage, decode_json, to_dlq_message, try_map
-from operators.kafka import (
-    KafkaMessage,
-    KafkaSink,
-    KafkaSource,
-    Position,
-    TopicSpec,
-    ensure_topics,
-    kafka_output,
-    partition_count,
-)
-from operators.settings import from_env
+from operators.kafka import KafkaMessage, Position, TopicSpec, ensure_topics, partition_count
+from operators.kafka.sink import KafkaSink, kafka_output
+from operators.kafka.source import KafkaSource
+from operators.settings import brokers_field, from_env, outage_limit_field
 from operators.stateful import StateConfig
-from operators.windowing import WindowResult, tumbling_window
+from operators.windowing import EventClock, Late, TumblingWindower, WindowResult, tumbling_window
 
 LATE_SUFFIX = ".late"
 
 
 @dataclass(frozen=True)
 class Settings:
-    kafka_bootstrap_servers: str = field(default="127.0.0.1:9092", metadata={"env": "KAFKA_BOOTSTRAP_SERVERS"})
+    kafka_bootstrap_servers: str = brokers_field()
+    kafka_outage_limit_s: float = outage_limit_field()
     input_topic: str = "events"
     output_topic: str = "event-counts"
     input_partitions: int = 3
@@ -69,11 +63,19 @@ class Settings:
         if self.allowed_lateness_ms < 0:
             raise ValueError(f"EVENT_COUNTS_ALLOWED_LATENESS_MS must be >= 0, got {self.allowed_lateness_ms}")
 
+    @property
+    def dlq_topic(self) -> str:
+        return self.input_topic + DLQ_SUFFIX
+
+    @property
+    def late_topic(self) -> str:
+        return self.input_topic + LATE_SUFFIX
+
     def topics(self) -> list[TopicSpec]:
         return [
             TopicSpec(self.input_topic, partitions=self.input_partitions),
-            TopicSpec(self.input_topic + DLQ_SUFFIX, retention_ms=-1),
-            TopicSpec(self.input_topic + LATE_SUFFIX),
+            TopicSpec(self.dlq_topic, retention_ms=-1),
+            TopicSpec(self.late_topic),
             TopicSpec(self.output_topic, partitions=self.input_partitions, cleanup_policy="compact"),
         ]
 
@@ -113,18 +115,27 @@ def count_message(topic: str, result: WindowResult[int]) -> KafkaMessage:
     return KafkaMessage(orjson.dumps(doc), key=result.id.encode(), topic=topic)
 
 
-def late_message(topic: str, event: Event) -> KafkaMessage:
+def late_message(topic: str, late: Late[Event]) -> KafkaMessage:
+    event = late.value
     return KafkaMessage(orjson.dumps({"key": event.key, "ts_ms": event.ts_ms}), key=event.key.encode(), topic=topic)
 
 
 def build(settings: Settings | None = None) -> Dataflow:
     s = settings or from_env(Settings, prefix="EVENT_COUNTS_")
-    ensure_topics(s.kafka_bootstrap_servers, s.topics())
+    brokers, outage_limit_s = s.kafka_bootstrap_servers, s.kafka_outage_limit_s
+    ensure_topics(brokers, s.topics(), outage_limit_s=outage_limit_s)
     metrics.serve(s.metrics_port)
+    # The watermark waits for every input partition: an event in order within its partition is never late.
+    clock: EventClock[Event] = EventClock(
+        lambda e: e.ts_ms,
+        allowed_lateness_ms=s.allowed_lateness_ms,
+        stream_of=lambda e: str(e.partition),
+        streams=partition_count(brokers, s.input_topic, outage_limit_s=outage_limit_s),
+    )
     state = StateConfig(s.state_dir, shards=s.state_shards, max_pending_writes=s.state_max_pending_writes)
 
     flow = Dataflow("event_counts")
-    source = KafkaSource(s.kafka_bootstrap_servers, [s.input_topic], start=s.start, bounded=s.bounded)
+    source = KafkaSource(brokers, [s.input_topic], start=s.start, bounded=s.bounded, outage_limit_s=outage_limit_s)
     msgs = op.input("in", flow, source)
     # KafkaMessage
     events = try_map("parse", msgs, parse_event(s.max_message_bytes))
@@ -132,21 +143,13 @@ def build(settings: Settings | None = None) -> Dataflow:
     keyed = op.key_on("by_key", events.oks, lambda e: e.key)
     # (key, Event)
     windows = tumbling_window(
-        "count",
-        keyed,
-        lambda e: e.ts_ms,
-        s.window_ms,
-        lambda: 0,
-        lambda n, _: n + 1,
-        state,
-        s.allowed_lateness_ms,
-        stream_of=lambda e: str(e.partition),
-        streams=partition_count(s.kafka_bootstrap_servers, s.input_topic),
+        "count", keyed, clock, TumblingWindower(s.window_ms), init=lambda: 0, fold=lambda n, _: n + 1, state=state
     )
-    # down: (key, WindowResult[int]); late: (key, Event)
-    counts = op.map("encode", windows.down, lambda kv: count_message(s.output_topic, kv[1]))
-    late = op.map("encode_late", windows.late, lambda kv: late_message(s.input_topic + LATE_SUFFIX, kv[1]))
+    # down: WindowResult[int]; late: Late[Event]
+    counts = op.map("encode", windows.down, lambda result: count_message(s.output_topic, result))
+    late = op.map("encode_late", windows.late, lambda item: late_message(s.late_topic, item))
     dead = op.map("encode_dlq", events.errs, to_dlq_message)
     # KafkaMessage, each with its topic
-    kafka_output("out", op.merge("all", counts, late, dead), KafkaSink(s.kafka_bootstrap_servers))
+    sink = KafkaSink(brokers, dlq_topic=s.dlq_topic, outage_limit_s=outage_limit_s)
+    kafka_output("out", op.merge("all", counts, late, dead), sink)
     return flow

@@ -16,7 +16,7 @@ batch is one forward pass (CUDA when present). Run::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import bytewax.operators as op
 import torch
@@ -25,19 +25,23 @@ from bytewax.dataflow import Dataflow
 from models.registry import get_spec
 from operators import metrics
 from operators.dlq import DLQ_SUFFIX
-from operators.kafka import KafkaSink, KafkaSource, Position, TopicSpec, ensure_topics, kafka_output
-from operators.serving import BatchConfig, serve_requests
-from operators.settings import from_env
+from operators.kafka import Position, TopicCache, TopicSpec, ensure_topics
+from operators.kafka.sink import KafkaSink, kafka_output
+from operators.kafka.source import KafkaSource
+from operators.protocol import REPLY_TOPIC, REQUEST_TOPIC
+from operators.serving import BatchConfig, ReplyRules, serve_requests
+from operators.settings import brokers_field, from_env, outage_limit_field
 
 HOUR_MS = 3_600_000
 
 
 @dataclass(frozen=True)
 class Settings:
-    kafka_bootstrap_servers: str = field(default="127.0.0.1:9092", metadata={"env": "KAFKA_BOOTSTRAP_SERVERS"})
-    request_topic: str = "inference.requests"
+    kafka_bootstrap_servers: str = brokers_field()
+    kafka_outage_limit_s: float = outage_limit_field()
+    request_topic: str = REQUEST_TOPIC
     request_partitions: int = 3
-    reply_topic: str = "inference.replies"
+    reply_topic: str = REPLY_TOPIC
     reply_partitions: int = 8
     models: str = "tabular-risk,minilm-embeddings"
     max_batch_size: int = 32
@@ -57,28 +61,39 @@ class Settings:
     def model_names(self) -> list[str]:
         return [name.strip() for name in self.models.split(",") if name.strip()]
 
+    @property
+    def dlq_topic(self) -> str:
+        return self.request_topic + DLQ_SUFFIX
+
     def topics(self) -> list[TopicSpec]:
         return [
             TopicSpec(self.request_topic, partitions=self.request_partitions, retention_ms=HOUR_MS),
-            TopicSpec(self.request_topic + DLQ_SUFFIX, retention_ms=-1),
+            TopicSpec(self.dlq_topic, retention_ms=-1),
             TopicSpec(self.reply_topic, partitions=self.reply_partitions, retention_ms=HOUR_MS),
         ]
 
 
 def build(settings: Settings | None = None) -> Dataflow:
     s = settings or from_env(Settings, prefix="ONLINE_")
-    ensure_topics(s.kafka_bootstrap_servers, s.topics())
+    brokers, outage_limit_s = s.kafka_bootstrap_servers, s.kafka_outage_limit_s
+    ensure_topics(brokers, s.topics(), outage_limit_s=outage_limit_s)
     if s.torch_threads:
         torch.set_num_threads(s.torch_threads)
     # Loaded and warmed up once per process, before any request is read; workers share them.
     models = {name: get_spec(name).load() for name in s.model_names}
     metrics.serve(s.metrics_port)
+    # A reply goes only to a topic and partition the broker has, and never to the server's own topics.
+    rules = ReplyRules(TopicCache(brokers).partitions, frozenset({s.request_topic, s.dlq_topic}))
+    batching = BatchConfig(s.max_batch_size, s.max_wait_ms, s.max_queue)
 
     flow = Dataflow("online_inference")
-    source = KafkaSource(s.kafka_bootstrap_servers, [s.request_topic], start=s.start, batch_size=s.source_batch_size)
+    source = KafkaSource(
+        brokers, [s.request_topic], start=s.start, batch_size=s.source_batch_size, outage_limit_s=outage_limit_s
+    )
     requests = op.input("requests", flow, source)
     # KafkaMessage
-    out = serve_requests("serve", requests, models, BatchConfig(s.max_batch_size, s.max_wait_ms, s.max_queue))
+    out = serve_requests("serve", requests, models, batching, rules)
     # KafkaMessage: replies on their reply topics, dead letters on <request topic>.dlq
-    kafka_output("replies", out, KafkaSink(s.kafka_bootstrap_servers, config={"linger.ms": 0}))
+    sink = KafkaSink(brokers, dlq_topic=s.dlq_topic, outage_limit_s=outage_limit_s, config={"linger.ms": 0})
+    kafka_output("replies", out, sink)
     return flow

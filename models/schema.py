@@ -1,6 +1,6 @@
 """Input schemas: each validates one request's ``inputs`` and says what it expected.
 
-A violation raises :class:`InvalidInput` (a ``ValueError``) whose message names
+A violation raises :class:`InvalidInput` (an ``InvalidMessage``) whose message names
 what was expected and what arrived; the dataflow answers it as an ``error``
 reply and copies the request to the dead-letter topic.
 """
@@ -11,11 +11,13 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from common import InvalidMessage
+
 __all__ = ["InvalidInput", "Text", "Vector"]
 
 
-class InvalidInput(ValueError):
-    pass
+class InvalidInput(InvalidMessage):
+    """A request's ``inputs`` do not match its model's schema (or name no known model)."""
 
 
 @dataclass(frozen=True)

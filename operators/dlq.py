@@ -6,9 +6,11 @@ which :func:`to_dlq_message` turns into a message for ``<topic>.dlq`` carrying
 the original bytes and headers plus where the message came from, which step
 rejected it and why. The dataflow keeps running.
 
-A function rejects a message by raising :class:`InvalidMessage` (or
-``ValueError``, ``TypeError``, ``KeyError``, which decoders raise on bad
-input); anything else is a bug and stops the dataflow.
+A function rejects a message by raising :class:`InvalidMessage` (schemas'
+errors derive from it, and :func:`decode_json` turns a JSON syntax error into
+one). Any other exception, ``KeyError`` and ``TypeError`` included, is a bug in
+the function and stops the dataflow, rather than turning into silent
+dead-letter traffic.
 """
 
 from __future__ import annotations
@@ -16,25 +18,30 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, cast
 
 import bytewax.operators as op
 import orjson
 from bytewax.dataflow import Stream, operator
 
+from common import InvalidMessage
 from operators import metrics
-from operators.kafka import KafkaMessage
+from operators.kafka.message import KafkaMessage
+from operators.streams import split
 
-__all__ = ["DLQ_SUFFIX", "DeadLetter", "InvalidMessage", "TryOut", "decode_json", "to_dlq_message", "try_map"]
+__all__ = [
+    "DLQ_SUFFIX",
+    "DeadLetter",
+    "InvalidMessage",
+    "TryOut",
+    "decode_json",
+    "loads_json",
+    "to_dlq_message",
+    "try_map",
+]
 
 DLQ_SUFFIX = ".dlq"
 X = TypeVar("X")
-
-REJECTED = (ValueError, TypeError, KeyError)
-
-
-class InvalidMessage(ValueError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -62,17 +69,23 @@ def try_map(step_id: str, up: Stream[KafkaMessage], fn: Callable[[KafkaMessage],
         for msg in batch:
             try:
                 out.append(fn(msg))
-            except REJECTED as exc:
-                reason = f"{type(exc).__name__}: {exc}"
+            except InvalidMessage as exc:
                 metrics.ERRORS.labels(step_id, type(exc).__name__).inc()
-                out.append(DeadLetter(msg, step_id, reason))
+                out.append(DeadLetter(msg, step_id, f"{type(exc).__name__}: {exc}"))
         ok_count.inc(sum(1 for x in out if not isinstance(x, DeadLetter)))
         seconds.observe(time.perf_counter() - start)
         return out
 
-    results = op.flat_map_batch("attempt", up, attempt)
-    split = op.branch("split", results, lambda x: isinstance(x, DeadLetter))
-    return TryOut(split.falses, split.trues)  # type: ignore[arg-type]
+    results = split("split", op.flat_map_batch("attempt", up, attempt), DeadLetter, object)
+    return TryOut(cast(Stream[X], results.rest), results.first)
+
+
+def loads_json(raw: bytes) -> object:
+    """``raw`` as a JSON document; :class:`InvalidMessage` if it is not one."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidMessage(f"not JSON: {exc}") from exc
 
 
 def decode_json(max_bytes: int = 1 << 20) -> Callable[[KafkaMessage], object]:
@@ -83,7 +96,7 @@ def decode_json(max_bytes: int = 1 << 20) -> Callable[[KafkaMessage], object]:
             raise InvalidMessage("message has no value (tombstone)")
         if len(msg.value) > max_bytes:
             raise InvalidMessage(f"value is {len(msg.value)} bytes, over the {max_bytes} byte limit")
-        return orjson.loads(msg.value)
+        return loads_json(msg.value)
 
     return decode
 

@@ -1,10 +1,11 @@
 """Request/reply serving over Kafka: parse, micro-batch with deadlines, infer, reply.
 
-Protocol. A request is a Kafka message whose value is
+Protocol (:mod:`operators.protocol`). A request is a Kafka message whose value is
 ``{"model": "<name>", "inputs": <one instance>}`` and whose headers carry
 ``correlation_id``, ``reply_topic``, optionally ``reply_partition`` and
-``deadline_ms`` (absolute, epoch ms). Every request that names where to reply is
-answered there, keyed by its correlation id, with a status:
+``deadline_ms`` (absolute, epoch ms). Every request that names a valid place to
+reply (checked against the broker's metadata before anything is produced
+there) is answered there, keyed by its correlation id, with a status:
 
 - ``ok``: ``outputs`` holds the model's output for the instance;
 - ``error``: the request was malformed or violated the model's input schema
@@ -12,8 +13,8 @@ answered there, keyed by its correlation id, with a status:
 - ``timeout``: its deadline had passed when its batch formed, so it was not computed;
 - ``rejected``: the batcher's queue was full (load shedding).
 
-A request without a correlation id or reply topic cannot be answered: it goes
-to the dead-letter topic only.
+A request without a valid correlation id and reply destination cannot be
+answered: it goes to the dead-letter topic only, with the reason.
 
 Delivery is at least once: after a crash, requests read since the last snapshot
 are answered again, with the same correlation id; clients keep the first reply.
@@ -27,20 +28,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any, Literal, TypeGuard, cast
+from typing import Any, Literal
 
 import bytewax.operators as op
 import orjson
 from bytewax.dataflow import Stream, operator
 from bytewax.operators import KeyedStream, StatefulBatchLogic
 
+from common import wall_ms
 from models.registry import Model, get_spec
-from operators.dlq import DeadLetter, InvalidMessage, to_dlq_message, try_map
-from operators.kafka import KafkaMessage
+from operators.dlq import DeadLetter, InvalidMessage, loads_json, to_dlq_message, try_map
+from operators.kafka.message import KafkaMessage
 from operators.metrics import INFERENCE_SECONDS, ITEMS
-from state.store import wall_ms
+from operators.protocol import deadline_ms, reply_to
+from operators.streams import split
 
-__all__ = ["BatchConfig", "Reply", "Request", "serve_requests"]
+__all__ = ["BatchConfig", "Reply", "ReplyRules", "Request", "serve_requests"]
 
 Status = Literal["ok", "error", "timeout", "rejected"]
 SERVED_BY = f"{socket.gethostname()}:{os.getpid()}"
@@ -125,29 +128,28 @@ class BatchConfig:
             raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
 
 
-def _header_int(msg: KafkaMessage, name: str) -> int | None:
-    raw = msg.header(name)
-    if raw is None:
-        return None
-    try:
-        return int(raw)
-    except ValueError:
-        raise InvalidMessage(f"header {name!r} must be an integer, got {raw!r}") from None
+@dataclass(frozen=True)
+class ReplyRules:
+    """What makes a reply destination valid: ``partitions`` gives a topic's
+    partition count (``None``: no such topic), e.g. :meth:`TopicCache.partitions
+    <operators.kafka.admin.TopicCache.partitions>`; ``forbidden`` topics (the
+    server's own) never take replies."""
+
+    partitions: Callable[[str], int | None]
+    forbidden: frozenset[str] = frozenset()
 
 
-def parse_request(msg: KafkaMessage, now_ms: Callable[[], int] = wall_ms) -> Request | Reply:
+def parse_request(msg: KafkaMessage, rules: ReplyRules, now_ms: Callable[[], int] = wall_ms) -> Request | Reply:
     """A :class:`Request`, or an ``error`` :class:`Reply` (still carrying the message, for the DLQ).
 
-    Raises :class:`InvalidMessage` when the request says nowhere to reply.
+    Raises :class:`InvalidMessage` when the request names no valid place to reply.
     """
-    correlation_id, reply_topic = msg.header("correlation_id"), msg.header("reply_topic")
-    if not correlation_id or not reply_topic:
-        raise InvalidMessage("request lacks the correlation_id or reply_topic header: nowhere to reply")
+    to = reply_to(msg, rules.partitions, rules.forbidden)
     request = Request(
-        correlation_id=correlation_id.decode(errors="replace"),
-        reply_topic=reply_topic.decode(errors="replace"),
-        reply_partition=_header_int(msg, "reply_partition"),
-        deadline_ms=_header_int(msg, "deadline_ms"),
+        correlation_id=to.correlation_id,
+        reply_topic=to.topic,
+        reply_partition=to.partition,
+        deadline_ms=None,
         model="",
         inputs=None,
         sent_ms=msg.timestamp_ms or now_ms(),
@@ -156,13 +158,14 @@ def parse_request(msg: KafkaMessage, now_ms: Callable[[], int] = wall_ms) -> Req
     )
     model = ""
     try:
-        doc = orjson.loads(msg.value or b"")
+        deadline = deadline_ms(msg)
+        doc = loads_json(msg.value or b"")
         if not isinstance(doc, dict) or "model" not in doc or "inputs" not in doc:
             raise InvalidMessage('request value must be a JSON object {"model": ..., "inputs": ...}')
-        model = str(doc["model"])
+        model = str(doc["model"])[:200]
         spec = get_spec(model)
-        return replace(request, model=spec.name, inputs=spec.schema.validate(doc["inputs"]))
-    except ValueError as exc:  # bad JSON, unknown model, schema violation
+        return replace(request, model=spec.name, inputs=spec.schema.validate(doc["inputs"]), deadline_ms=deadline)
+    except InvalidMessage as exc:  # bad JSON or deadline, unknown model, schema violation
         return Reply(replace(request, model=model, source=msg), "error", error=f"{type(exc).__name__}: {exc}")
 
 
@@ -245,37 +248,27 @@ def infer(models: dict[str, Model], batch: Batch, now_ms: Callable[[], int] = wa
 
 @operator
 def serve_requests(
-    step_id: str, up: Stream[KafkaMessage], models: dict[str, Model], config: BatchConfig
+    step_id: str, up: Stream[KafkaMessage], models: dict[str, Model], config: BatchConfig, rules: ReplyRules
 ) -> Stream[KafkaMessage]:
     """Requests in; replies and dead letters out, each message naming its topic."""
-    parsed = try_map("parse", up, lambda msg: parse_request(msg, config.now_ms))
+    parsed = try_map("parse", up, lambda msg: parse_request(msg, rules, config.now_ms))
     # oks: Request | Reply (error, carrying its message); errs: DeadLetter (nowhere to reply)
-    valid = op.branch("valid", parsed.oks, _is_request)
-    invalid_replies = cast(Stream[Reply], valid.falses)
+    valid = split("valid", parsed.oks, Request, Reply)
     parse_step = f"{step_id}.parse"
-    invalid = op.flat_map("answer_invalid", invalid_replies, lambda reply: _error_and_dead_letter(parse_step, reply))
+    invalid = op.flat_map("answer_invalid", valid.rest, lambda reply: _error_and_dead_letter(parse_step, reply))
     # KafkaMessage: the error reply, and the request for the DLQ
-    keyed = op.key_on("by_model", valid.trues, lambda r: f"{r.model}:{r.partition}")
+    keyed = op.key_on("by_model", valid.first, lambda r: f"{r.model}:{r.partition}")
     # (model:partition, Request): a queue per model and source partition, so partitions spread over workers
     formed: KeyedStream[Batch | Reply] = op.stateful_batch(
         "batch", keyed, lambda pending: _Batcher(config, pending or ())
     )
     # (key, Batch | Reply): a batch to compute, or a timeout / rejected reply
-    is_batch = op.branch("is_batch", op.key_rm("unkey", formed), _is_batch)
-    computed = op.flat_map("infer", is_batch.trues, lambda batch: infer(models, batch))
-    shed = cast(Stream[Reply], is_batch.falses)
-    replies = op.map("encode", op.merge("replies", computed, shed), Reply.to_message)
+    batches = split("is_batch", op.key_rm("unkey", formed), Batch, Reply)
+    computed = op.flat_map("infer", batches.first, lambda batch: infer(models, batch))
+    replies = op.map("encode", op.merge("replies", computed, batches.rest), Reply.to_message)
     # KafkaMessage on each request's reply topic
     dead = op.map("dead", parsed.errs, to_dlq_message)
     return op.merge("out", replies, invalid, dead)
-
-
-def _is_request(x: Request | Reply) -> TypeGuard[Request]:
-    return isinstance(x, Request)
-
-
-def _is_batch(x: Batch | Reply) -> TypeGuard[Batch]:
-    return isinstance(x, Batch)
 
 
 def _error_and_dead_letter(parse_step: str, reply: Reply) -> list[KafkaMessage]:

@@ -17,9 +17,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from operators.kafka import Position
+from common import BROKERS_ENV, DEFAULT_BROKERS
+from operators.kafka.client import DEFAULT_OUTAGE_LIMIT_S, OUTAGE_LIMIT_ENV
+from operators.kafka.position import Position
 
-__all__ = ["SettingsError", "from_env"]
+__all__ = ["SettingsError", "brokers_field", "from_env", "outage_limit_field"]
 
 T = TypeVar("T")
 
@@ -36,6 +38,16 @@ _FORMS: dict[Any, tuple[str, Any]] = {
     Position: ("earliest, latest, offset:<n> or timestamp:<epoch ms>", Position.parse),
 }
 _BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
+def brokers_field() -> Any:
+    """The broker address, read from ``KAFKA_BOOTSTRAP_SERVERS`` whatever the prefix."""
+    return dataclasses.field(default=DEFAULT_BROKERS, metadata={"env": BROKERS_ENV})
+
+
+def outage_limit_field() -> Any:
+    """How long a broker outage is ridden out, from ``KAFKA_OUTAGE_LIMIT_S`` whatever the prefix."""
+    return dataclasses.field(default=DEFAULT_OUTAGE_LIMIT_S, metadata={"env": OUTAGE_LIMIT_ENV})
 
 
 def _env_name(field: dataclasses.Field[Any], prefix: str) -> str:

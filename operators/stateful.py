@@ -27,10 +27,9 @@ import bytewax.operators as op
 from bytewax.dataflow import operator
 from bytewax.operators import KeyedStream, StatefulBatchLogic
 
+from common import hash_key, wall_ms
 from operators import metrics
-from operators.kafka import hash_key
 from state import MemoryBackend, RocksDBBackend, StateError, StateStore
-from state.store import wall_ms
 
 __all__ = ["ShardProgram", "StateConfig", "keyed_state", "running_aggregate"]
 

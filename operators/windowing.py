@@ -24,16 +24,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 import bytewax.operators as op
-from bytewax.dataflow import operator
+from bytewax.dataflow import Stream, operator
 from bytewax.operators import KeyedStream
 
 from operators.stateful import StateConfig, keyed_state
+from operators.streams import split
 from state import StateStore
 
-__all__ = ["WindowOut", "WindowResult", "tumbling_window"]
+__all__ = ["EventClock", "Late", "TumblingWindower", "WindowOut", "WindowResult", "tumbling_window"]
 
 V = TypeVar("V")
 A = TypeVar("A")
@@ -57,30 +58,72 @@ class WindowResult(Generic[A]):
 
 
 @dataclass(frozen=True)
+class Late(Generic[V]):
+    """An item that arrived after its window had closed."""
+
+    key: str
+    value: V
+
+
+@dataclass(frozen=True)
 class WindowOut(Generic[V, A]):
-    down: KeyedStream[WindowResult[A]]
-    late: KeyedStream[V]
+    down: Stream[WindowResult[A]]
+    late: Stream[Late[V]]
+
+
+def _one_stream(_: object) -> str:
+    return ""
+
+
+@dataclass(frozen=True)
+class EventClock(Generic[V]):
+    """Event time and the watermark.
+
+    ``timestamp_ms`` reads an item's event time (epoch ms). A window waits
+    ``allowed_lateness_ms`` past its end for late items. ``stream_of`` names the
+    input stream an item came from (its Kafka partition, say) and ``streams``
+    says how many there are: the watermark is the slowest stream's.
+    """
+
+    timestamp_ms: Callable[[V], int]
+    allowed_lateness_ms: int = 0
+    stream_of: Callable[[V], str] = _one_stream
+    streams: int = 1
+
+    def __post_init__(self) -> None:
+        if self.allowed_lateness_ms < 0:
+            raise ValueError(f"allowed_lateness_ms must be >= 0, got {self.allowed_lateness_ms}")
+        if self.streams < 1:
+            raise ValueError(f"streams must be >= 1, got {self.streams}")
+
+
+@dataclass(frozen=True)
+class TumblingWindower:
+    """Back-to-back windows of ``length_ms``, aligned to the epoch."""
+
+    length_ms: int
+
+    def __post_init__(self) -> None:
+        if self.length_ms <= 0:
+            raise ValueError(f"length_ms must be > 0, got {self.length_ms}")
 
 
 class _Tumbling(Generic[V, A]):
     def __init__(
         self,
-        timestamp_ms: Callable[[V], int],
-        length_ms: int,
-        allowed_lateness_ms: int,
+        clock: EventClock[V],
+        windower: TumblingWindower,
         init: Callable[[], A],
         fold: Callable[[A, V], A],
-        stream_of: Callable[[V], str],
-        streams: int,
         now_ms: Callable[[], int],
     ) -> None:
-        self._timestamp_ms = timestamp_ms
-        self._length_ms = length_ms
-        self._lateness_ms = allowed_lateness_ms
+        self._timestamp_ms = clock.timestamp_ms
+        self._length_ms = windower.length_ms
+        self._lateness_ms = clock.allowed_lateness_ms
         self._init = init
         self._fold = fold
-        self._stream_of = stream_of
-        self._streams = streams
+        self._stream_of = clock.stream_of
+        self._streams = clock.streams
         self._now_ms = now_ms
         # Kept in the store: the latest event time per stream, and the first
         # event time the shard saw (where unseen streams hold the watermark).
@@ -113,13 +156,13 @@ class _Tumbling(Generic[V, A]):
         now = self._now_ms()
         return min(ts + now - moved_at for ts, moved_at in terms) - self._lateness_ms
 
-    def on_item(self, store: StateStore, key: str, value: V) -> Iterable[tuple[str, Any]]:
+    def on_item(self, store: StateStore, key: str, value: V) -> Iterable[tuple[str, Late[V]]]:
         ts = self._timestamp_ms(value)
         start = ts - ts % self._length_ms
         end = start + self._length_ms
         watermark = self._watermark_ms(store)
         if watermark is not None and end <= watermark:
-            return ((key, ("late", value)),)
+            return ((key, Late(key, value)),)
         row = f"{key}{_SEP}{start}"
         acc = store.get(row)
         if acc is None:
@@ -137,15 +180,15 @@ class _Tumbling(Generic[V, A]):
             store.put(_CLOCKS_KEY, {"clocks": clocks, "origin_ms": self._origin_ms})
         return ()
 
-    def _close(self, store: StateStore, upto_ms: int) -> list[tuple[str, Any]]:
+    def _close(self, store: StateStore, upto_ms: int) -> list[tuple[str, WindowResult[A]]]:
         out = []
         for end, row in store.pop_due(_CLOSE, upto_ms):
             key, _, start = row.rpartition(_SEP)
-            out.append((key, ("down", WindowResult(key, int(start), end, store.get(row)))))
+            out.append((key, WindowResult(key, int(start), end, store.get(row))))
             store.delete(row)
         return out
 
-    def on_timer(self, store: StateStore) -> Iterable[tuple[str, Any]]:
+    def on_timer(self, store: StateStore) -> Iterable[tuple[str, WindowResult[A]]]:
         watermark = self._watermark_ms(store)
         return () if watermark is None else self._close(store, watermark)
 
@@ -157,7 +200,7 @@ class _Tumbling(Generic[V, A]):
         # the system time at which the slowest clock reaches the window's end
         return due + self._lateness_ms + max(moved_at - ts for ts, moved_at in terms)
 
-    def on_eof(self, store: StateStore) -> Iterable[tuple[str, Any]]:
+    def on_eof(self, store: StateStore) -> Iterable[tuple[str, WindowResult[A]]]:
         return self._close(store, 2**62)
 
 
@@ -165,30 +208,16 @@ class _Tumbling(Generic[V, A]):
 def tumbling_window(
     step_id: str,
     up: KeyedStream[V],
-    timestamp_ms: Callable[[V], int],
-    length_ms: int,
+    clock: EventClock[V],
+    windower: TumblingWindower,
+    *,
     init: Callable[[], A],
     fold: Callable[[A, V], A],
-    config: StateConfig,
-    allowed_lateness_ms: int = 0,
-    stream_of: Callable[[V], str] = lambda _: "",
-    streams: int = 1,
+    state: StateConfig,
 ) -> WindowOut[V, A]:
-    """Fold each key's items into tumbling windows of ``length_ms`` by event time.
-
-    ``stream_of`` names the input stream an item came from (its Kafka
-    partition, say) and ``streams`` says how many there are; the watermark is
-    the slowest stream's.
-    """
-    if length_ms <= 0:
-        raise ValueError(f"length_ms must be > 0, got {length_ms}")
-    tagged = keyed_state(
-        "state",
-        up,
-        lambda: _Tumbling(timestamp_ms, length_ms, allowed_lateness_ms, init, fold, stream_of, streams, config.now_ms),
-        config,
-    )
-    split = op.branch("split", tagged, lambda kv: kv[1][0] == "down")
-    down = op.map_value("down", split.trues, lambda tv: tv[1])
-    late = op.map_value("late", split.falses, lambda tv: tv[1])
-    return WindowOut(down, late)
+    """Fold each key's items into tumbling windows by event time; closed windows
+    leave on ``down``, items for windows already closed on ``late``."""
+    out = keyed_state("state", up, lambda: _Tumbling(clock, windower, init, fold, state.now_ms), state)
+    # (key, WindowResult | Late)
+    results = split("split", op.key_rm("unkey", out), WindowResult, Late)
+    return WindowOut(results.first, results.rest)

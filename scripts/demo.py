@@ -25,13 +25,13 @@ import matplotlib.pyplot as plt
 import orjson
 
 from clients.inference import InferenceClient, InferenceTimeout
-from dataflows.event_counts import LATE_SUFFIX, Settings
+from common import default_brokers
+from dataflows.event_counts import Settings
 from dataflows.launch import run_command
 from dataflows.online_inference import Settings as OnlineSettings
-from operators.dlq import DLQ_SUFFIX
 from operators.kafka import KafkaMessage, ensure_topics, produce, read_topic
 
-BROKERS = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+BROKERS = default_brokers()
 TOPIC = "demo.events"
 USERS = [f"user-{i}" for i in range(8)]
 
@@ -91,13 +91,13 @@ def event_counts_demo(workdir: Path) -> None:
     for user in USERS:
         print("  " + user.ljust(10) + "".join(str(grid.get((user, m), 0)).rjust(7) for m in minutes))
 
-    dead = [m for m in read_topic(BROKERS, TOPIC + DLQ_SUFFIX) if (m.timestamp_ms or 0) >= started_ms]
+    dead = [m for m in read_topic(BROKERS, settings.dlq_topic) if (m.timestamp_ms or 0) >= started_ms]
     reasons = Counter((m.header("dlq.reason") or b"").decode() for m in dead)
-    print(f"\n  {len(dead)} dead letters on {TOPIC + DLQ_SUFFIX}:")
+    print(f"\n  {len(dead)} dead letters on {settings.dlq_topic}:")
     for reason, count in reasons.most_common():
         print(f"    {count:5d}  {reason}")
-    late = [m for m in read_topic(BROKERS, TOPIC + LATE_SUFFIX) if (m.timestamp_ms or 0) >= started_ms]
-    print(f"\n  {len(late)} late events on {TOPIC + LATE_SUFFIX}")
+    late = [m for m in read_topic(BROKERS, settings.late_topic) if (m.timestamp_ms or 0) >= started_ms]
+    print(f"\n  {len(late)} late events on {settings.late_topic}")
 
     fig, ax = plt.subplots(figsize=(8, 3.5))
     image = ax.imshow([[grid.get((u, m), 0) for m in minutes] for u in USERS], aspect="auto", cmap="viridis")
@@ -118,13 +118,9 @@ def online_demo(workdir: Path) -> None:
     print("1/3 starting the server (loads and warms up both models) ...", flush=True)
     server = subprocess.Popen(cmd, env={**os.environ, "ONLINE_START": "latest"})
     try:
-        with InferenceClient(BROKERS, timeout_s=2) as client:
-            for _ in range(60):
-                try:
-                    client.predict("tabular-risk", [0.0] * 8)
-                    break
-                except InferenceTimeout:
-                    pass
+        # The server creates its topics at start: the client waits for them.
+        with InferenceClient(BROKERS, timeout_s=2, wait_for_server_s=300) as client:
+            wait_until_serving(client, server)
             print("2/3 requests through the Python client:", flush=True)
             for row in ([2.5, 3.0, 1.5, 1.2, 1.0, -1.0, 1.0, 0.0], [-0.5, 0.2, -1.0, -0.3, -0.2, 1.5, 0.0, 1.0]):
                 reply = client.predict("tabular-risk", row)
@@ -155,8 +151,22 @@ def online_demo(workdir: Path) -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
-    print(f"    dead letters go to {settings.request_topic}{DLQ_SUFFIX}")
+    print(f"    dead letters go to {settings.dlq_topic}")
     print(f"    metrics were served at http://127.0.0.1:{settings.metrics_port}/metrics while it ran")
+
+
+def wait_until_serving(client: InferenceClient, server: subprocess.Popen[bytes], timeout_s: float = 300) -> None:
+    """Until the server answers (it reads from the end once its models are loaded, so early requests go unread)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"the online-inference server exited with code {server.returncode}; see its output above")
+        try:
+            client.predict("tabular-risk", [0.0] * 8)
+            return
+        except InferenceTimeout:
+            pass
+    raise SystemExit(f"the online-inference server did not answer within {timeout_s:.0f} s; see its output above")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@
 #   KAFKA_BOOTSTRAP_SERVERS  host:port of the broker (default 127.0.0.1:9092); the
 #                            KRaft controller listens on the next port
 #   PATTERNFLOW_CACHE        cache directory (default ~/.cache/patternflow): jars
-#                            in kafka-<version>/libs, data in kafka-data
+#                            in kafka-<version>/libs, data in kafka-data/<port>
+#   KAFKA_DATA_DIR           the broker's data directory instead (tests use a fresh one)
 #   PYTHON                   a Python with confluent-kafka, used for the readiness check
 set -euo pipefail
 
@@ -23,7 +24,7 @@ controller_port=$((port + 1))
 cache=${PATTERNFLOW_CACHE:-$HOME/.cache/patternflow}
 version=$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$here/kafka/pom.xml")
 libs=$cache/kafka-$version/libs
-data=$cache/kafka-data/$port
+data=${KAFKA_DATA_DIR:-$cache/kafka-data/$port}
 python=${PYTHON:-python3}
 
 answers_metadata() {

@@ -40,12 +40,12 @@ Exceptions::
 from __future__ import annotations
 
 import heapq
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import orjson
 
+from common import wall_ms
 from state.backends import Backend
 
 __all__ = ["StateError", "StateRecoveryError", "StateStore"]
@@ -79,10 +79,6 @@ def _timer_prefix(timer: str) -> bytes:
 
 def _undo_prefix(seq: int) -> bytes:
     return b"u" + _be(seq)
-
-
-def wall_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class StateStore:

@@ -1,25 +1,56 @@
-"""Fixtures for tests against the real Kafka broker (started by `make test`)."""
+"""Fixtures for tests against the real Kafka broker (started by `make test`).
+
+Tests that use the ``brokers`` fixture (directly or through ``topic``) are
+marked ``kafka``: ``pytest -m "not kafka"`` runs the rest alone, without a broker.
+"""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
-BROKERS = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "127.0.0.1:9092")
+from common import default_brokers
+
+ROOT = Path(__file__).parent.parent
+T = TypeVar("T")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if {"brokers", "topic", "private_broker"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.kafka)
+
+
+def wait_for(check: Callable[[], T], what: str, timeout_s: float = 60, every_s: float = 0.1) -> T:
+    """Poll ``check`` until it returns something truthy; fail naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(every_s)
 
 
 @pytest.fixture(scope="session")
 def brokers() -> str:
+    address = default_brokers()
     try:
-        AdminClient({"bootstrap.servers": BROKERS}).list_topics(timeout=5)
+        AdminClient({"bootstrap.servers": address}).list_topics(timeout=5)
     except KafkaException as exc:
-        pytest.fail(f"no Kafka broker at {BROKERS} ({exc}); start one with 'make kafka-up'")
-    return BROKERS
+        pytest.fail(f"no Kafka broker at {address} ({exc}); start one with 'make kafka-up'")
+    return address
 
 
 @pytest.fixture
@@ -32,3 +63,50 @@ def topic(brokers: str) -> Iterator[str]:
     if doomed:
         for future in admin.delete_topics(doomed, operation_timeout=10).values():
             future.result(timeout=10)
+
+
+class Broker:
+    """A broker of this test's own, on its own ports with empty storage, that the test may stop and start."""
+
+    def __init__(self, port: int, data: Path) -> None:
+        self.address = f"127.0.0.1:{port}"
+        self._env = {
+            **os.environ,
+            "KAFKA_BOOTSTRAP_SERVERS": self.address,
+            "KAFKA_DATA_DIR": str(data),
+            "PYTHON": sys.executable,  # for the script's readiness check
+        }
+
+    def _run(self, action: str) -> None:
+        out = subprocess.run([str(ROOT / "scripts/kafka.sh"), action], env=self._env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stdout + out.stderr
+
+    def start(self) -> None:
+        self._run("up")
+
+    def stop(self) -> None:
+        self._run("down")
+
+
+@pytest.fixture
+def private_broker(tmp_path: Path) -> Iterator[Broker]:
+    broker = Broker(_free_port_pair(), tmp_path / "kafka")
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+def _free_port_pair() -> int:
+    """A port whose next port is free too (the KRaft controller takes it)."""
+    import socket
+
+    for _ in range(50):
+        with socket.socket() as a, socket.socket() as b:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            try:
+                b.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return int(port)
+    raise RuntimeError("no two adjacent free ports")

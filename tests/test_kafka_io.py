@@ -13,16 +13,15 @@ from bytewax.testing import TestingSink, TestingSource, run_main
 from operators.kafka import (
     KafkaDeliveryError,
     KafkaMessage,
-    KafkaSink,
-    KafkaSource,
     KafkaSourceError,
     Position,
     TopicSpec,
     ensure_topics,
-    kafka_output,
     produce,
     read_topic,
 )
+from operators.kafka.sink import KafkaSink, kafka_output
+from operators.kafka.source import KafkaSource
 
 
 def read_with(source: KafkaSource) -> list[KafkaMessage]:
@@ -41,15 +40,26 @@ def fill(brokers: str, topic: str, n: int, partitions: int = 2) -> None:
 def test_start_positions_per_partition(brokers: str, topic: str) -> None:
     fill(brokers, topic, 100, partitions=1)
 
-    def values(start):  # type: ignore[no-untyped-def]
-        return [int(m.value) for m in read_with(KafkaSource(brokers, [topic], start=start, bounded=True))]
+    def values(start: Position | dict[int, Position]) -> list[int]:
+        return [int(m.value or b"") for m in read_with(KafkaSource(brokers, [topic], start=start, bounded=True))]
 
     assert values(Position.earliest()) == list(range(100))
     assert values(Position.latest()) == []
     assert values(Position.offset(90)) == list(range(90, 100))
     assert values({0: Position.offset(95)}) == list(range(95, 100))
-    stamps = [m.timestamp_ms for m in read_topic(brokers, topic)]
-    assert values(Position.timestamp(stamps[50])) == list(range(stamps.index(stamps[50]), 100))
+
+
+def test_a_timestamp_start_finds_the_first_message_at_or_after_it_mid_topic(brokers: str, topic: str) -> None:
+    ensure_topics(brokers, [TopicSpec(topic, partitions=2)])
+    base = 1_767_225_600_000
+    produce(
+        brokers,
+        [KafkaMessage(str(i).encode(), topic=topic, partition=i % 2, timestamp_ms=base + 10 * i) for i in range(100)],
+    )
+    got = read_with(KafkaSource(brokers, [topic], start=Position.timestamp(base + 505), bounded=True))
+    assert sorted(int(m.value or b"") for m in got) == list(range(51, 100))
+    assert all(m.timestamp_ms == base + 10 * int(m.value or b"") for m in got)
+    assert read_with(KafkaSource(brokers, [topic], start=Position.timestamp(base + 10_000), bounded=True)) == []
 
 
 def test_bounded_read_stops_at_the_end_fixed_at_start_while_producers_write(brokers: str, topic: str) -> None:
@@ -84,7 +94,7 @@ def test_resumed_bounded_read_keeps_its_original_end(brokers: str, topic: str) -
     fill(brokers, topic, 50, partitions=1)
     source = KafkaSource(brokers, [topic], bounded=True, batch_size=10)
     part = source.build_part("test", source.list_parts()[0], None)
-    first = []
+    first: list[KafkaMessage] = []
     while len(first) < 20:
         first.extend(part.next_batch())
     state = part.snapshot()
@@ -109,7 +119,7 @@ def test_sink_keeps_headers_and_partitions_by_key_like_java_clients(brokers: str
     kafka_output("out", op.input("in", flow, TestingSource(msgs)), KafkaSink(brokers))
     run_main(flow)
     got = read_topic(brokers, topic)
-    assert sorted(m.value for m in got) == sorted(m.value for m in msgs)
+    assert sorted(m.value or b"" for m in got) == sorted(m.value or b"" for m in msgs)
     partitions_of_key: dict[bytes, set[int]] = {}
     for m in got:
         partitions_of_key.setdefault(m.key, set()).add(m.partition)  # type: ignore[arg-type]
@@ -147,11 +157,7 @@ def murmur2_partition(key: bytes, partitions: int) -> int:
     return (h & 0x7FFFFFFF) % partitions
 
 
-def test_a_failed_delivery_stops_the_dataflow(brokers: str, topic: str) -> None:
-    flow = Dataflow("undeliverable")
-    msgs = [KafkaMessage(b"x", topic=f"{topic}-missing")]  # topics are not auto-created
-    sink = KafkaSink(brokers, config={"message.timeout.ms": 2000})
-    kafka_output("out", op.input("in", flow, TestingSource(msgs)), sink)
+def delivery_error(flow: Dataflow) -> KafkaDeliveryError:
     with pytest.raises(Exception) as info:
         run_main(flow)
     causes = []
@@ -160,7 +166,55 @@ def test_a_failed_delivery_stops_the_dataflow(brokers: str, topic: str) -> None:
         causes.append(exc)
         exc = exc.__cause__
     (delivery,) = [c for c in causes if isinstance(c, KafkaDeliveryError)]
-    assert "not delivered" in str(delivery) or "unacknowledged" in str(delivery)
+    return delivery
+
+
+def test_messages_at_fault_become_dead_letters_and_the_rest_is_delivered(brokers: str, topic: str) -> None:
+    small = f"{topic}-small"
+    ensure_topics(brokers, [TopicSpec(topic, partitions=2), TopicSpec(small, config={"max.message.bytes": "1000"})])
+    bad = {
+        b"no-partition": KafkaMessage(b"x", key=b"no-partition", topic=topic, partition=7),
+        b"no-topic": KafkaMessage(b"x", key=b"no-topic", topic=f"{topic}-missing"),  # topics are not auto-created
+        b"bad-name": KafkaMessage(b"x", key=b"bad-name", topic="no spaces allowed!"),
+        b"over-topic-limit": KafkaMessage(b"x" * 5_000, key=b"over-topic-limit", topic=small),
+        b"over-client-limit": KafkaMessage(b"x" * 2_000_000, key=b"over-client-limit", topic=topic),
+        b"negative": KafkaMessage(b"x", key=b"negative", topic=topic, partition=-5),
+    }
+    good = [KafkaMessage(str(i).encode(), key=f"k{i}".encode(), topic=topic) for i in range(100)]
+    flow = Dataflow("dead_letters")
+    sink = KafkaSink(brokers, dlq_topic=f"{topic}.dlq")
+    ensure_topics(brokers, [TopicSpec(f"{topic}.dlq")])
+    kafka_output("out", op.input("in", flow, TestingSource([*good[:50], *bad.values(), *good[50:]])), sink)
+    run_main(flow)
+    assert sorted(m.value or b"" for m in read_topic(brokers, topic)) == sorted(m.value or b"" for m in good)
+    dead = {m.key or b"": m for m in read_topic(brokers, f"{topic}.dlq")}
+    assert set(dead) == set(bad)
+    reasons = {key: (m.header("dlq.reason") or b"").decode() for key, m in dead.items()}
+    assert "Unknown partition" in reasons[b"no-partition"]
+    assert "UNKNOWN_TOPIC" in reasons[b"no-topic"]
+    assert "TOPIC_EXCEPTION" in reasons[b"bad-name"]
+    assert "MSG_SIZE_TOO_LARGE" in reasons[b"over-topic-limit"]
+    assert "MSG_SIZE_TOO_LARGE" in reasons[b"over-client-limit"]
+    for key, msg in dead.items():
+        assert msg.header("dlq.target.topic") == (bad[key].topic or "").encode()
+        assert msg.header("dlq.step") == b"dead_letters.out.produce"
+    assert dead[b"over-client-limit"].header("dlq.truncated") == b"2000000"
+    assert dead[b"over-topic-limit"].value == b"x" * 5_000
+
+
+def test_a_message_at_fault_stops_a_sink_without_a_dead_letter_topic(brokers: str, topic: str) -> None:
+    flow = Dataflow("undeliverable")
+    msgs = [KafkaMessage(b"x", topic=f"{topic}-missing")]
+    kafka_output("out", op.input("in", flow, TestingSource(msgs)), KafkaSink(brokers))
+    assert "the sink has no dead-letter topic" in str(delivery_error(flow))
+
+
+def test_a_broker_unreachable_past_the_outage_limit_stops_the_dataflow(topic: str) -> None:
+    flow = Dataflow("unreachable")
+    msgs = [KafkaMessage(b"x", topic=topic)]
+    sink = KafkaSink("127.0.0.1:1", dlq_topic=f"{topic}.dlq", outage_limit_s=2)
+    kafka_output("out", op.input("in", flow, TestingSource(msgs)), sink)
+    assert "timed out" in str(delivery_error(flow))
 
 
 def test_reading_a_missing_topic_says_what_to_do(brokers: str, topic: str) -> None:
@@ -191,6 +245,6 @@ def test_metrics_endpoint_counts_items_errors_and_lag(brokers: str, topic: str) 
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     step = f"metered.decode_{topic}"
     assert f'patternflow_items_total{{outcome="ok",step="{step}"}} 30.0' in text
-    assert f'patternflow_errors_total{{error="JSONDecodeError",step="{step}"}} 10.0' in text
+    assert f'patternflow_errors_total{{error="InvalidMessage",step="{step}"}} 10.0' in text
     assert f'patternflow_step_seconds_count{{step="{step}"}}' in text
     assert f'patternflow_consumer_lag_messages{{partition="0",step="metered.in",topic="{topic}"}} 0.0' in text

@@ -12,10 +12,11 @@ import pytest
 from bytewax.dataflow import Dataflow
 from bytewax.testing import TestingSink, TestingSource, run_main
 
-from operators.kafka import Position, hash_key
+from common import hash_key
+from operators.kafka import Position
 from operators.settings import SettingsError, from_env
 from operators.stateful import StateConfig, _Fold, running_aggregate
-from operators.windowing import _Tumbling, tumbling_window
+from operators.windowing import EventClock, TumblingWindower, _Tumbling, tumbling_window
 from state import MemoryBackend, StateStore
 
 
@@ -30,7 +31,10 @@ def test_tumbling_window_matches_a_batch_count(state_dir: str | None, tmp_path: 
     config = StateConfig(tmp_path if state_dir else None, shards=3, now_ms=frozen_clock)
     flow = Dataflow("windows")
     up = op.input("in", flow, TestingSource(items, batch_size=50))
-    out = tumbling_window("w", up, lambda ts: ts, 1_000, lambda: 0, lambda n, _: n + 1, config, 300)
+    clock: EventClock[int] = EventClock(lambda ts: ts, allowed_lateness_ms=300)
+    out = tumbling_window(
+        "w", up, clock, TumblingWindower(1_000), init=lambda: 0, fold=lambda n, _: n + 1, state=config
+    )
     down: list = []
     late: list = []
     op.output("down", out.down, TestingSink(down))
@@ -47,9 +51,9 @@ def test_tumbling_window_matches_a_batch_count(state_dir: str | None, tmp_path: 
             late_expected.append((key, ts))
         max_seen[shard] = max(max_seen.get(shard, ts), ts)
     on_time = Counter((k, ts - ts % 1_000) for k, ts in items if (k, ts) not in set(late_expected))
-    assert {(r.key, r.start_ms): r.value for _, r in down} == dict(on_time)
+    assert {(r.key, r.start_ms): r.value for r in down} == dict(on_time)
     assert len(down) == len(on_time)  # each window emitted once
-    assert sorted(late) == sorted(late_expected)
+    assert sorted((item.key, item.value) for item in late) == sorted(late_expected)
     assert late_expected, "the data should include late items"
 
 
@@ -60,8 +64,14 @@ def test_a_stream_read_behind_another_is_not_late_with_a_clock_per_stream(per_st
     flow = Dataflow("skew")
     up = op.input("in", flow, TestingSource(items, batch_size=100))
     config = StateConfig(None, shards=1, now_ms=frozen_clock)
-    stream_of, streams = ((lambda v: str(v[0])), 2) if per_stream else ((lambda _: ""), 1)
-    out = tumbling_window("w", up, lambda v: v[1], 1_000, lambda: 0, lambda n, _: n + 1, config, 0, stream_of, streams)
+    clock: EventClock[tuple[int, int]] = (
+        EventClock(lambda v: v[1], stream_of=lambda v: str(v[0]), streams=2)
+        if per_stream
+        else EventClock(lambda v: v[1])
+    )
+    out = tumbling_window(
+        "w", up, clock, TumblingWindower(1_000), init=lambda: 0, fold=lambda n, _: n + 1, state=config
+    )
     down: list = []
     late: list = []
     op.output("down", out.down, TestingSink(down))
@@ -69,7 +79,7 @@ def test_a_stream_read_behind_another_is_not_late_with_a_clock_per_stream(per_st
     run_main(flow)
     if per_stream:
         assert late == []
-        assert sorted(r.value for _, r in down) == [20] * 100
+        assert sorted(r.value for r in down) == [20] * 100
     else:  # one clock for both: partition 1 arrives after the watermark passed it
         assert len(late) == 990
 
@@ -77,13 +87,14 @@ def test_a_stream_read_behind_another_is_not_late_with_a_clock_per_stream(per_st
 def test_an_unseen_partition_holds_windows_only_until_system_time_passes() -> None:
     now = [0]
     store = StateStore(MemoryBackend(), now_ms=lambda: now[0])
-    program = _Tumbling(lambda ts: ts, 1_000, 0, int, lambda n, _: n + 1, lambda _: "0", 2, lambda: now[0])
+    clock: EventClock[int] = EventClock(lambda ts: ts, stream_of=lambda _: "0", streams=2)
+    program = _Tumbling(clock, TumblingWindower(1_000), int, lambda n, _: n + 1, lambda: now[0])
     for ts in range(0, 5_000, 100):
         assert list(program.on_item(store, "k", ts)) == []
     assert list(program.on_timer(store)) == []  # partition 1 unseen: held at the first event time
     assert program.next_timer_ms(store) == 1_000
     now[0] = 2_000  # two seconds with nothing from partition 1
-    closed = [result for _, (_, result) in program.on_timer(store)]
+    closed = [result for _, result in program.on_timer(store)]
     assert [(r.start_ms, r.value) for r in closed] == [(0, 10), (1_000, 10)]
 
 
@@ -102,7 +113,7 @@ def test_running_aggregate_keeps_last_n_per_key(tmp_path: Path) -> None:
 def test_running_aggregate_forgets_a_key_idle_past_its_ttl() -> None:
     now = [0]
     store = StateStore(MemoryBackend(), now_ms=lambda: now[0])
-    program = _Fold(int, lambda acc, v: acc + v, ttl_ms=10_000)
+    program: _Fold[int, int] = _Fold(int, lambda acc, v: acc + v, ttl_ms=10_000)
     assert list(program.on_item(store, "a", 5)) == [("a", 5)]
     now[0] = 9_000
     assert list(program.on_item(store, "a", 1)) == [("a", 6)]  # refreshed: expires at 19,000

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import math
+import re
+from typing import Any
 
 import orjson
 import pytest
@@ -13,9 +15,9 @@ from models.registry import REGISTRY, Model, ModelSpec
 from models.schema import InvalidInput
 from operators.dlq import InvalidMessage
 from operators.kafka import KafkaMessage
-from operators.serving import Batch, BatchConfig, Reply, Request, _Batcher, infer, parse_request
+from operators.serving import Batch, BatchConfig, Reply, ReplyRules, Request, _Batcher, infer, parse_request
 
-SAMPLES = {
+SAMPLES: dict[str, list[Any]] = {
     "tabular-risk": [[0.1 * i - 0.5 * (j % 3) for j in range(8)] for i in range(20)],
     "minilm-embeddings": [f"transaction {i} flagged for review by rule {i % 4}" for i in range(20)],
 }
@@ -37,7 +39,7 @@ def close(a: object, b: object, tol: float = 1e-4) -> bool:
     return a == b
 
 
-def test_every_model_validates_its_example_and_answers_one_output_per_input(loaded) -> None:  # type: ignore[no-untyped-def]
+def test_every_model_validates_its_example_and_answers_one_output_per_input(loaded: tuple[ModelSpec, Model]) -> None:
     spec, model = loaded
     assert spec.schema.validate(spec.example) == spec.example
     batch = [spec.schema.validate(x) for x in SAMPLES[spec.name]]
@@ -49,7 +51,7 @@ def test_every_model_validates_its_example_and_answers_one_output_per_input(load
     orjson.dumps(outputs)  # replies are JSON
 
 
-def test_micro_batched_outputs_equal_per_item_outputs(loaded) -> None:  # type: ignore[no-untyped-def]
+def test_micro_batched_outputs_equal_per_item_outputs(loaded: tuple[ModelSpec, Model]) -> None:
     spec, model = loaded
     batch = [spec.schema.validate(x) for x in SAMPLES[spec.name]]
     one_by_one = [model.predict([x])[0] for x in batch]
@@ -127,14 +129,24 @@ def test_a_failing_model_answers_its_batch_with_errors() -> None:
     assert [(r.status, r.error) for r in replies] == [("error", "model failed: RuntimeError: CUDA out of memory")] * 2
 
 
-def message(value: bytes | None, **headers: str) -> KafkaMessage:
-    hs = tuple((k, v.encode()) for k, v in headers.items())
-    return KafkaMessage(value, headers=hs, topic="requests", partition=2, offset=7, timestamp_ms=900)
+RULES = ReplyRules({"r": 4, "other": 1}.get, frozenset({"requests", "requests.dlq"}))
+
+
+def message(value: bytes | None, *headers: tuple[str, bytes | None]) -> KafkaMessage:
+    return KafkaMessage(value, headers=headers, topic="requests", partition=2, offset=7, timestamp_ms=900)
+
+
+def reply_headers(**overrides: bytes | None) -> tuple[tuple[str, bytes | None], ...]:
+    headers: dict[str, bytes | None] = {"correlation_id": b"c", "reply_topic": b"r", **overrides}
+    return tuple(headers.items())
+
+
+GOOD = b'{"model": "tabular-risk", "inputs": [1,2,3,4,5,6,7,8]}'
 
 
 def test_parse_request() -> None:
-    good = message(b'{"model": "tabular-risk", "inputs": [1,2,3,4,5,6,7,8]}', correlation_id="c", reply_topic="r")
-    parsed = parse_request(good, lambda: 1_000)
+    good = message(GOOD, *reply_headers(reply_partition=b"3", deadline_ms=b"5000"))
+    parsed = parse_request(good, RULES, lambda: 1_000)
     assert isinstance(parsed, Request)
     assert (parsed.inputs, parsed.partition, parsed.sent_ms, parsed.read_ms) == (
         [1.0, 2, 3, 4, 5, 6, 7, 8],
@@ -142,15 +154,59 @@ def test_parse_request() -> None:
         900,
         1_000,
     )
-
-    with pytest.raises(InvalidMessage, match="nowhere to reply"):
-        parse_request(message(b"{}", correlation_id="c"))
+    assert (parsed.reply_topic, parsed.reply_partition, parsed.deadline_ms) == ("r", 3, 5_000)
     for value, reason in [
-        (b"{nope", "JSONDecodeError"),
+        (b"{nope", "not JSON"),
         (b'{"model": "gpt-9", "inputs": 1}', "unknown model 'gpt-9'"),
         (b'{"model": "tabular-risk", "inputs": [1]}', "list of 8 numbers"),
         (b'{"inputs": [1]}', '{"model": ..., "inputs": ...}'),
+        (None, "not JSON"),
     ]:
-        reply = parse_request(message(value, correlation_id="c", reply_topic="r"))
+        reply = parse_request(message(value, *reply_headers()), RULES)
         assert isinstance(reply, Reply) and reply.status == "error" and reason in (reply.error or "")
         assert reply.request.source is not None  # kept for the dead-letter copy
+
+
+@pytest.mark.parametrize(
+    ("headers", "reason"),
+    [
+        ((("reply_topic", b"r"),), "lacks the correlation_id header"),
+        ((("correlation_id", b"c"),), "lacks the reply_topic header"),
+        (reply_headers(correlation_id=b""), "lacks the correlation_id header"),
+        (reply_headers(correlation_id=None), "lacks the correlation_id header"),
+        (reply_headers(correlation_id=b"\xff\xfe"), "'correlation_id' is not UTF-8"),
+        (reply_headers(correlation_id=b"x" * 257), "over 256 bytes"),
+        (reply_headers(reply_topic=b"missing"), "'missing' does not exist"),
+        (reply_headers(reply_topic=b"bad topic!"), "not a valid Kafka topic name"),
+        (reply_headers(reply_topic=b".."), "not a valid Kafka topic name"),
+        (reply_headers(reply_topic=b"t" * 250), "not a valid Kafka topic name"),
+        (reply_headers(reply_topic=b"\xc3\x28"), "'reply_topic' is not UTF-8"),
+        (reply_headers(reply_topic=b"requests"), "one of the server's own topics"),
+        (reply_headers(reply_topic=b"requests.dlq"), "one of the server's own topics"),
+        (reply_headers(reply_partition=b"4"), "reply_partition 4 does not exist: 'r' has 4 partition(s)"),
+        (reply_headers(reply_topic=b"other", reply_partition=b"1"), "'other' has 1 partition(s)"),
+        (reply_headers(reply_partition=b"-1"), "'reply_partition' must be a non-negative integer"),
+        (reply_headers(reply_partition=b"1_0"), "'reply_partition' must be a non-negative integer"),
+        (reply_headers(reply_partition=b" 1"), "'reply_partition' must be a non-negative integer"),
+        (reply_headers(reply_partition=b"9" * 40), "'reply_partition' must be a non-negative integer"),
+        (reply_headers(reply_partition=b"\xd9\xa3"), "'reply_partition' must be a non-negative integer"),
+        (reply_headers(reply_partition=b""), "'reply_partition' must be a non-negative integer"),
+    ],
+)
+def test_a_request_that_cannot_be_answered_where_it_asks_is_a_dead_letter_only(
+    headers: tuple[tuple[str, bytes | None], ...], reason: str
+) -> None:
+    with pytest.raises(InvalidMessage, match=re.escape(reason)):
+        parse_request(message(GOOD, *headers), RULES)
+
+
+@pytest.mark.parametrize("deadline", [b"soon", b"-5", b"1e9", b"9" * 40, b""])
+def test_a_bad_deadline_gets_an_error_reply(deadline: bytes) -> None:
+    reply = parse_request(message(GOOD, *reply_headers(deadline_ms=deadline)), RULES)
+    assert isinstance(reply, Reply) and reply.status == "error"
+    assert "'deadline_ms' must be a non-negative integer" in (reply.error or "")
+
+
+def test_the_last_of_repeated_headers_counts() -> None:
+    parsed = parse_request(message(GOOD, *reply_headers(), ("reply_topic", b"other")), RULES)
+    assert isinstance(parsed, Request) and parsed.reply_topic == "other"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,7 +22,7 @@ class Clock:
 
 @pytest.fixture(params=["memory", "rocksdb"])
 def make_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator:
-    opened = []
+    opened: list[Any] = []
 
     def make():
         backend = MemoryBackend() if request.param == "memory" else RocksDBBackend(tmp_path / f"db{len(opened)}")
@@ -127,7 +128,7 @@ def test_random_histories_restore_to_every_retained_commit(make_backend, clock) 
         store = StateStore(make_backend(), now_ms=clock, undo_retain=8)
         store.restore(None)
         reference: dict[str, int] = {}
-        history = {0: {}}
+        history: dict[int, dict[str, int]] = {0: {}}
         for _ in range(6):
             for _ in range(20):
                 key = f"k{rng.randrange(8)}"

@@ -1,0 +1,38 @@
+"""Small helpers shared by every package, with no dependencies of their own.
+
+Both the dataflows (which run Bytewax) and the clients (which must not) import
+from here: the wall clock, the routing hash and the broker address default.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import zlib
+
+__all__ = ["BROKERS_ENV", "DEFAULT_BROKERS", "InvalidMessage", "default_brokers", "hash_key", "wall_ms"]
+
+BROKERS_ENV = "KAFKA_BOOTSTRAP_SERVERS"
+DEFAULT_BROKERS = "127.0.0.1:9092"
+
+
+class InvalidMessage(ValueError):
+    """A message's content or headers are invalid: the one exception that makes a dead letter.
+
+    Decoders, validators and schemas raise it; any other exception is a bug and stops the dataflow.
+    """
+
+
+def default_brokers() -> str:
+    """``$KAFKA_BOOTSTRAP_SERVERS``, or the local broker of ``make kafka-up``."""
+    return os.environ.get(BROKERS_ENV) or DEFAULT_BROKERS
+
+
+def wall_ms() -> int:
+    """The wall clock in epoch milliseconds: the default ``now_ms`` wherever time is injected."""
+    return time.time_ns() // 1_000_000
+
+
+def hash_key(key: str) -> int:
+    """A hash of a routing key that is the same in every process (``hash()`` is salted)."""
+    return zlib.crc32(key.encode())

@@ -1,0 +1,172 @@
+"""Topics declared in code, created idempotently, and looked up (no Bytewax here).
+
+- :class:`TopicSpec` and :func:`ensure_topics`: what a dataflow creates at start.
+- :func:`wait_for_topics`: what a client calls when it may start before the
+  dataflow that creates its topics.
+- :class:`TopicCache`: partition counts from the broker's metadata, cached, for
+  checking a destination that a message names before anything is produced there.
+
+Every broker call retries transient errors through :class:`~operators.kafka.client.Outage`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from confluent_kafka import KafkaError as RdKafkaError
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from operators.kafka.client import DEFAULT_OUTAGE_LIMIT_S, Outage
+from operators.kafka.errors import KafkaAdminError
+
+__all__ = ["TopicCache", "TopicSpec", "ensure_topics", "partition_count", "valid_topic_name", "wait_for_topics"]
+
+log = logging.getLogger("patternflow.kafka")
+# Kafka's own rule (org.apache.kafka.common.internals.Topic): 1-249 of these characters, not "." or "..".
+_TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}")
+
+
+def valid_topic_name(name: str) -> bool:
+    """Whether Kafka accepts ``name`` as a topic name."""
+    return bool(_TOPIC_NAME.fullmatch(name)) and name not in (".", "..")
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    """A topic as the code declares it; ``retention_ms=-1`` keeps messages forever."""
+
+    name: str
+    partitions: int = 1
+    cleanup_policy: Literal["delete", "compact", "compact,delete"] = "delete"
+    retention_ms: int = 7 * 24 * 3600 * 1000
+    config: Mapping[str, str] = field(default_factory=dict)
+
+    def new_topic(self) -> NewTopic:
+        config = {"cleanup.policy": self.cleanup_policy, "retention.ms": str(self.retention_ms), **self.config}
+        return NewTopic(self.name, num_partitions=self.partitions, replication_factor=1, config=config)
+
+
+def _admin(brokers: str) -> AdminClient:
+    return AdminClient({"bootstrap.servers": brokers, "reconnect.backoff.max.ms": 1000})
+
+
+def _topics(admin: AdminClient | Any, outage: Outage, timeout_s: float = 5.0) -> dict[str, Any]:
+    """Topic name -> metadata of the topics that exist and have partitions."""
+    meta = outage.call(lambda: admin.list_topics(timeout=timeout_s))
+    return {name: t for name, t in meta.topics.items() if t.error is None and t.partitions}
+
+
+def _outage(what: str, brokers: str, limit_s: float) -> Outage:
+    return Outage(f"{what} at {brokers}", limit_s)
+
+
+def partition_count(brokers: str, topic: str, *, outage_limit_s: float = DEFAULT_OUTAGE_LIMIT_S) -> int:
+    """How many partitions ``topic`` has; :class:`KafkaAdminError` if it does not exist."""
+    topics = _topics(_admin(brokers), _outage("describing topics", brokers, outage_limit_s))
+    if topic not in topics:
+        raise KafkaAdminError(f"topic {topic!r} does not exist at {brokers}")
+    return len(topics[topic].partitions)
+
+
+def ensure_topics(brokers: str, specs: Iterable[TopicSpec], *, outage_limit_s: float = DEFAULT_OUTAGE_LIMIT_S) -> None:
+    """Create the topics that do not exist yet; existing ones are left as they are.
+
+    Returns once every topic has a leader for each partition, so a reader
+    started next finds them ready.
+    """
+    admin = _admin(brokers)
+    outage = _outage("creating topics", brokers, outage_limit_s)
+    specs = list(specs)
+    existing = _topics(admin, outage)
+    wanted = [spec.new_topic() for spec in specs if spec.name not in existing]
+    for name, future in (admin.create_topics(wanted, operation_timeout=30) if wanted else {}).items():
+        try:
+            outage.call(lambda f=future: f.result(timeout=60))  # type: ignore[misc]
+        except KafkaException as exc:
+            if exc.args[0].code() != RdKafkaError.TOPIC_ALREADY_EXISTS:
+                raise KafkaAdminError(f"cannot create topic {name!r} at {brokers}: {exc}") from exc
+    _wait_ready(admin, [s.name for s in specs], outage, timeout_s=60, brokers=brokers)
+
+
+def _wait_ready(admin: AdminClient, names: list[str], outage: Outage, *, timeout_s: float, brokers: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        topics = _topics(admin, outage)
+        missing = [n for n in names if n not in topics or any(p.leader < 0 for p in topics[n].partitions.values())]
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise KafkaAdminError(f"topics {missing} at {brokers} have no leader after {timeout_s:.0f} s")
+        time.sleep(0.1)
+
+
+def wait_for_topics(
+    brokers: str,
+    names: Iterable[str],
+    *,
+    timeout_s: float = 60.0,
+    who: str = "the dataflow that creates them",
+    outage_limit_s: float = DEFAULT_OUTAGE_LIMIT_S,
+) -> None:
+    """Wait until the topics exist; a client calls this when it may start before ``who``."""
+    names = list(names)
+    admin = _admin(brokers)
+    outage = _outage("looking up topics", brokers, outage_limit_s)
+    deadline = time.monotonic() + timeout_s
+    told = False
+    while True:
+        missing = [n for n in names if n not in _topics(admin, outage)]
+        if not missing:
+            _wait_ready(admin, names, outage, timeout_s=max(1.0, deadline - time.monotonic()), brokers=brokers)
+            return
+        if time.monotonic() > deadline:
+            raise KafkaAdminError(
+                f"topics {missing} do not exist at {brokers} after waiting {timeout_s:.0f} s: start {who} first"
+            )
+        if not told:
+            print(f"waiting up to {timeout_s:.0f} s for topics {missing} at {brokers} (created by {who}) ...")
+            told = True
+        time.sleep(0.2)
+
+
+class TopicCache:
+    """Partition counts of topics, from the broker's metadata, refreshed as they age.
+
+    :meth:`partitions` answers from the cache; a topic not seen, or last seen
+    more than ``max_age_s`` ago, is asked for again (at most every
+    ``min_refresh_s``, so a stream of requests naming made-up topics cannot
+    flood the broker). A refresh is one metadata request with a short timeout:
+    while the broker is down the cache answers with what it last saw.
+    Thread-safe.
+    """
+
+    def __init__(self, brokers: str, *, max_age_s: float = 30.0, min_refresh_s: float = 1.0) -> None:
+        self.brokers = brokers
+        self._admin = _admin(brokers)
+        self._max_age_s = max_age_s
+        self._min_refresh_s = min_refresh_s
+        self._known: dict[str, int] = {}
+        self._refreshed = -float("inf")
+        self._lock = threading.Lock()
+
+    def partitions(self, topic: str) -> int | None:
+        """``topic``'s partition count, or ``None`` if it does not exist."""
+        with self._lock:
+            now = time.monotonic()
+            stale = now - self._refreshed > self._max_age_s
+            if (stale or topic not in self._known) and now - self._refreshed >= self._min_refresh_s:
+                self._refreshed = now
+                try:
+                    meta = self._admin.list_topics(timeout=5)
+                except KafkaException as exc:
+                    log.warning("cannot refresh topic metadata at %s: %s; using what was last seen", self.brokers, exc)
+                else:
+                    self._known = {n: len(t.partitions) for n, t in meta.topics.items() if t.error is None}
+            return self._known.get(topic)

@@ -1,0 +1,169 @@
+"""librdkafka client settings, and riding out broker outages.
+
+One place for the settings every consumer and producer of patternflow uses
+(sources, sinks, clients, benchmarks), and :class:`Outage`, the rule for broker
+errors: a transient one (a broker restarting, a leader moving, a topic still
+being created; see :func:`~operators.kafka.errors.is_transient`) is retried
+with backoff, and only an outage longer than ``limit_s`` raises
+:class:`~operators.kafka.errors.KafkaUnavailable`. The limit comes from
+``KAFKA_OUTAGE_LIMIT_S`` (default 120 s) wherever a dataflow or client reads
+its settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from confluent_kafka import KafkaError as RdKafkaError
+from confluent_kafka import KafkaException, Producer
+
+from operators.kafka.errors import KafkaUnavailable, is_transient
+from operators.kafka.message import KafkaMessage
+
+__all__ = ["OUTAGE_LIMIT_ENV", "Outage", "consumer_config", "producer_config", "send"]
+
+OUTAGE_LIMIT_ENV = "KAFKA_OUTAGE_LIMIT_S"
+DEFAULT_OUTAGE_LIMIT_S = 120.0
+T = TypeVar("T")
+log = logging.getLogger("patternflow.kafka")
+
+
+def consumer_config(brokers: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The librdkafka settings of every patternflow consumer; ``extra`` overrides."""
+    return {
+        "bootstrap.servers": brokers,
+        # Offsets live in Bytewax snapshots; the group id only satisfies librdkafka.
+        "group.id": "patternflow",
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "fetch.wait.max.ms": 50,
+        # librdkafka pauses a partition's fetches for this long once its local
+        # queue is full (default 1 s): a stall of a second after each burst.
+        "fetch.queue.backoff.ms": 10,
+        # An offset that retention deleted is an error to report, not a silent jump to the end.
+        "auto.offset.reset": "error",
+        # Reconnect quickly after a broker restart (default backoff grows to 10 s).
+        "reconnect.backoff.max.ms": 1000,
+        **(extra or {}),
+    }
+
+
+def producer_config(
+    brokers: str, extra: Mapping[str, Any] | None = None, *, outage_limit_s: float = DEFAULT_OUTAGE_LIMIT_S
+) -> dict[str, Any]:
+    """The librdkafka settings of every patternflow producer; ``extra`` overrides.
+
+    librdkafka retries a message through broker outages by itself; it gives up
+    (``_MSG_TIMED_OUT``) once ``outage_limit_s`` has passed without delivery.
+    """
+    return {
+        "bootstrap.servers": brokers,
+        "partitioner": "murmur2_random",  # the Java client's key hashing
+        "linger.ms": 2,
+        "enable.idempotence": True,
+        "message.timeout.ms": int(outage_limit_s * 1000),
+        # How long a topic missing from the metadata may still be appearing (default 30 s,
+        # which would hold every epoch that long for one message to a made-up topic).
+        "topic.metadata.propagation.max.ms": 5000,
+        # Reports for failed messages only: success needs no per-message callback.
+        "delivery.report.only.error": True,
+        "reconnect.backoff.max.ms": 1000,
+        **(extra or {}),
+    }
+
+
+@dataclass
+class Outage:
+    """Tracks how long the broker has been failing, for code that must not block.
+
+    Call :meth:`failed` on each transient error (it raises once the outage is
+    older than ``limit_s``) and :meth:`ok` on each success. :meth:`call` retries
+    a blocking call with backoff until it succeeds or the limit passes.
+    """
+
+    what: str
+    limit_s: float = DEFAULT_OUTAGE_LIMIT_S
+    _since: float | None = None
+
+    def ok(self) -> None:
+        if self._since is not None:
+            log.warning("%s: the broker answers again after %.1f s", self.what, time.monotonic() - self._since)
+            self._since = None
+
+    def failed(self, error: object) -> None:
+        now = time.monotonic()
+        if self._since is None:
+            self._since = now
+            log.warning("%s: broker unavailable (%s); retrying for up to %.0f s", self.what, error, self.limit_s)
+        elif now - self._since > self.limit_s:
+            raise KafkaUnavailable(
+                f"{self.what}: the broker has been unavailable for over {self.limit_s:.0f} s (last error: {error}). "
+                f"Check that it runs (make kafka-up) and is reachable; {OUTAGE_LIMIT_ENV} sets how long to wait."
+            )
+
+    def call(self, fn: Callable[[], T], *, max_backoff_s: float = 2.0) -> T:
+        """``fn()``, retried with backoff while it raises a transient broker error."""
+        backoff = 0.05
+        while True:
+            try:
+                result = fn()
+            except KafkaException as exc:
+                err = exc.args[0]
+                if not is_transient(err):
+                    raise
+                self.failed(err)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, max_backoff_s)
+                continue
+            self.ok()
+            return result
+
+
+def send(producer: Producer, topic: str, msg: KafkaMessage, on_delivery: Any) -> None:
+    """Produce one message, waiting for room when the local queue is full.
+
+    A message librdkafka refuses at once (unknown partition, too large, bad
+    argument) is reported to ``on_delivery`` as a failed delivery would be.
+    """
+    kwargs: dict[str, Any] = {"key": msg.key, "on_delivery": on_delivery}
+    if msg.headers:
+        kwargs["headers"] = list(msg.headers)
+    if msg.partition is not None:
+        kwargs["partition"] = msg.partition
+    if msg.timestamp_ms is not None:
+        kwargs["timestamp"] = msg.timestamp_ms
+    while True:
+        try:
+            producer.produce(topic, msg.value, **kwargs)
+            return
+        except BufferError:
+            producer.poll(0.05)
+        except KafkaException as exc:
+            on_delivery(exc.args[0], _Refused(topic, msg))
+            return
+        except (TypeError, ValueError) as exc:  # e.g. a partition number out of int32 range
+            on_delivery(RdKafkaError(RdKafkaError._INVALID_ARG, str(exc)), _Refused(topic, msg))
+            return
+
+
+class _Refused:
+    """Stands in for the librdkafka message of a delivery report, for a message refused at once."""
+
+    def __init__(self, topic: str, msg: KafkaMessage) -> None:
+        self._topic, self._msg = topic, msg
+
+    def topic(self) -> str:
+        return self._topic
+
+    def partition(self) -> int | None:
+        return self._msg.partition
+
+    def key(self) -> bytes | None:
+        return self._msg.key
+
+    def value(self) -> bytes | None:
+        return self._msg.value

@@ -1,0 +1,238 @@
+"""Writing Kafka from a Bytewax dataflow.
+
+:class:`KafkaSink` produces asynchronously: the message key decides the
+partition (murmur2, as Java clients do) unless the message names one, and every
+epoch's snapshot waits for all delivery reports, so an epoch completes only
+once its output is acknowledged. A failed delivery is one of two kinds:
+
+==========================================  =========================================================
+the message's fault: a dead letter          the broker's or the network's: retried
+==========================================  =========================================================
+the topic does not exist or its name is     broker down or restarting, leader moving, request
+invalid; the partition does not exist;      timeouts: librdkafka retries the message until
+the message is over the size limit; the     ``outage_limit_s`` has passed, then the failure
+broker rejects the record (invalid record,  (``_MSG_TIMED_OUT``) raises :class:`KafkaDeliveryError`:
+timestamp, authorisation, policy)           the dataflow stops and resumes from its last snapshot
+==========================================  =========================================================
+
+A dead letter goes to the sink's ``dlq_topic`` with the value and key it had
+(librdkafka's delivery reports do not return headers), ``dlq.reason``,
+``dlq.step``, ``dlq.target.topic`` and ``dlq.target.partition``; a value too
+large for the broker is cut to :data:`DEAD_LETTER_MAX_VALUE_BYTES`, marked by
+``dlq.truncated``. Without a ``dlq_topic``, or when the dead letter cannot be
+written either, the failure raises.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import bytewax.operators as op
+from bytewax.dataflow import Stream, operator
+from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
+from confluent_kafka import KafkaError as RdKafkaError
+from confluent_kafka import Producer
+
+from common import hash_key
+from operators import metrics
+from operators.kafka.client import DEFAULT_OUTAGE_LIMIT_S, producer_config, send
+from operators.kafka.errors import KafkaDeliveryError
+from operators.kafka.message import KafkaMessage
+
+__all__ = ["DEAD_LETTER_MAX_VALUE_BYTES", "KafkaSink", "kafka_output"]
+
+DEAD_LETTER_MAX_VALUE_BYTES = 64 * 1024
+
+# Failures that retrying cannot fix: the message, not the cluster, is at fault.
+_MESSAGE_FAULTS = frozenset(
+    {
+        RdKafkaError.MSG_SIZE_TOO_LARGE,  # librdkafka's local size check reports this code too
+        RdKafkaError.RECORD_LIST_TOO_LARGE,
+        RdKafkaError._UNKNOWN_PARTITION,
+        RdKafkaError._UNKNOWN_TOPIC,
+        RdKafkaError.UNKNOWN_TOPIC_OR_PART,
+        RdKafkaError.TOPIC_EXCEPTION,
+        RdKafkaError._INVALID_ARG,
+        RdKafkaError.INVALID_RECORD,
+        RdKafkaError.INVALID_TIMESTAMP,
+        RdKafkaError.INVALID_MSG,
+        RdKafkaError.INVALID_MSG_SIZE,
+        RdKafkaError.TOPIC_AUTHORIZATION_FAILED,
+        RdKafkaError.POLICY_VIOLATION,
+    }
+)
+_TOO_LARGE = frozenset({RdKafkaError.MSG_SIZE_TOO_LARGE, RdKafkaError.RECORD_LIST_TOO_LARGE})
+
+
+class _Failure:
+    """A message librdkafka could not deliver, and why."""
+
+    __slots__ = ("error", "key", "partition", "topic", "value")
+
+    def __init__(self, error: RdKafkaError, topic: str, partition: int | None, key: Any, value: Any) -> None:
+        self.error, self.topic, self.partition, self.key, self.value = error, topic, partition, key, value
+
+    @property
+    def message_fault(self) -> bool:
+        return self.error.code() in _MESSAGE_FAULTS
+
+    def describe(self) -> str:
+        return f"{self.topic}[{self.partition}] key={self.key!r:.80}: {self.error.str()}"
+
+    def dead_letter(self, step_id: str, dlq_topic: str) -> KafkaMessage:
+        value, headers = (
+            self.value,
+            [
+                ("dlq.reason", f"undeliverable: {self.error.str()} ({self.error.name()})".encode()),
+                ("dlq.step", step_id.encode()),
+                ("dlq.target.topic", self.topic.encode(errors="replace")),
+                ("dlq.target.partition", str(self.partition).encode()),
+            ],
+        )
+        if self.error.code() in _TOO_LARGE and value is not None and len(value) > DEAD_LETTER_MAX_VALUE_BYTES:
+            value = value[:DEAD_LETTER_MAX_VALUE_BYTES]
+            headers.append(("dlq.truncated", str(len(self.value)).encode()))
+        key = self.key if self.key is None or len(self.key) <= DEAD_LETTER_MAX_VALUE_BYTES else None
+        return KafkaMessage(value, key=key, headers=tuple(headers), topic=dlq_topic)
+
+
+class _SharedProducer:
+    """One librdkafka producer per process and sink, shared by the sink's partitions."""
+
+    _lock = threading.Lock()
+    _instances: ClassVar[dict[tuple[Any, ...], _SharedProducer]] = {}
+
+    def __init__(self, key: tuple[Any, ...], config: dict[str, Any]) -> None:
+        self._key = key
+        self.producer = Producer(config)
+        self.failures: list[_Failure] = []
+        self.users = 0
+
+    @classmethod
+    def acquire(cls, step_id: str, config: dict[str, Any]) -> _SharedProducer:
+        key = (step_id, *sorted((k, str(v)) for k, v in config.items()))
+        with cls._lock:
+            shared = cls._instances.get(key)
+            if shared is None:
+                shared = cls._instances[key] = cls(key, config)
+            shared.users += 1
+            return shared
+
+    def release(self, timeout_s: float) -> None:
+        with self._lock:
+            self.users -= 1
+            if self.users == 0:
+                self.producer.flush(timeout_s)
+                del self._instances[self._key]
+
+    def on_delivery(self, err: RdKafkaError | None, msg: Any) -> None:
+        if err is not None:
+            self.failures.append(_Failure(err, msg.topic(), msg.partition(), msg.key(), msg.value()))
+
+
+class _SinkPartition(StatefulSinkPartition[KafkaMessage, None]):
+    def __init__(
+        self, step_id: str, shared: _SharedProducer, topic: str | None, dlq_topic: str | None, timeout_s: float
+    ) -> None:
+        self._step_id = step_id
+        self._shared = shared
+        self._topic = topic
+        self._dlq_topic = dlq_topic
+        self._timeout_s = timeout_s
+        self._produced = metrics.ITEMS.labels(step_id, "produced")
+        self._dead = metrics.ERRORS.labels(step_id, "undeliverable")
+
+    def write_batch(self, values: list[KafkaMessage]) -> None:
+        producer, on_delivery = self._shared.producer, self._shared.on_delivery
+        for msg in values:
+            topic = msg.topic or self._topic
+            if topic is None:
+                raise KafkaDeliveryError(f"step {self._step_id!r}: message has no topic and the sink has no default")
+            send(producer, topic, msg, on_delivery)
+        producer.poll(0)
+        self._produced.inc(len(values))
+        self._handle_failures()
+
+    def _handle_failures(self) -> None:
+        """Dead-letter the messages at fault; raise on any other failure."""
+        if not self._shared.failures:
+            return
+        failed, self._shared.failures = self._shared.failures, []
+        # A dead letter that fails has nowhere left to go.
+        fatal = [f for f in failed if not f.message_fault or f.topic == self._dlq_topic]
+        if fatal:
+            raise KafkaDeliveryError(
+                f"step {self._step_id!r}: {len(fatal)} message(s) were not delivered, first: {fatal[0].describe()}"
+            )
+        if self._dlq_topic is None:
+            raise KafkaDeliveryError(
+                f"step {self._step_id!r}: {len(failed)} message(s) cannot be delivered and the sink has no "
+                f"dead-letter topic, first: {failed[0].describe()}"
+            )
+        producer, on_delivery = self._shared.producer, self._shared.on_delivery
+        for failure in failed:
+            send(producer, self._dlq_topic, failure.dead_letter(self._step_id, self._dlq_topic), on_delivery)
+        self._dead.inc(len(failed))
+
+    def snapshot(self) -> None:
+        # An epoch may only complete once its output is acknowledged or dead-lettered.
+        while True:
+            remaining = self._shared.producer.flush(self._timeout_s)
+            if remaining:
+                raise KafkaDeliveryError(
+                    f"step {self._step_id!r}: {remaining} message(s) still unacknowledged after {self._timeout_s} s"
+                )
+            if not self._shared.failures:
+                return
+            self._handle_failures()
+
+    def close(self) -> None:
+        self.snapshot()
+        self._shared.release(self._timeout_s)
+
+
+class KafkaSink(FixedPartitionedSink[KafkaMessage, None]):
+    """Write :class:`KafkaMessage` items; use it through :func:`kafka_output`.
+
+    Items are ``(routing key, message)``: Bytewax routes each routing key to one
+    sink partition, so the messages of one key are produced in order. Messages
+    that cannot be delivered through their own fault go to ``dlq_topic``.
+    """
+
+    def __init__(
+        self,
+        brokers: str,
+        topic: str | None = None,
+        *,
+        dlq_topic: str | None = None,
+        parts: int = 4,
+        outage_limit_s: float = DEFAULT_OUTAGE_LIMIT_S,
+        config: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.brokers = brokers
+        self.topic = topic
+        self.dlq_topic = dlq_topic
+        self.parts = parts
+        self.outage_limit_s = outage_limit_s
+        self.config = dict(config or {})
+
+    def list_parts(self) -> list[str]:
+        return [str(i) for i in range(self.parts)]
+
+    def part_fn(self, item_key: str) -> int:
+        return hash_key(item_key)
+
+    def build_part(self, step_id: str, for_part: str, resume_state: None) -> _SinkPartition:
+        config = producer_config(self.brokers, self.config, outage_limit_s=self.outage_limit_s)
+        shared = _SharedProducer.acquire(step_id, config)
+        # librdkafka times messages out after the outage limit; the flush waits a little longer for that report.
+        return _SinkPartition(step_id, shared, self.topic, self.dlq_topic, self.outage_limit_s + 30)
+
+
+@operator
+def kafka_output(step_id: str, up: Stream[KafkaMessage], sink: KafkaSink) -> None:
+    """Produce each message; messages with the same key go through the same producer in order."""
+    keyed = op.key_on("route", up, lambda msg: msg.key.hex() if msg.key else "")
+    op.output("produce", keyed, sink)

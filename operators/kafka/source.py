@@ -1,0 +1,247 @@
+"""Reading Kafka in a Bytewax dataflow.
+
+Bytewax's own connector takes one start offset for every partition and stops a
+bounded read when each partition first catches up, which is not deterministic
+while producers write. :class:`KafkaSource` instead gives each Kafka partition
+its own Bytewax partition and consumer, keeps offsets in Bytewax's recovery
+snapshots (no consumer group), starts each partition at a :class:`Position`,
+and in bounded mode reads each partition's high watermark once, at the first
+start, and stops there: the end offsets are part of the snapshot, so a replay
+resumed after a crash stops where the first run would have.
+
+:class:`KafkaSource` emits one :class:`KafkaMessage` per record;
+:class:`KafkaBatchSource` emits one ``list[KafkaMessage]`` per poll, for
+dataflows that work on batches (one item per poll costs Bytewax far less than
+one per record).
+
+A broker outage is ridden out: transient errors are retried, and only an
+outage longer than ``outage_limit_s`` raises
+:class:`~operators.kafka.errors.KafkaUnavailable`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Generic, TypeVar
+
+from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
+from confluent_kafka import OFFSET_END, Consumer, KafkaException, TopicPartition
+from confluent_kafka import KafkaError as RdKafkaError
+
+from operators import metrics
+from operators.kafka.client import DEFAULT_OUTAGE_LIMIT_S, Outage, consumer_config
+from operators.kafka.errors import KafkaSourceError, is_transient
+from operators.kafka.message import KafkaMessage, records
+from operators.kafka.position import Position
+
+__all__ = ["KafkaBatchSource", "KafkaSource"]
+
+X = TypeVar("X")
+_PROBE_INTERVAL_S = 5.0  # how often a partition asks the broker for its end offset (lag, liveness)
+
+
+@dataclass(frozen=True)
+class _PartState:
+    next_offset: int
+    end_offset: int | None  # exclusive; None while tailing
+
+
+class _Partition(StatefulSourcePartition[Any, _PartState]):
+    def __init__(
+        self,
+        step_id: str,
+        consumer: Consumer,
+        topic: str,
+        partition: int,
+        state: _PartState,
+        *,
+        batch_size: int,
+        batched: bool,
+        outage: Outage,
+    ) -> None:
+        self._step_id = step_id
+        self._consumer = consumer
+        self._tp = TopicPartition(topic, partition)
+        self._topic = topic
+        self._partition = partition
+        self._next = state.next_offset
+        self._end = state.end_offset
+        self._batch_size = batch_size
+        self._batched = batched
+        self._outage = outage
+        self._lag = metrics.CONSUMER_LAG.labels(step_id, topic, str(partition))
+        self._probed = 0.0
+
+    def next_batch(self) -> list[Any]:
+        if self._end is not None and self._next >= self._end:
+            self._lag.set(0)
+            raise StopIteration()
+        # Never block: a worker runs its operators on one thread, and a blocking poll
+        # here would hold up every item downstream. With nothing to read, Bytewax
+        # calls again after 1 ms.
+        msgs = self._consumer.consume(self._batch_size, 0)
+        batch = self._records(msgs) if msgs else []
+        if batch:
+            self._next = batch[-1].offset + 1  # type: ignore[operator]
+            if self._end is not None and self._next > self._end:
+                # The last fetch ran past the end fixed at start.
+                self._next = self._end
+                batch = [m for m in batch if m.offset < self._end]  # type: ignore[operator]
+        elif self._end is not None:
+            # Transaction markers take offsets but are never returned:
+            # the consumer's position still moves past them.
+            (tp,) = self._consumer.position([self._tp])
+            self._next = max(self._next, tp.offset)
+        self._probe()
+        if self._batched:
+            return [batch] if batch else []
+        return batch
+
+    def _records(self, msgs: list[Any]) -> list[KafkaMessage]:
+        batch, errors = records(msgs, self._topic, self._partition)
+        for err in errors:
+            self._on_error(err)
+        return batch
+
+    def _on_error(self, err: RdKafkaError) -> None:
+        if err.code() == RdKafkaError._PARTITION_EOF:
+            return
+        where = f"step {self._step_id!r}: reading {self._topic}[{self._partition}]"
+        if is_transient(err):
+            self._outage.failed(err)
+            return
+        if err.code() == RdKafkaError._AUTO_OFFSET_RESET:
+            raise KafkaSourceError(
+                f"{where} at offset {self._next} failed: the offset no longer exists (retention deleted it?): {err}"
+            )
+        raise KafkaSourceError(f"{where} failed: {err}")
+
+    def _probe(self) -> None:
+        """Every few seconds: the end offset for the lag metric, and whether the broker still answers."""
+        now = time.monotonic()
+        if now - self._probed < _PROBE_INTERVAL_S:
+            return
+        self._probed = now
+        try:
+            _, high = self._consumer.get_watermark_offsets(self._tp, timeout=0.5, cached=False)
+        except KafkaException as exc:
+            if not is_transient(exc.args[0]):
+                raise KafkaSourceError(f"step {self._step_id!r}: {self._topic}[{self._partition}]: {exc}") from exc
+            self._outage.failed(exc.args[0])
+            return
+        self._outage.ok()
+        end = high if self._end is None else self._end
+        self._lag.set(max(0, end - self._next))
+
+    def snapshot(self) -> _PartState:
+        return _PartState(self._next, self._end)
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+class _KafkaInput(FixedPartitionedSource[X, _PartState], Generic[X]):
+    _batched: ClassVar[bool]
+
+    def __init__(
+        self,
+        brokers: str,
+        topics: Sequence[str],
+        *,
+        start: Position | Mapping[int, Position] = Position.earliest(),  # noqa: B008
+        bounded: bool = False,
+        batch_size: int = 1000,
+        outage_limit_s: float = DEFAULT_OUTAGE_LIMIT_S,
+        config: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.brokers = brokers
+        self.topics = list(topics)
+        self.start = start
+        self.bounded = bounded
+        self.batch_size = batch_size
+        self.outage_limit_s = outage_limit_s
+        self.config = dict(config or {})
+
+    def _outage(self, what: str) -> Outage:
+        return Outage(what, self.outage_limit_s)
+
+    def list_parts(self) -> list[str]:
+        # A consumer, not an AdminClient: the config holds consumer properties.
+        consumer = Consumer(consumer_config(self.brokers, self.config))
+        try:
+            outage = self._outage(f"listing partitions of {self.topics} at {self.brokers}")
+            topics = outage.call(lambda: consumer.list_topics(timeout=5)).topics
+        finally:
+            consumer.close()
+        parts: list[str] = []
+        for topic in self.topics:
+            tmeta = topics.get(topic)
+            if tmeta is None or tmeta.error is not None:
+                raise KafkaSourceError(
+                    f"topic {topic!r} does not exist at {self.brokers}; create it first "
+                    "(see operators.kafka.admin.ensure_topics)"
+                )
+            parts.extend(f"{p}-{topic}" for p in tmeta.partitions)
+        return parts
+
+    def _position(self, partition: int) -> Position:
+        if isinstance(self.start, Position):
+            return self.start
+        return self.start.get(partition, Position.earliest())
+
+    def _first_state(self, consumer: Consumer, tp: TopicPartition, outage: Outage) -> _PartState:
+        low, high = outage.call(lambda: consumer.get_watermark_offsets(tp, timeout=5))
+        pos = self._position(tp.partition)
+        if pos.kind == "earliest":
+            start = low
+        elif pos.kind == "latest":
+            start = high
+        elif pos.kind == "offset":
+            start = min(max(pos.value, low), high)
+        else:
+            query = [TopicPartition(tp.topic, tp.partition, pos.value)]
+            (found,) = outage.call(lambda: consumer.offsets_for_times(query, timeout=5))
+            start = high if found.offset in (OFFSET_END, -1) else found.offset
+        return _PartState(int(start), int(high) if self.bounded else None)
+
+    def build_part(self, step_id: str, for_part: str, resume_state: _PartState | None) -> _Partition:
+        part, topic = for_part.split("-", 1)
+        tp = TopicPartition(topic, int(part))
+        consumer = Consumer(consumer_config(self.brokers, self.config))
+        outage = self._outage(f"step {step_id!r}: {topic}[{part}] at {self.brokers}")
+        try:
+            state = resume_state or self._first_state(consumer, tp, outage)
+        except KafkaException as exc:
+            consumer.close()
+            raise KafkaSourceError(f"step {step_id!r}: cannot position {topic}[{part}]: {exc}") from exc
+        consumer.assign([TopicPartition(topic, tp.partition, state.next_offset)])
+        return _Partition(
+            step_id,
+            consumer,
+            topic,
+            tp.partition,
+            state,
+            batch_size=self.batch_size,
+            batched=self._batched,
+            outage=outage,
+        )
+
+
+class KafkaSource(_KafkaInput[KafkaMessage]):
+    """Read ``topics``, one Bytewax partition per Kafka partition, one item per record.
+
+    ``start`` is one :class:`Position` for all partitions or a mapping from
+    partition number to position (others start at earliest). With
+    ``bounded=True`` each partition stops at the high watermark it had when the
+    dataflow first started it.
+    """
+
+    _batched = False
+
+
+class KafkaBatchSource(_KafkaInput[list[KafkaMessage]]):
+    """As :class:`KafkaSource`, but one item per poll: the records read together, in offset order."""
+
+    _batched = True

@@ -1,0 +1,115 @@
+"""The online-inference request/reply protocol, shared by the server and its
+clients (no Bytewax here, so clients can import it).
+
+A request is a message on :data:`REQUEST_TOPIC` whose value is
+``{"model": "<name>", "inputs": <one instance>}`` and whose headers are:
+
+==================  ========  ==========================================================
+header              required  form
+==================  ========  ==========================================================
+``correlation_id``  yes       UTF-8, 1 to 256 bytes; the reply's key
+``reply_topic``     yes       an existing topic (Kafka's name rules), other than the
+                              request topic and its dead-letter topic
+``reply_partition`` no        a partition number of ``reply_topic`` (ASCII digits)
+``deadline_ms``     no        epoch milliseconds (ASCII digits)
+==================  ========  ==========================================================
+
+When a header is given twice, the last value counts. A request whose reply
+destination (the first three) is missing or invalid cannot be answered and
+goes to the dead-letter topic only; any other fault gets an ``error`` reply
+and a dead letter.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from common import InvalidMessage
+from operators.kafka.admin import valid_topic_name
+from operators.kafka.message import KafkaMessage
+
+__all__ = [
+    "MAX_CORRELATION_ID_BYTES",
+    "REPLY_TOPIC",
+    "REQUEST_TOPIC",
+    "ReplyTo",
+    "deadline_ms",
+    "reply_to",
+    "request_headers",
+]
+
+REQUEST_TOPIC = "inference.requests"
+REPLY_TOPIC = "inference.replies"
+MAX_CORRELATION_ID_BYTES = 256
+_DIGITS = re.compile(rb"[0-9]{1,18}")
+
+
+@dataclass(frozen=True)
+class ReplyTo:
+    """Where a request's reply goes."""
+
+    correlation_id: str
+    topic: str
+    partition: int | None
+
+
+def request_headers(
+    correlation_id: str, reply_topic: str, reply_partition: int | None = None, deadline_ms: int | None = None
+) -> list[tuple[str, str | bytes | None]]:
+    """The headers of a request, as a client sends them."""
+    headers: list[tuple[str, str | bytes | None]] = [
+        ("correlation_id", correlation_id.encode()),
+        ("reply_topic", reply_topic.encode()),
+    ]
+    if reply_partition is not None:
+        headers.append(("reply_partition", str(reply_partition).encode()))
+    if deadline_ms is not None:
+        headers.append(("deadline_ms", str(deadline_ms).encode()))
+    return headers
+
+
+def _number(msg: KafkaMessage, name: str) -> int | None:
+    raw = msg.header(name)
+    if raw is None:
+        return None
+    if not _DIGITS.fullmatch(raw):
+        raise InvalidMessage(f"header {name!r} must be a non-negative integer in ASCII digits, got {raw!r:.60}")
+    return int(raw)
+
+
+def _text(msg: KafkaMessage, name: str) -> str:
+    raw = msg.header(name)
+    if not raw:
+        raise InvalidMessage(f"request lacks the {name} header: nowhere to reply")
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        raise InvalidMessage(f"header {name!r} is not UTF-8: {raw!r:.60}") from None
+
+
+def reply_to(msg: KafkaMessage, partitions: Callable[[str], int | None], forbidden: frozenset[str]) -> ReplyTo:
+    """Where ``msg`` asks to be answered, checked against ``partitions`` (a topic's
+    partition count from the broker's metadata, ``None`` if it does not exist);
+    :class:`InvalidMessage` if it cannot be answered there."""
+    correlation_id = _text(msg, "correlation_id")
+    if len(correlation_id.encode()) > MAX_CORRELATION_ID_BYTES:
+        raise InvalidMessage(f"header 'correlation_id' is over {MAX_CORRELATION_ID_BYTES} bytes")
+    topic = _text(msg, "reply_topic")
+    if not valid_topic_name(topic):
+        raise InvalidMessage(f"reply_topic {topic!r:.300} is not a valid Kafka topic name")
+    if topic in forbidden:
+        raise InvalidMessage(f"reply_topic {topic!r} is one of the server's own topics {sorted(forbidden)}")
+    count = partitions(topic)
+    if count is None:
+        raise InvalidMessage(f"reply_topic {topic!r} does not exist")
+    partition = _number(msg, "reply_partition")
+    if partition is not None and partition >= count:
+        raise InvalidMessage(f"reply_partition {partition} does not exist: {topic!r} has {count} partition(s)")
+    return ReplyTo(correlation_id, topic, partition)
+
+
+def deadline_ms(msg: KafkaMessage) -> int | None:
+    """The request's ``deadline_ms`` header; :class:`InvalidMessage` if malformed."""
+    return _number(msg, "deadline_ms")
