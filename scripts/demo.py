@@ -84,6 +84,8 @@ def event_counts_demo(workdir: Path) -> None:
     print("3/3 results", flush=True)
     mine = [m for m in read_topic(BROKERS, settings.output_topic) if (m.timestamp_ms or 0) >= started_ms]
     rows = {row["id"]: row for row in (orjson.loads(m.value or b"") for m in mine)}
+    if not rows:
+        raise SystemExit(f"demo failed: the dataflow wrote no counts to {settings.output_topic}")
     minutes = sorted({row["start_ms"] for row in rows.values()})
     print(f"\n  events per user per minute ({len(rows)} windows, from {settings.output_topic}):")
     print("  " + "user".ljust(10) + "".join(time.strftime("%H:%M", time.gmtime(m / 1000)).rjust(7) for m in minutes))

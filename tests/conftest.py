@@ -27,11 +27,11 @@ T = TypeVar("T")
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if {"brokers", "topic", "private_broker"} & set(getattr(item, "fixturenames", ())):
+        if {"brokers", "topic", "broker"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.kafka)
 
 
-def wait_for(check: Callable[[], T], what: str, timeout_s: float = 60, every_s: float = 0.1) -> T:
+def wait_for(check: Callable[[], T | None], what: str, timeout_s: float = 60, every_s: float = 0.1) -> T:
     """Poll ``check`` until it returns something truthy; fail naming ``what`` after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -65,6 +65,21 @@ def topic(brokers: str) -> Iterator[str]:
             future.result(timeout=10)
 
 
+class Logged(subprocess.Popen[bytes]):
+    """A process whose output goes to a file: a pipe nobody reads fills up and
+    blocks the process (librdkafka logs every failed reconnect during an outage)."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str], log: Path) -> None:
+        self.log = log
+        with log.open("ab") as out:
+            super().__init__(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+
+    def output(self, chars: int = 3000) -> str:
+        """The end of what it wrote, without librdkafka's connection noise."""
+        lines = self.log.read_text(errors="replace").splitlines()
+        return "\n".join(line for line in lines if "|rdkafka#" not in line)[-chars:]
+
+
 class Broker:
     """A broker of this test's own, on its own ports with empty storage, that the test may stop and start."""
 
@@ -88,15 +103,7 @@ class Broker:
         self._run("down")
 
 
-@pytest.fixture
-def private_broker(tmp_path: Path) -> Iterator[Broker]:
-    broker = Broker(_free_port_pair(), tmp_path / "kafka")
-    broker.start()
-    yield broker
-    broker.stop()
-
-
-def _free_port_pair() -> int:
+def free_port_pair() -> int:
     """A port whose next port is free too (the KRaft controller takes it)."""
     import socket
 

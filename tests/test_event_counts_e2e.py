@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 from collections import Counter
 from pathlib import Path
 
 import orjson
 import pytest
+from conftest import Logged
 
 from dataflows.event_counts import Settings
 from dataflows.launch import run_command
@@ -40,7 +40,7 @@ def expected_counts(msgs: list[KafkaMessage]) -> dict[str, int]:
 
 def start_dataflow(
     topic: str, tmp: Path, brokers: str, workers: int = 1, extra: dict[str, str] | None = None
-) -> subprocess.Popen[bytes]:
+) -> Logged:
     env = {
         **os.environ,
         "KAFKA_BOOTSTRAP_SERVERS": brokers,
@@ -54,12 +54,12 @@ def start_dataflow(
         **(extra or {}),
     }
     cmd = run_command("dataflows.event_counts:build()", tmp / "recovery", workers=workers)
-    return subprocess.Popen(cmd, env=env, cwd=Path(__file__).parent.parent, stderr=subprocess.PIPE)
+    return Logged(cmd, env, tmp / "dataflow.log")
 
 
-def run_to_end(proc: subprocess.Popen[bytes], timeout_s: float = 240) -> None:
-    _, err = proc.communicate(timeout=timeout_s)
-    assert proc.returncode == 0, err.decode()[-3000:]
+def run_to_end(proc: Logged, timeout_s: float = 240) -> None:
+    proc.wait(timeout=timeout_s)
+    assert proc.returncode == 0, proc.output()
 
 
 def counts_by_id(brokers: str, topic: str) -> tuple[dict[str, int], int]:
@@ -166,9 +166,8 @@ def test_an_invalid_setting_stops_the_dataflow_naming_the_variable(value: str, t
     proc = start_dataflow(
         topic, tmp_path, never_reached, extra={"EVENT_COUNTS_BOUNDED": value, "EVENT_COUNTS_WINDOW_MS": value}
     )
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode != 0
-    assert "EVENT_COUNTS_" in err.decode() and "is not valid: expected" in err.decode()
+    assert proc.wait(timeout=60) != 0
+    assert "EVENT_COUNTS_" in proc.output() and "is not valid: expected" in proc.output()
 
 
 def test_resuming_with_another_shard_count_is_refused(brokers: str, topic: str, tmp_path: Path) -> None:
@@ -176,6 +175,5 @@ def test_resuming_with_another_shard_count_is_refused(brokers: str, topic: str, 
     run_to_end(start_dataflow(topic, tmp_path, brokers))
     produce(brokers, events(topic, 100))
     proc = start_dataflow(topic, tmp_path, brokers, extra={"EVENT_COUNTS_STATE_SHARDS": "4"})
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0
-    assert "written with 8 shards, and is now read with 4" in err.decode()
+    assert proc.wait(timeout=120) != 0
+    assert "written with 8 shards, and is now read with 4" in proc.output()

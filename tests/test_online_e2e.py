@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 import pytest
-from conftest import wait_for
+from conftest import Logged, wait_for
 
 from clients.inference import InferenceClient, InferenceTimeout
 from dataflows.launch import run_command
@@ -43,7 +43,8 @@ class Server:
             "ONLINE_METRICS_PORT": "0",
             **env,
         }
-        self.procs: list[subprocess.Popen[bytes]] = []
+        self.tmp = tmp
+        self.procs: list[Logged] = []
         self.metrics_port = int(self.env["ONLINE_METRICS_PORT"])
         ensure_topics(brokers, Settings(request_topic=f"{topic}.requests", reply_topic=f"{topic}.replies").topics())
 
@@ -54,9 +55,9 @@ class Server:
             addresses = ";".join(f"127.0.0.1:{p}" for p in ports)
             for i in range(self.processes):
                 full = [*cmd, "-i", str(i), "-a", addresses]
-                self.procs.append(subprocess.Popen(full, env=self.env, cwd=ROOT, stderr=subprocess.PIPE))
+                self.procs.append(Logged(full, self.env, self.tmp / f"server-{i}.log"))
         else:
-            self.procs.append(subprocess.Popen(cmd, env=self.env, cwd=ROOT, stderr=subprocess.PIPE))
+            self.procs.append(Logged(cmd, self.env, self.tmp / "server.log"))
         return self
 
     def client(self, timeout_s: float = 5.0) -> InferenceClient:
@@ -71,7 +72,7 @@ class Server:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             for proc in self.procs:
-                assert proc.poll() is None, proc.communicate()[1].decode()[-3000:]
+                assert proc.poll() is None, proc.output()
             try:
                 if client.predict("tabular-risk", [0.0] * 8, timeout_s=2)["status"] == "ok":
                     return

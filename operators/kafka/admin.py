@@ -137,36 +137,48 @@ def wait_for_topics(
 
 
 class TopicCache:
-    """Partition counts of topics, from the broker's metadata, refreshed as they age.
+    """Partition counts of topics, from the broker's metadata.
 
-    :meth:`partitions` answers from the cache; a topic not seen, or last seen
-    more than ``max_age_s`` ago, is asked for again (at most every
-    ``min_refresh_s``, so a stream of requests naming made-up topics cannot
-    flood the broker). A refresh is one metadata request with a short timeout:
-    while the broker is down the cache answers with what it last saw.
-    Thread-safe.
+    :meth:`partitions` answers from the cache, which a background thread
+    refreshes every ``refresh_s`` (so a broker outage never blocks a caller on a
+    known topic). A topic the cache does not know is asked for at once, at most
+    every ``min_miss_refresh_s`` (so a stream of requests naming made-up topics
+    cannot flood the broker) and with a short timeout; while the broker is
+    down the cache answers with what it last saw. Thread-safe.
     """
 
-    def __init__(self, brokers: str, *, max_age_s: float = 30.0, min_refresh_s: float = 1.0) -> None:
+    def __init__(self, brokers: str, *, refresh_s: float = 10.0, min_miss_refresh_s: float = 1.0) -> None:
         self.brokers = brokers
         self._admin = _admin(brokers)
-        self._max_age_s = max_age_s
-        self._min_refresh_s = min_refresh_s
+        self._min_miss_refresh_s = min_miss_refresh_s
         self._known: dict[str, int] = {}
         self._refreshed = -float("inf")
         self._lock = threading.Lock()
+        self._refresh(timeout_s=5)
+        self._stop = threading.Event()
+        threading.Thread(target=self._keep_fresh, args=(refresh_s,), name="topic-cache", daemon=True).start()
 
     def partitions(self, topic: str) -> int | None:
         """``topic``'s partition count, or ``None`` if it does not exist."""
+        known = self._known.get(topic)
+        if known is None and time.monotonic() - self._refreshed >= self._min_miss_refresh_s:
+            self._refresh(timeout_s=1)
+            known = self._known.get(topic)
+        return known
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _keep_fresh(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            self._refresh(timeout_s=5)
+
+    def _refresh(self, timeout_s: float) -> None:
         with self._lock:
-            now = time.monotonic()
-            stale = now - self._refreshed > self._max_age_s
-            if (stale or topic not in self._known) and now - self._refreshed >= self._min_refresh_s:
-                self._refreshed = now
-                try:
-                    meta = self._admin.list_topics(timeout=5)
-                except KafkaException as exc:
-                    log.warning("cannot refresh topic metadata at %s: %s; using what was last seen", self.brokers, exc)
-                else:
-                    self._known = {n: len(t.partitions) for n, t in meta.topics.items() if t.error is None}
-            return self._known.get(topic)
+            self._refreshed = time.monotonic()
+            try:
+                meta = self._admin.list_topics(timeout=timeout_s)
+            except KafkaException as exc:
+                log.warning("cannot refresh topic metadata at %s: %s; using what was last seen", self.brokers, exc)
+                return
+            self._known = {n: len(t.partitions) for n, t in meta.topics.items() if t.error is None and t.partitions}

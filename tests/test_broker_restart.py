@@ -1,0 +1,77 @@
+"""Both dataflows ride out a broker restart under load, on a broker of the tests' own
+(its own ports and empty storage), stopped and started as `make kafka-down` / `kafka-up` do."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Broker, free_port_pair, wait_for
+from test_event_counts_e2e import counts_by_id, events, expected_counts, prepare, run_to_end, start_dataflow
+from test_online_e2e import Server, inputs
+
+OUTAGE_S = 8  # the broker stays down this long, under load
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    broker = Broker(free_port_pair(), tmp_path_factory.mktemp("kafka"))
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+def restart(broker: Broker) -> None:
+    broker.stop()
+    time.sleep(OUTAGE_S)  # the outage itself, not a wait for something to happen
+    broker.start()
+
+
+def test_online_inference_answers_every_request_sent_before_during_and_after_a_restart(
+    broker: Broker, tmp_path: Path
+) -> None:
+    srv = Server(broker.address, "restart", tmp_path).start()
+    futures: list[Future[dict[str, Any]]] = []
+    try:
+        with srv.client(timeout_s=120) as client:
+            srv.wait_ready(client)
+            stop = threading.Event()
+
+            def load() -> None:
+                i = 0
+                while not stop.is_set():
+                    futures.append(client.submit("tabular-risk", inputs(i), timeout_s=120)[1])
+                    i += 1
+                    time.sleep(0.01)
+
+            sender = threading.Thread(target=load)
+            sender.start()
+            wait_for(lambda: sum(f.done() for f in futures) > 50, "replies before the restart")
+            restart(broker)
+            sent_by_restart = len(futures)
+            wait_for(lambda: len(futures) > sent_by_restart + 100, "requests after the restart")
+            stop.set()
+            sender.join()
+            results = [f.result(timeout=120) for f in futures]
+        assert all(proc.poll() is None for proc in srv.procs), "the server died"
+    finally:
+        srv.stop()
+    assert {r["status"] for r in results} == {"ok"}
+
+
+def test_event_counts_stay_exact_through_a_restart(broker: Broker, tmp_path: Path) -> None:
+    topic = "restart-events"
+    msgs = events(topic, 300_000, step_ms=2)
+    prepare(broker.address, topic, msgs)
+    proc = start_dataflow(topic, tmp_path, broker.address)
+    wait_for(lambda: proc.poll() is not None or counts_by_id(broker.address, topic)[1] > 0, "the first counts")
+    assert proc.poll() is None, "the dataflow finished before the restart; give it more input"
+    restart(broker)
+    run_to_end(proc)
+    by_id, _ = counts_by_id(broker.address, topic)
+    assert by_id == expected_counts(msgs)
