@@ -5,9 +5,25 @@ recovery store at every snapshot; that caps state at memory size. Here keys are
 hashed onto a fixed number of shards; each shard is one Bytewax key whose logic
 owns a :class:`~state.StateStore` (one RocksDB database per shard under
 ``state_dir/<step id>/``). The shard's snapshot is just the store's commit
-number, and on resume the store rolls back to it, so after a kill -9 state
-equals the state at the last completed snapshot and replayed input is applied
-exactly once.
+(number and lineage), and on resume the store rolls back to it, so after a
+kill -9 state equals the state at the last completed snapshot and replayed
+input is applied exactly once.
+
+Every execution wakes every shard in its first epoch. Bytewax snapshots a key
+only in epochs in which its logic ran, and resumes each key from its latest
+snapshot older than the resume epoch. A run killed after writing the snapshots
+of an epoch E, but before every worker had recorded E as complete, is resumed
+from E, and what it wrote at E stays in the recovery store. If a shard then does
+nothing in E (its items come in a later epoch: a Kafka consumer's first polls
+return nothing), the next run to get past E resumes that shard from the dead
+run's snapshot: a commit the store had rolled back and whose number it has
+since reused, for instance for its state after emitting its windows. Killed
+twice while flushing the windows emitted at the end of a bounded input, a
+dataflow lost a whole shard's windows that way. A one-off input sends each
+shard a wake-up, which Bytewax delivers in the resume epoch (a source emits its
+first batch there), so every shard is snapshotted in E and the dead run's
+snapshots are overwritten; should a rolled-back commit still come back, the
+store refuses it.
 
 :func:`keyed_state` runs a :class:`ShardProgram` (per-item logic plus timers)
 over the shards; :func:`running_aggregate` is the simplest program: a fold per
@@ -21,10 +37,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, NamedTuple, Protocol, TypeVar
 
 import bytewax.operators as op
 from bytewax.dataflow import operator
+from bytewax.inputs import DynamicSource, StatelessSourcePartition
 from bytewax.operators import KeyedStream, StatefulBatchLogic
 
 from common import hash_key, wall_ms
@@ -41,6 +58,35 @@ A = TypeVar("A")
 
 
 _SHARDS_KEY = "\x01shards"
+
+
+class _Wake(NamedTuple):
+    """Sent to every shard as an execution starts; the shard first, as in an item ``(shard, key, value)``."""
+
+    shard: str
+
+
+class _WakePartition(StatelessSourcePartition[tuple[str, _Wake]]):
+    def __init__(self, wakes: list[tuple[str, _Wake]]) -> None:
+        self._wakes = wakes
+
+    def next_batch(self) -> list[tuple[str, _Wake]]:
+        if not self._wakes:
+            raise StopIteration()
+        batch, self._wakes = self._wakes, []
+        return batch
+
+
+@dataclass(frozen=True)
+class _WakeSource(DynamicSource[tuple[str, _Wake]]):
+    """One :class:`_Wake` per shard, once per execution (not recovered: every execution sends them again)."""
+
+    shards: int
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _WakePartition:
+        # Worker 0 sends them all; Bytewax routes each to the worker that owns the shard.
+        shards = range(self.shards) if worker_index == 0 else range(0)
+        return _WakePartition([(str(shard), _Wake(str(shard))) for shard in shards])
 
 
 @dataclass(frozen=True)
@@ -83,8 +129,12 @@ class ShardProgram(Protocol[V_in, W_out]):
     def on_eof(self, store: StateStore) -> Iterable[tuple[str, W_out]]: ...
 
 
-class _ShardLogic(StatefulBatchLogic[tuple[str, str, V], tuple[str, W], tuple[str, int]], Generic[V, W]):
-    """One shard's logic. Its snapshot is ``(shard, commit seq)``: Bytewax gives a
+# (shard, commit seq, lineage); snapshots written before lineages were kept are (shard, commit seq)
+_Snapshot = tuple[str, int, str] | tuple[str, int]
+
+
+class _ShardLogic(StatefulBatchLogic[tuple[str, str, V] | _Wake, tuple[str, W], _Snapshot], Generic[V, W]):
+    """One shard's logic. Its snapshot names the shard and the commit: Bytewax gives a
     builder only the resume state, and a resumed shard must know which store to open."""
 
     def __init__(
@@ -92,7 +142,7 @@ class _ShardLogic(StatefulBatchLogic[tuple[str, str, V], tuple[str, W], tuple[st
         step_id: str,
         program: ShardProgram[V, W],
         config: StateConfig,
-        resume: tuple[str, int] | None,
+        resume: _Snapshot | None,
     ) -> None:
         self._step_id = step_id
         self._program = program
@@ -104,10 +154,10 @@ class _ShardLogic(StatefulBatchLogic[tuple[str, str, V], tuple[str, W], tuple[st
         if resume is not None:
             self._open(*resume)
 
-    def _open(self, shard: str, seq: int | None) -> StateStore:
+    def _open(self, shard: str, seq: int | None, lineage: str | None = None) -> StateStore:
         self._shard = shard
         store = self._store = self._config.open_store(self._step_id, shard)
-        store.restore(seq)
+        store.restore(seq, lineage=lineage)
         written_with = store.get(_SHARDS_KEY)
         if written_with is None:
             store.put(_SHARDS_KEY, self._config.shards)
@@ -124,14 +174,15 @@ class _ShardLogic(StatefulBatchLogic[tuple[str, str, V], tuple[str, W], tuple[st
             store.commit(snapshot=False)
         return out, StatefulBatchLogic.RETAIN
 
-    def on_batch(self, values: list[tuple[str, str, V]]) -> tuple[list[tuple[str, W]], bool]:
+    def on_batch(self, values: list[tuple[str, str, V] | _Wake]) -> tuple[list[tuple[str, W]], bool]:
         start = time.perf_counter()
         store = self._store or self._open(values[0][0], None)
         out: list[tuple[str, W]] = []
-        for _, key, value in values:
+        items = [value for value in values if not isinstance(value, _Wake)]
+        for _, key, value in items:
             out.extend(self._program.on_item(store, key, value))
         out.extend(self._program.on_timer(store))
-        self._items.inc(len(values))
+        self._items.inc(len(items))
         self._seconds.observe(time.perf_counter() - start)
         return self._done(store, out)
 
@@ -149,9 +200,10 @@ class _ShardLogic(StatefulBatchLogic[tuple[str, str, V], tuple[str, W], tuple[st
         due = None if self._store is None else self._program.next_timer_ms(self._store)
         return None if due is None else datetime.fromtimestamp(due / 1000, tz=UTC)
 
-    def snapshot(self) -> tuple[str, int]:
+    def snapshot(self) -> tuple[str, int, str]:
         assert self._store is not None, "Bytewax snapshots a logic only after it saw items"
-        return self._shard, self._store.commit()
+        seq = self._store.commit()
+        return self._shard, seq, self._store.lineage
 
 
 @operator
@@ -168,11 +220,14 @@ def keyed_state(
         shard = str(hash_key(key) % config.shards)
         return shard, (shard, key, value)
 
-    def build(resume: tuple[str, int] | None) -> _ShardLogic[V, W]:
+    def build(resume: _Snapshot | None) -> _ShardLogic[V, W]:
         return _ShardLogic(step_id, program_factory(), config, resume)
 
     sharded = op.map("shard", up, to_shard)
-    outs = op.stateful_batch("logic", sharded, build)
+    # Wakes every shard in the epoch this execution resumes from (see the module docstring).
+    wakes = op.input("wake", up.flow(), _WakeSource(config.shards))
+    woken: KeyedStream[tuple[str, str, V] | _Wake] = op.merge("woken", sharded, wakes)
+    outs = op.stateful_batch("logic", woken, build)
     # (shard, (key, out)) -> (key, out)
     return op.map("unshard", outs, lambda shard_out: shard_out[1])
 

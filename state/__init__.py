@@ -2,7 +2,8 @@
 backends, and a store whose commits line up with Bytewax's snapshots."""
 
 from state.backends import Backend, MemoryBackend, RocksDBBackend
-from state.store import StateError, StateRecoveryError, StateStore
+from state.errors import StateError, StateRecoveryError
+from state.store import StateStore
 
 __all__ = [
     "Backend",

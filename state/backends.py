@@ -20,6 +20,8 @@ from typing import Protocol
 
 from rocksdict import Options, Rdict, WriteBatch
 
+from state.errors import StateError
+
 __all__ = ["Backend", "MemoryBackend", "RocksDBBackend"]
 
 
@@ -71,6 +73,8 @@ class RocksDBBackend:
 
     def __init__(self, path: str | Path, *, write_buffer_mb: int = 16) -> None:
         self.path = Path(path)
+        # left by a kill inside clear(): the database it held was being deleted
+        shutil.rmtree(self._discarded(), ignore_errors=True)
         self.path.mkdir(parents=True, exist_ok=True)
         self._write_buffer_mb = write_buffer_mb
         self._db = self._open()
@@ -79,7 +83,17 @@ class RocksDBBackend:
         options = Options(raw_mode=True)
         options.create_if_missing(True)
         options.set_write_buffer_size(self._write_buffer_mb << 20)
-        return Rdict(str(self.path), options)
+        try:
+            return Rdict(str(self.path), options)
+        except Exception as exc:  # rocksdict raises a bare Exception carrying RocksDB's status
+            if "lock" in str(exc).lower():
+                hint = (
+                    "another process holds it: a second run of the same dataflow, or one still shutting down. "
+                    "Stop it, or give this run its own state directory"
+                )
+            else:
+                hint = "check that the path is a writable directory on a disk with free space"
+            raise StateError(f"cannot open the RocksDB state at {self.path}: {exc}. {hint}.") from exc
 
     def get(self, key: bytes) -> bytes | None:
         value: bytes | None = self._db.get(key)
@@ -104,11 +118,17 @@ class RocksDBBackend:
             yield key, it.value()
             it.next()
 
+    def _discarded(self) -> Path:
+        return self.path.with_name(self.path.name + ".discarded")
+
     def clear(self) -> None:
         self._db.close()
-        Rdict.destroy(str(self.path))
-        shutil.rmtree(self.path, ignore_errors=True)
-        self.path.mkdir(parents=True, exist_ok=True)
+        # Rename, then delete: a kill while deleting in place leaves WAL files
+        # that RocksDB refuses to open a new database over ("wal_dir contains
+        # existing log file"), so the shard could not be opened again.
+        self.path.rename(self._discarded())
+        shutil.rmtree(self._discarded())
+        self.path.mkdir(parents=True)
         self._db = self._open()
 
     def close(self) -> None:

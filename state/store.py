@@ -16,6 +16,14 @@ resumes from its last or second to last unless its ``backup_interval`` holds
 more). Early commits (``snapshot=False``), which bound the memory held between
 snapshots, use no part of that allowance.
 
+Commit numbers are reused after a restore (restoring to 4 makes the next commit
+5 again), so a number alone does not name one state. Each restore therefore
+starts a new *lineage* (a random id), and each snapshot commit is recorded with
+the lineage it was made in: a snapshot token is the pair, and :meth:`restore`
+refuses a pair it has rolled back instead of returning to whatever state now
+carries that number. (Bytewax can hand back such a token: see
+:mod:`operators.stateful`.)
+
 Values are JSON documents (orjson): tuples come back as lists.
 
 Expiry: a value put with ``ttl_ms`` reads as absent once its time has passed and
@@ -29,17 +37,15 @@ Key encoding (bytes, ordered so that scans are prefix ranges)::
     b"t" + timer + b"\\0" + due_ms (8 BE) + key -> b""
     b"u" + seq (8 BE) + stored key           -> b"\\0" (was absent) or b"\\1" + previous bytes
     b"m:seq"                                 -> last committed seq (8 bytes BE)
-    b"m:snapshots"                           -> {"snapshots": [seq, ...], "undo_floor": seq} (orjson)
+    b"m:snapshots"                           -> {"snapshots": [[seq, lineage], ...], "undo_floor": seq} (orjson)
 
-Exceptions::
-
-    StateError
-     └── StateRecoveryError   the store cannot return to the snapshot asked for
+Exceptions: see :mod:`state.errors`.
 """
 
 from __future__ import annotations
 
 import heapq
+import secrets
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -47,6 +53,7 @@ import orjson
 
 from common import wall_ms
 from state.backends import Backend
+from state.errors import StateError, StateRecoveryError
 
 __all__ = ["StateError", "StateRecoveryError", "StateStore"]
 
@@ -55,14 +62,6 @@ _SNAPSHOTS_KEY = b"m:snapshots"
 _TTL_TIMER = "ttl"
 _ABSENT = b"\x00"
 _PRESENT = b"\x01"
-
-
-class StateError(Exception):
-    pass
-
-
-class StateRecoveryError(StateError):
-    pass
 
 
 def _be(n: int) -> bytes:
@@ -79,6 +78,10 @@ def _timer_prefix(timer: str) -> bytes:
 
 def _undo_prefix(seq: int) -> bytes:
     return b"u" + _be(seq)
+
+
+def _new_lineage() -> str:
+    return secrets.token_hex(8)
 
 
 class StateStore:
@@ -106,8 +109,14 @@ class StateStore:
         raw = self.backend.get(_SEQ_KEY)
         self.seq = int.from_bytes(raw, "big") if raw else 0
         meta = orjson.loads(self.backend.get(_SNAPSHOTS_KEY) or b'{"snapshots": [], "undo_floor": 0}')
-        self._snapshots: list[int] = meta["snapshots"]
+        # [seq, lineage] pairs; stores written before lineages were kept list bare numbers.
+        self._snapshots: list[list[Any]] = [s if isinstance(s, list) else [s, ""] for s in meta["snapshots"]]
         self._undo_floor: int = meta["undo_floor"]
+        # Commits made from here on belong to a history no token handed out so far can name.
+        self.lineage = _new_lineage()
+
+    def _meta(self) -> bytes:
+        return orjson.dumps({"snapshots": self._snapshots, "undo_floor": self._undo_floor})
 
     # -- reads and writes -------------------------------------------------
 
@@ -231,31 +240,39 @@ class StateStore:
             batch[undo + key] = _ABSENT if before is None else _PRESENT + before
             batch[key] = value
         if snapshot:
-            self._snapshots.append(seq)
+            self._snapshots.append([seq, self.lineage])
             if len(self._snapshots) > self.undo_retain:
                 del self._snapshots[: -self.undo_retain]
                 # a restore goes back to the oldest retained snapshot at most
-                new_floor = self._snapshots[0] + 1
+                new_floor = self._snapshots[0][0] + 1
                 for key, _ in self.backend.scan(_undo_prefix(self._undo_floor), _undo_prefix(new_floor)):
                     batch[key] = None
                 self._undo_floor = new_floor
-            batch[_SNAPSHOTS_KEY] = orjson.dumps({"snapshots": self._snapshots, "undo_floor": self._undo_floor})
+            batch[_SNAPSHOTS_KEY] = self._meta()
         batch[_SEQ_KEY] = _be(seq)
         self.backend.write(batch)
         self._clear_pending()
         self.seq = seq
         return seq
 
-    def restore(self, seq: int | None) -> None:
+    def restore(self, seq: int | None, *, lineage: str | None = None) -> None:
         """Return to the state committed as ``seq`` (``None``: empty state).
 
-        Pending writes are discarded.
+        With ``lineage`` (the :attr:`lineage` the snapshot commit was made in),
+        refuse a commit that an earlier restore rolled back. Pending writes are
+        discarded; later commits start a new lineage.
         """
         self._clear_pending()
         if not seq:
             self.backend.clear()
             self._load_meta()
             return
+        if seq > self.seq and not self.backend.durable:
+            raise StateRecoveryError(
+                f"the snapshot to resume from is commit {seq}, but this state was kept in memory and did not "
+                "survive the restart: give the step a state directory (StateConfig.state_dir) to resume, or "
+                "start over with an empty recovery directory."
+            )
         if seq > self.seq:
             raise StateRecoveryError(
                 f"the snapshot to resume from is commit {seq}, but the state store at "
@@ -269,6 +286,14 @@ class StateStore:
                 f"{self._undo_floor - 1} only; raise undo_retain above the number of snapshots "
                 "Bytewax keeps (backup_interval / snapshot interval)."
             )
+        if lineage is not None and [seq, lineage] not in self._snapshots:
+            raise StateRecoveryError(
+                f"the snapshot to resume from is commit {seq} of lineage {lineage}, which the state store at "
+                f"{getattr(self.backend, 'path', 'memory')} rolled back when an earlier run resumed (the number "
+                "now names another state): the recovery store handed back a snapshot written by a run that was "
+                "killed, and resuming from it would lose or double-count input. Delete the recovery and state "
+                "directories together to start over from the input."
+            )
         batch: dict[bytes, bytes | None] = {}
         # Oldest undo record first: a key's value before commit seq+1 is the one to restore.
         for ukey, before in self.backend.scan(_undo_prefix(seq + 1), _undo_prefix(self.seq + 1)):
@@ -276,11 +301,12 @@ class StateStore:
             if key not in batch:
                 batch[key] = None if before == _ABSENT else before[1:]
             batch[ukey] = None
-        self._snapshots = [s for s in self._snapshots if s <= seq]
-        batch[_SNAPSHOTS_KEY] = orjson.dumps({"snapshots": self._snapshots, "undo_floor": self._undo_floor})
+        self._snapshots = [s for s in self._snapshots if s[0] <= seq]
+        batch[_SNAPSHOTS_KEY] = self._meta()
         batch[_SEQ_KEY] = _be(seq)
         self.backend.write(batch)
         self.seq = seq
+        self.lineage = _new_lineage()
 
     def close(self) -> None:
         self.backend.close()

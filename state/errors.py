@@ -1,0 +1,17 @@
+"""The keyed-state exception tree::
+
+StateError               the state cannot be opened or used (a path, a lock, a shard count)
+ └── StateRecoveryError  the store cannot return to the snapshot asked for
+"""
+
+from __future__ import annotations
+
+__all__ = ["StateError", "StateRecoveryError"]
+
+
+class StateError(Exception):
+    """Keyed state cannot be opened or used as asked; the message says what to do."""
+
+
+class StateRecoveryError(StateError):
+    """The store cannot return to the snapshot Bytewax resumes from."""
