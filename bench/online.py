@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import os
 import queue
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,8 +34,8 @@ import torch
 
 from bench.report import parse_args, progress, write_report
 from clients.inference import AsyncInferenceClient, InferenceTimeout
-from common import default_brokers
-from dataflows.launch import run_command
+from common import default_brokers, free_port
+from dataflows.launch import exited, run_command
 from dataflows.online_inference import Settings
 from models.registry import REGISTRY, Model
 from operators.kafka import ensure_topics
@@ -145,12 +144,6 @@ def max_sustained(rows: list[dict[str, float]]) -> float:
     return max(ok, default=0)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def wait_http(url: str, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -179,12 +172,7 @@ async def run_patternflow(rates: list[int], seconds: float, workdir: Path) -> li
         client = AsyncInferenceClient(
             BROKERS, request_topic=settings.request_topic, reply_topic=settings.reply_topic, timeout_s=TIMEOUT_S
         )
-        for _ in range(120):
-            try:
-                await client.predict(MODEL, features(0), timeout_s=2)
-                break
-            except InferenceTimeout:
-                pass
+        await client.wait_until_serving(MODEL, features(0), timeout_s=240, give_up=lambda: exited(server))
         rows = await sweep("patternflow", lambda x: client.predict(MODEL, x), rates, seconds)
         await client.close()
         return rows

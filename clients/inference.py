@@ -22,6 +22,7 @@ import random
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
@@ -106,6 +107,24 @@ class InferenceClient:
             self.forget(correlation_id)
             raise InferenceTimeout(f"no reply to {correlation_id} within {timeout} s") from None
 
+    def wait_until_serving(
+        self, model: str, inputs: Any, *, timeout_s: float = 120.0, give_up: Callable[[], str | None] = lambda: None
+    ) -> dict[str, Any]:
+        """Send a request until one is answered, and return that reply: for a caller
+        that starts a server and must know when it serves (one that reads from the
+        end only once its models are loaded leaves earlier requests unread).
+        ``give_up`` may return a reason to stop waiting (the server exited, say)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            reason = give_up()
+            if reason:
+                raise InferenceTimeout(f"stopped waiting for the server: {reason}")
+            try:
+                return self.predict(model, inputs, timeout_s=min(2.0, self.timeout_s))
+            except InferenceTimeout:
+                pass
+        raise InferenceTimeout(f"no server answered {model!r} requests on {self.request_topic} within {timeout_s} s")
+
     def _receive(self) -> None:
         while not self._closed.is_set():
             # poll() returns at the first message; consume(n, t) would wait for n or t.
@@ -152,6 +171,10 @@ class AsyncInferenceClient:
         except TimeoutError:
             self._client.forget(correlation_id)
             raise InferenceTimeout(f"no reply to {correlation_id} within {timeout} s") from None
+
+    async def wait_until_serving(self, model: str, inputs: Any, **kwargs: Any) -> dict[str, Any]:
+        """See :meth:`InferenceClient.wait_until_serving`."""
+        return await asyncio.to_thread(self._client.wait_until_serving, model, inputs, **kwargs)
 
     async def close(self) -> None:
         await asyncio.to_thread(self._client.close)

@@ -7,10 +7,11 @@ from here: the wall clock, the routing hash and the broker address default.
 from __future__ import annotations
 
 import os
+import socket
 import time
 import zlib
 
-__all__ = ["BROKERS_ENV", "DEFAULT_BROKERS", "InvalidMessage", "default_brokers", "hash_key", "wall_ms"]
+__all__ = ["BROKERS_ENV", "DEFAULT_BROKERS", "InvalidMessage", "default_brokers", "free_port", "hash_key", "wall_ms"]
 
 BROKERS_ENV = "KAFKA_BOOTSTRAP_SERVERS"
 DEFAULT_BROKERS = "127.0.0.1:9092"
@@ -36,3 +37,10 @@ def wall_ms() -> int:
 def hash_key(key: str) -> int:
     """A hash of a routing key that is the same in every process (``hash()`` is salted)."""
     return zlib.crc32(key.encode())
+
+
+def free_port() -> int:
+    """A TCP port free on this host now (for test and benchmark servers)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

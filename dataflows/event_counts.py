@@ -38,6 +38,7 @@ from operators.stateful import StateConfig
 from operators.windowing import EventClock, Late, TumblingWindower, WindowResult, tumbling_window
 
 LATE_SUFFIX = ".late"
+MAX_TS_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: later times have no datetime
 
 
 @dataclass(frozen=True)
@@ -97,8 +98,8 @@ def parse_event(max_bytes: int) -> Callable[[KafkaMessage], Event]:
         key, ts_ms = doc.get("key"), doc.get("ts_ms")
         if not isinstance(key, str) or not key:
             raise InvalidMessage(f"'key' must be a non-empty string, got {key!r}")
-        if not isinstance(ts_ms, int) or isinstance(ts_ms, bool) or ts_ms < 0:
-            raise InvalidMessage(f"'ts_ms' must be a non-negative integer (epoch ms), got {ts_ms!r}")
+        if not isinstance(ts_ms, int) or isinstance(ts_ms, bool) or not 0 <= ts_ms <= MAX_TS_MS:
+            raise InvalidMessage(f"'ts_ms' must be a non-negative integer (epoch ms) before year 10000, got {ts_ms!r}")
         return Event(key, ts_ms, msg.partition or 0)
 
     return parse

@@ -58,6 +58,7 @@ A = TypeVar("A")
 
 
 _SHARDS_KEY = "\x01shards"
+_LATEST_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z, the latest datetime
 
 
 class _Wake(NamedTuple):
@@ -198,7 +199,8 @@ class _ShardLogic(StatefulBatchLogic[tuple[str, str, V] | _Wake, tuple[str, W], 
 
     def notify_at(self) -> datetime | None:
         due = None if self._store is None else self._program.next_timer_ms(self._store)
-        return None if due is None else datetime.fromtimestamp(due / 1000, tz=UTC)
+        # A timer past what datetime can hold (an event from year 10000 and on) waits for EOF, not a crash.
+        return None if due is None else datetime.fromtimestamp(min(due, _LATEST_MS) / 1000, tz=UTC)
 
     def snapshot(self) -> tuple[str, int, str]:
         assert self._store is not None, "Bytewax snapshots a logic only after it saw items"

@@ -24,10 +24,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import orjson
 
-from clients.inference import InferenceClient, InferenceTimeout
+from clients.inference import InferenceClient
 from common import default_brokers
 from dataflows.event_counts import Settings
-from dataflows.launch import run_command
+from dataflows.launch import exited, run_command
 from dataflows.online_inference import Settings as OnlineSettings
 from operators.kafka import KafkaMessage, ensure_topics, produce, read_topic
 
@@ -122,7 +122,7 @@ def online_demo(workdir: Path) -> None:
     try:
         # The server creates its topics at start: the client waits for them.
         with InferenceClient(BROKERS, timeout_s=2, wait_for_server_s=300) as client:
-            wait_until_serving(client, server)
+            client.wait_until_serving("tabular-risk", [0.0] * 8, timeout_s=300, give_up=lambda: exited(server))
             print("2/3 requests through the Python client:", flush=True)
             for row in ([2.5, 3.0, 1.5, 1.2, 1.0, -1.0, 1.0, 0.0], [-0.5, 0.2, -1.0, -0.3, -0.2, 1.5, 0.0, 1.0]):
                 reply = client.predict("tabular-risk", row)
@@ -155,20 +155,6 @@ def online_demo(workdir: Path) -> None:
         server.wait(timeout=30)
     print(f"    dead letters go to {settings.dlq_topic}")
     print(f"    metrics were served at http://127.0.0.1:{settings.metrics_port}/metrics while it ran")
-
-
-def wait_until_serving(client: InferenceClient, server: subprocess.Popen[bytes], timeout_s: float = 300) -> None:
-    """Until the server answers (it reads from the end once its models are loaded, so early requests go unread)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"the online-inference server exited with code {server.returncode}; see its output above")
-        try:
-            client.predict("tabular-risk", [0.0] * 8)
-            return
-        except InferenceTimeout:
-            pass
-    raise SystemExit(f"the online-inference server did not answer within {timeout_s:.0f} s; see its output above")
 
 
 if __name__ == "__main__":

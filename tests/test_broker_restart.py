@@ -75,3 +75,24 @@ def test_event_counts_stay_exact_through_a_restart(broker: Broker, tmp_path: Pat
     run_to_end(proc)
     by_id, _ = counts_by_id(broker.address, topic)
     assert by_id == expected_counts(msgs)
+
+
+def test_an_outage_past_the_limit_stops_a_dataflow_loudly_and_a_rerun_resumes_it(
+    broker: Broker, tmp_path: Path
+) -> None:
+    topic = "outage-events"
+    msgs = events(topic, 300_000, step_ms=2)
+    prepare(broker.address, topic, msgs)
+    short_limit = {"KAFKA_OUTAGE_LIMIT_S": "5"}
+    proc = start_dataflow(topic, tmp_path, broker.address, extra=short_limit)
+    wait_for(lambda: proc.poll() is not None or counts_by_id(broker.address, topic)[1] > 0, "the first counts")
+    assert proc.poll() is None, "the dataflow finished before the outage; give it more input"
+    broker.stop()
+    try:
+        assert proc.wait(timeout=90) != 0
+    finally:
+        broker.start()
+    assert "KAFKA_OUTAGE_LIMIT_S" in proc.output(), proc.output()
+    run_to_end(start_dataflow(topic, tmp_path, broker.address, extra=short_limit))
+    by_id, _ = counts_by_id(broker.address, topic)
+    assert by_id == expected_counts(msgs)

@@ -120,6 +120,7 @@ def malformed(topic: str, n: int) -> list[tuple[KafkaMessage, str]]:
         (b"[1, 2, 3]", "expected a JSON object"),
         (orjson.dumps({"ts_ms": BASE_MS}), "'key' must be a non-empty string"),
         (orjson.dumps({"key": "user-1", "ts_ms": "yesterday"}), "'ts_ms' must be a non-negative integer"),
+        (orjson.dumps({"key": "user-1", "ts_ms": 2**62}), "before year 10000"),
         (orjson.dumps({"key": "user-1", "ts_ms": BASE_MS, "pad": "x" * 2048}), "over the 1024 byte limit"),
         (None, "no value"),
     ]

@@ -9,6 +9,7 @@ import bytewax.operators as op
 import pytest
 from bytewax.dataflow import Dataflow
 from bytewax.testing import TestingSink, TestingSource, run_main
+from conftest import wait_for
 
 from operators.kafka import (
     KafkaDeliveryError,
@@ -73,7 +74,7 @@ def test_bounded_read_stops_at_the_end_fixed_at_start_while_producers_write(brok
     writer = threading.Thread(target=keep_writing)
     writer.start()
     try:
-        time.sleep(0.3)
+        wait_for(lambda: len(read_topic(brokers, topic)) > 1_000, "the writer's first messages")
         source = KafkaSource(brokers, [topic], bounded=True)
         part = source.build_part("test", source.list_parts()[0], None)
         end = part.snapshot().end_offset

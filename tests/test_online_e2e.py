@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ import pytest
 from conftest import Logged, wait_for
 
 from clients.inference import InferenceClient, InferenceTimeout
+from common import free_port
 from dataflows.launch import run_command
 from dataflows.online_inference import Settings
 from models.registry import REGISTRY
@@ -68,17 +68,12 @@ class Server:
             timeout_s=timeout_s,
         )
 
-    def wait_ready(self, client: InferenceClient, timeout_s: float = 90) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            for proc in self.procs:
-                assert proc.poll() is None, proc.output()
-            try:
-                if client.predict("tabular-risk", [0.0] * 8, timeout_s=2)["status"] == "ok":
-                    return
-            except InferenceTimeout:
-                pass
-        raise AssertionError("the dataflow did not answer within 90 s")
+    def wait_ready(self, client: InferenceClient) -> None:
+        def exited() -> str | None:
+            dead = [proc for proc in self.procs if proc.poll() is not None]
+            return dead[0].output() if dead else None
+
+        assert client.wait_until_serving("tabular-risk", [0.0] * 8, timeout_s=90, give_up=exited)["status"] == "ok"
 
     def kill(self) -> None:
         for proc in self.procs:
@@ -91,12 +86,6 @@ class Server:
             proc.terminate()
             proc.wait(timeout=30)
         self.procs = []
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def raw_request(topic: str, value: bytes | None, **headers: str | bytes) -> KafkaMessage:
@@ -284,9 +273,10 @@ def test_kill_9_under_load_every_request_is_answered_after_restart(brokers: str,
 
         sender = threading.Thread(target=load)
         sender.start()
-        time.sleep(2)
+        wait_for(lambda: sum(f.done() for f in list(futures.values())) >= 100, "replies before the kill")
         srv.kill()
-        time.sleep(1)  # requests keep arriving while the server is down
+        sent_at_kill = len(futures)
+        wait_for(lambda: len(futures) >= sent_at_kill + 100, "requests sent while the server is down")
         stop.set()
         sender.join()
         answered_before = sum(f.done() for f in futures.values())

@@ -37,7 +37,7 @@ from confluent_kafka import Producer
 
 from common import hash_key
 from operators import metrics
-from operators.kafka.client import DEFAULT_OUTAGE_LIMIT_S, producer_config, send
+from operators.kafka.client import DEFAULT_OUTAGE_LIMIT_S, OUTAGE_LIMIT_ENV, producer_config, send
 from operators.kafka.errors import KafkaDeliveryError
 from operators.kafka.message import KafkaMessage
 
@@ -79,7 +79,10 @@ class _Failure:
         return self.error.code() in _MESSAGE_FAULTS
 
     def describe(self) -> str:
-        return f"{self.topic}[{self.partition}] key={self.key!r:.80}: {self.error.str()}"
+        said = f"{self.topic}[{self.partition}] key={self.key!r:.80}: {self.error.str()}"
+        if self.error.code() == RdKafkaError._MSG_TIMED_OUT:
+            said += f" (the broker did not acknowledge it within the outage limit; {OUTAGE_LIMIT_ENV} sets it)"
+        return said
 
     def dead_letter(self, step_id: str, dlq_topic: str) -> KafkaMessage:
         value, headers = (
