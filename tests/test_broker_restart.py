@@ -3,17 +3,14 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
 
 import pytest
 from conftest import Broker, free_port_pair, wait_for
 from test_event_counts_e2e import counts_by_id, events, expected_counts, prepare, run_to_end, start_dataflow
-from test_online_e2e import Server, inputs
+from test_online_e2e import Load, Server
 
 OUTAGE_S = 8  # the broker stays down this long, under load
 
@@ -36,28 +33,14 @@ def test_online_inference_answers_every_request_sent_before_during_and_after_a_r
     broker: Broker, tmp_path: Path
 ) -> None:
     srv = Server(broker.address, "restart", tmp_path).start()
-    futures: list[Future[dict[str, Any]]] = []
     try:
         with srv.client(timeout_s=120) as client:
             srv.wait_ready(client)
-            stop = threading.Event()
-
-            def load() -> None:
-                i = 0
-                while not stop.is_set():
-                    futures.append(client.submit("tabular-risk", inputs(i), timeout_s=120)[1])
-                    i += 1
-                    time.sleep(0.01)
-
-            sender = threading.Thread(target=load)
-            sender.start()
-            wait_for(lambda: sum(f.done() for f in futures) > 50, "replies before the restart")
-            restart(broker)
-            sent_by_restart = len(futures)
-            wait_for(lambda: len(futures) > sent_by_restart + 100, "requests after the restart")
-            stop.set()
-            sender.join()
-            results = [f.result(timeout=120) for f in futures]
+            with Load(client, timeout_s=120) as load:
+                wait_for(lambda: load.answered() > 50, "replies before the restart")
+                restart(broker)
+                load.wait_for_more(100, "requests after the restart")
+            results = [f.result(timeout=120) for f in load.futures.values()]
         assert all(proc.poll() is None for proc in srv.procs), "the server died"
     finally:
         srv.stop()

@@ -88,6 +88,40 @@ class Server:
         self.procs = []
 
 
+class Load:
+    """Requests sent from a thread every few milliseconds while in the ``with`` block."""
+
+    def __init__(self, client: InferenceClient, *, timeout_s: float, every_s: float = 0.005) -> None:
+        self.client, self.timeout_s, self.every_s = client, timeout_s, every_s
+        self.futures: dict[str, Future[dict[str, Any]]] = {}
+        self._stop = threading.Event()
+        self._sender = threading.Thread(target=self._send)
+
+    def _send(self) -> None:
+        i = 0
+        while not self._stop.is_set():
+            cid, future = self.client.submit("tabular-risk", inputs(i), timeout_s=self.timeout_s)
+            self.futures[cid] = future
+            i += 1
+            time.sleep(self.every_s)
+
+    def answered(self) -> int:
+        return sum(f.done() for f in list(self.futures.values()))
+
+    def wait_for_more(self, n: int, what: str) -> None:
+        """Until ``n`` more requests have been sent."""
+        sent = len(self.futures)
+        wait_for(lambda: len(self.futures) >= sent + n, what)
+
+    def __enter__(self) -> Load:
+        self._sender.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._sender.join()
+
+
 def raw_request(topic: str, value: bytes | None, **headers: str | bytes) -> KafkaMessage:
     hs = tuple((k, v if isinstance(v, bytes) else v.encode()) for k, v in headers.items())
     return KafkaMessage(value, headers=hs, topic=topic)
@@ -258,28 +292,14 @@ def test_two_processes_share_the_requests(brokers: str, topic: str, tmp_path: Pa
 
 def test_kill_9_under_load_every_request_is_answered_after_restart(brokers: str, topic: str, tmp_path: Path) -> None:
     srv = Server(brokers, topic, tmp_path).start()
-    futures: dict[str, Future[dict[str, Any]]] = {}
     with srv.client(timeout_s=60) as client:
         srv.wait_ready(client)
-        stop = threading.Event()
-
-        def load() -> None:
-            i = 0
-            while not stop.is_set():
-                cid, future = client.submit("tabular-risk", inputs(i), timeout_s=60)
-                futures[cid] = future
-                i += 1
-                time.sleep(0.002)
-
-        sender = threading.Thread(target=load)
-        sender.start()
-        wait_for(lambda: sum(f.done() for f in list(futures.values())) >= 100, "replies before the kill")
-        srv.kill()
-        sent_at_kill = len(futures)
-        wait_for(lambda: len(futures) >= sent_at_kill + 100, "requests sent while the server is down")
-        stop.set()
-        sender.join()
-        answered_before = sum(f.done() for f in futures.values())
+        with Load(client, timeout_s=60) as load:
+            wait_for(lambda: load.answered() >= 100, "replies before the kill")
+            srv.kill()
+            load.wait_for_more(100, "requests sent while the server is down")
+        futures = load.futures
+        answered_before = load.answered()
         srv.start()
         results = {cid: f.result(timeout=90) for cid, f in futures.items()}
         srv.stop()
