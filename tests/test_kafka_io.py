@@ -12,6 +12,7 @@ from bytewax.testing import TestingSink, TestingSource, run_main
 from conftest import wait_for
 
 from operators.kafka import (
+    KafkaBatch,
     KafkaDeliveryError,
     KafkaMessage,
     KafkaSourceError,
@@ -22,7 +23,7 @@ from operators.kafka import (
     read_topic,
 )
 from operators.kafka.sink import KafkaSink, kafka_output
-from operators.kafka.source import KafkaSource
+from operators.kafka.source import KafkaBatchSource, KafkaSource
 
 
 def read_with(source: KafkaSource) -> list[KafkaMessage]:
@@ -61,6 +62,34 @@ def test_a_timestamp_start_finds_the_first_message_at_or_after_it_mid_topic(brok
     assert sorted(int(m.value or b"") for m in got) == list(range(51, 100))
     assert all(m.timestamp_ms == base + 10 * int(m.value or b"") for m in got)
     assert read_with(KafkaSource(brokers, [topic], start=Position.timestamp(base + 10_000), bounded=True)) == []
+
+
+def test_the_batch_source_reads_what_the_record_source_reads_as_columns(brokers: str, topic: str) -> None:
+    ensure_topics(brokers, [TopicSpec(topic, partitions=3)])
+    headers = (("h", b"1"),)
+    produce(
+        brokers,
+        [
+            KafkaMessage(str(i).encode(), key=f"k{i % 7}".encode(), headers=headers if i % 2 else (), topic=topic)
+            for i in range(3_000)
+        ],
+    )
+    one_by_one = read_with(KafkaSource(brokers, [topic], bounded=True, batch_size=100))
+    flow = Dataflow("read_batches")
+    batches: list[KafkaBatch] = []
+    op.output(
+        "out",
+        op.input("in", flow, KafkaBatchSource(brokers, [topic], bounded=True, batch_size=100)),
+        TestingSink(batches),
+    )
+    run_main(flow)
+    assert all(isinstance(b, KafkaBatch) and 0 < len(b) <= 100 for b in batches)
+    assert sorted(m for b in batches for m in b) == sorted(one_by_one)
+    assert len(one_by_one) == 3_000
+    for batch in batches:  # columns line up with the messages, in offset order within a partition
+        assert batch.offsets == sorted(batch.offsets)
+        assert [m.value for m in batch] == batch.values and [m.headers for m in batch] == batch.headers
+        assert list(batch[1:3]) == [batch[1], batch[2]]
 
 
 def test_bounded_read_stops_at_the_end_fixed_at_start_while_producers_write(brokers: str, topic: str) -> None:

@@ -23,13 +23,14 @@ from operators.kafka.errors import (
     KafkaSourceError,
     KafkaUnavailable,
 )
-from operators.kafka.message import KafkaMessage
+from operators.kafka.message import KafkaBatch, KafkaMessage
 from operators.kafka.position import Position
 from operators.kafka.tools import produce, read_topic
 
 __all__ = [
     "OUTAGE_LIMIT_ENV",
     "KafkaAdminError",
+    "KafkaBatch",
     "KafkaDeliveryError",
     "KafkaError",
     "KafkaMessage",

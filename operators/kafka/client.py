@@ -44,10 +44,21 @@ def consumer_config(brokers: str, extra: Mapping[str, Any] | None = None) -> dic
         # librdkafka pauses a partition's fetches for this long once its local
         # queue is full (default 1 s): a stall of a second after each burst.
         "fetch.queue.backoff.ms": 10,
+        # How far a partition reads ahead (default 100,000 messages). A source runs a
+        # consumer per partition, and at that depth their fetcher threads race ahead
+        # filling memory, on the cores the worker thread needs to turn records into
+        # items; 20,000 is still tens of milliseconds of records at full speed.
+        "queued.min.messages": 20_000,
         # An offset that retention deleted is an error to report, not a silent jump to the end.
         "auto.offset.reset": "error",
         # Reconnect quickly after a broker restart (default backoff grows to 10 s).
         "reconnect.backoff.max.ms": 1000,
+        # Connect to every broker as soon as it is known. With sparse connections (the
+        # default) a request caught in the switch from the bootstrap connection to the
+        # learned broker waits ~50 ms for a connection slot, at every consumer's start
+        # (a source starts one per partition); and during an outage the slots retry
+        # every ~50 ms, ignoring the exponential reconnect backoff.
+        "enable.sparse.connections": False,
         **(extra or {}),
     }
 
@@ -123,30 +134,37 @@ class Outage:
             return result
 
 
-def send(producer: Producer, topic: str, msg: KafkaMessage, on_delivery: Any) -> None:
+DeliveryCallback = Callable[[RdKafkaError | None, Any], None]
+_UNASSIGNED = -1  # librdkafka's RD_KAFKA_PARTITION_UA: let the partitioner choose
+
+
+def send(producer: Producer, topic: str, msg: KafkaMessage, on_refused: DeliveryCallback) -> None:
     """Produce one message, waiting for room when the local queue is full.
 
-    A message librdkafka refuses at once (unknown partition, too large, bad
-    argument) is reported to ``on_delivery`` as a failed delivery would be.
+    Delivery reports go to the callback the producer was made with (its
+    ``on_delivery`` setting: one per producer, as registering one per message
+    costs more than the rest of a send). A message librdkafka refuses at once
+    (unknown partition, too large, bad argument) is reported to ``on_refused``
+    the same way, as a failed delivery.
     """
-    kwargs: dict[str, Any] = {"key": msg.key, "on_delivery": on_delivery}
-    if msg.headers:
-        kwargs["headers"] = list(msg.headers)
-    if msg.partition is not None:
-        kwargs["partition"] = msg.partition
-    if msg.timestamp_ms is not None:
-        kwargs["timestamp"] = msg.timestamp_ms
+    # librdkafka's defaults stand for "not given": the partitioner picks the
+    # partition, the time of sending is the timestamp.
+    partition = _UNASSIGNED if msg.partition is None else msg.partition
+    timestamp = msg.timestamp_ms or 0
     while True:
         try:
-            producer.produce(topic, msg.value, **kwargs)
+            if msg.headers:
+                producer.produce(topic, msg.value, msg.key, partition, timestamp=timestamp, headers=list(msg.headers))
+            else:
+                producer.produce(topic, msg.value, msg.key, partition, timestamp=timestamp)
             return
         except BufferError:
             producer.poll(0.05)
         except KafkaException as exc:
-            on_delivery(exc.args[0], _Refused(topic, msg))
+            on_refused(exc.args[0], _Refused(topic, msg))
             return
         except (TypeError, ValueError) as exc:  # e.g. a partition number out of int32 range
-            on_delivery(RdKafkaError(RdKafkaError._INVALID_ARG, str(exc)), _Refused(topic, msg))
+            on_refused(RdKafkaError(RdKafkaError._INVALID_ARG, str(exc)), _Refused(topic, msg))
             return
 
 

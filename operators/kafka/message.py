@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from itertools import repeat
+from operator import itemgetter
+from typing import Any, NamedTuple, cast, overload
 
-__all__ = ["Headers", "KafkaMessage", "records"]
+from confluent_kafka import KafkaError as RdKafkaError
+from confluent_kafka import Message
+
+__all__ = ["Headers", "KafkaBatch", "KafkaMessage", "records"]
 
 Headers = tuple[tuple[str, bytes | None], ...]
 
@@ -35,26 +42,88 @@ class KafkaMessage(NamedTuple):
         return found
 
 
-def records(msgs: list[Any], topic: str, partition: int) -> tuple[list[KafkaMessage], list[Any]]:
-    """confluent-kafka messages of one partition as :class:`KafkaMessage`, and the errors among them."""
-    out: list[KafkaMessage] = []
-    errors: list[Any] = []
-    append = out.append
-    make = tuple.__new__  # skips KafkaMessage.__new__'s Python frame: this loop is a source's cost
-    for msg in msgs:
-        err = msg.error()
-        if err is not None:
-            errors.append(err)
-            continue
-        headers = msg.headers()
+# Builds a KafkaMessage from a tuple of its fields without KafkaMessage.__new__'s
+# Python frame: on the hot path of a source.
+_make = tuple.__new__
+_second = itemgetter(1)
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaBatch(Sequence[KafkaMessage]):
+    """Records read together from one partition, in offset order, as columns.
+
+    ``values[i]``, ``keys[i]``, ``headers[i]``, ``offsets[i]`` and
+    ``timestamps_ms[i]`` belong to one record. Taking the columns costs nothing
+    per record; indexing or iterating gives :class:`KafkaMessage` objects,
+    built on demand.
+    """
+
+    topic: str
+    partition: int
+    values: list[bytes | None]
+    keys: list[bytes | None]
+    headers: list[Headers]
+    offsets: list[int]
+    timestamps_ms: list[int]
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    @overload
+    def __getitem__(self, index: int) -> KafkaMessage: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> KafkaBatch: ...
+
+    def __getitem__(self, index: int | slice) -> KafkaMessage | KafkaBatch:
+        if isinstance(index, slice):
+            return KafkaBatch(
+                self.topic,
+                self.partition,
+                self.values[index],
+                self.keys[index],
+                self.headers[index],
+                self.offsets[index],
+                self.timestamps_ms[index],
+            )
         fields = (
-            msg.value(),
-            msg.key(),
-            tuple(headers) if headers else (),
-            topic,
-            partition,
-            msg.offset(),
-            msg.timestamp()[1],
+            self.values[index],
+            self.keys[index],
+            self.headers[index],
+            self.topic,
+            self.partition,
+            self.offsets[index],
+            self.timestamps_ms[index],
         )
-        append(make(KafkaMessage, fields))
-    return out, errors
+        return _make(KafkaMessage, fields)
+
+    def __iter__(self) -> Iterator[KafkaMessage]:
+        fields = zip(
+            self.values,
+            self.keys,
+            self.headers,
+            repeat(self.topic),
+            repeat(self.partition),
+            self.offsets,
+            self.timestamps_ms,
+        )
+        return map(_make, repeat(KafkaMessage), fields)
+
+
+def records(msgs: list[Message], topic: str, partition: int) -> tuple[KafkaBatch, list[RdKafkaError]]:
+    """confluent-kafka messages of one partition as a :class:`KafkaBatch`, and the errors among them."""
+    errors = list(filter(None, map(Message.error, msgs)))
+    if errors:
+        msgs = [m for m in msgs if m.error() is None]
+    # A column per field: nothing is allocated per record beyond its fields.
+    headers: list[Any] = list(map(Message.headers, msgs))  # consumed: a list of pairs, or None
+    batch = KafkaBatch(
+        topic,
+        partition,
+        list(map(Message.value, msgs)),
+        list(map(Message.key, msgs)),
+        [tuple(h) if h else () for h in headers] if any(headers) else [()] * len(msgs),
+        cast("list[int]", list(map(Message.offset, msgs))),  # a consumed record has an offset
+        list(map(_second, map(Message.timestamp, msgs))),
+    )
+    return batch, errors

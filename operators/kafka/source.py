@@ -10,9 +10,9 @@ start, and stops there: the end offsets are part of the snapshot, so a replay
 resumed after a crash stops where the first run would have.
 
 :class:`KafkaSource` emits one :class:`KafkaMessage` per record;
-:class:`KafkaBatchSource` emits one ``list[KafkaMessage]`` per poll, for
-dataflows that work on batches (one item per poll costs Bytewax far less than
-one per record).
+:class:`KafkaBatchSource` emits one :class:`KafkaBatch` per poll, the records
+as columns, for dataflows that work on batches: building a KafkaMessage costs
+more than reading the record, and a batch builds none unless iterated.
 
 A broker outage is ridden out: transient errors are retried, and only an
 outage longer than ``outage_limit_s`` raises
@@ -21,8 +21,11 @@ outage longer than ``outage_limit_s`` raises
 
 from __future__ import annotations
 
+import gc
 import time
-from collections.abc import Mapping, Sequence
+from bisect import bisect_left
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -33,13 +36,35 @@ from confluent_kafka import KafkaError as RdKafkaError
 from operators import metrics
 from operators.kafka.client import DEFAULT_OUTAGE_LIMIT_S, Outage, consumer_config
 from operators.kafka.errors import KafkaSourceError, is_transient
-from operators.kafka.message import KafkaMessage, records
+from operators.kafka.message import KafkaBatch, KafkaMessage, records
 from operators.kafka.position import Position
 
 __all__ = ["KafkaBatchSource", "KafkaSource"]
 
 X = TypeVar("X")
-_PROBE_INTERVAL_S = 5.0  # how often a partition asks the broker for its end offset (lag, liveness)
+_PROBE_INTERVAL_S = 5.0  # how often a partition updates its lag and checks that the broker answers
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Python's cyclic GC off meanwhile, unless it is off already (the application's
+    choice, or another worker thread's pause).
+
+    A poll allocates up to two tracked objects per record (librdkafka's message,
+    and our KafkaMessage in per-record mode), all alive until it returns: under
+    the default thresholds a collection would run every 350 records or so, find
+    no garbage, and promote them all towards the full collections, which walk
+    every object of the process. librdkafka's messages are freed before the GC
+    resumes, so only ours count towards its next run.
+    """
+    pause = gc.isenabled()
+    if pause:
+        gc.disable()
+    try:
+        yield
+    finally:
+        if pause:
+            gc.enable()
 
 
 @dataclass(frozen=True)
@@ -72,34 +97,44 @@ class _Partition(StatefulSourcePartition[Any, _PartState]):
         self._batched = batched
         self._outage = outage
         self._lag = metrics.CONSUMER_LAG.labels(step_id, topic, str(partition))
-        self._probed = 0.0
+        if self._end is not None:
+            self._lag.set(max(0, self._end - self._next))
+        # The first probe waits an interval, rather than hold up the first poll
+        # of every partition for a round trip to the broker.
+        self._probed = time.monotonic()
+        self._read_since_probe = False
 
     def next_batch(self) -> list[Any]:
         if self._end is not None and self._next >= self._end:
             self._lag.set(0)
             raise StopIteration()
+        with _gc_paused():
+            batch = self._poll()
+            self._probe(read=bool(batch))
+            if not batch:
+                return []
+            return [batch] if self._batched else list(batch)
+
+    def _poll(self) -> KafkaBatch | None:
         # Never block: a worker runs its operators on one thread, and a blocking poll
         # here would hold up every item downstream. With nothing to read, Bytewax
         # calls again after 1 ms.
         msgs = self._consumer.consume(self._batch_size, 0)
-        batch = self._records(msgs) if msgs else []
+        batch = self._records(msgs) if msgs else None
         if batch:
-            self._next = batch[-1].offset + 1  # type: ignore[operator]
+            self._next = batch.offsets[-1] + 1
             if self._end is not None and self._next > self._end:
                 # The last fetch ran past the end fixed at start.
                 self._next = self._end
-                batch = [m for m in batch if m.offset < self._end]  # type: ignore[operator]
+                batch = batch[: bisect_left(batch.offsets, self._end)]
         elif self._end is not None:
             # Transaction markers take offsets but are never returned:
             # the consumer's position still moves past them.
             (tp,) = self._consumer.position([self._tp])
             self._next = max(self._next, tp.offset)
-        self._probe()
-        if self._batched:
-            return [batch] if batch else []
         return batch
 
-    def _records(self, msgs: list[Any]) -> list[KafkaMessage]:
+    def _records(self, msgs: list[Any]) -> KafkaBatch:
         batch, errors = records(msgs, self._topic, self._partition)
         for err in errors:
             self._on_error(err)
@@ -118,14 +153,22 @@ class _Partition(StatefulSourcePartition[Any, _PartState]):
             )
         raise KafkaSourceError(f"{where} failed: {err}")
 
-    def _probe(self) -> None:
-        """Every few seconds: the end offset for the lag metric, and whether the broker still answers."""
+    def _probe(self, *, read: bool) -> None:
+        """Every few seconds: the end offset for the lag metric, and whether the broker still answers.
+
+        Records read since the last probe answer both without a round trip,
+        which would stall the worker: the broker is up, and their fetch
+        responses carried the end offset (librdkafka caches it).
+        """
+        self._read_since_probe |= read
         now = time.monotonic()
         if now - self._probed < _PROBE_INTERVAL_S:
             return
         self._probed = now
+        fresh = self._read_since_probe
+        self._read_since_probe = False
         try:
-            _, high = self._consumer.get_watermark_offsets(self._tp, timeout=0.5, cached=False)
+            _, high = self._consumer.get_watermark_offsets(self._tp, timeout=0.5, cached=fresh)
         except KafkaException as exc:
             if not is_transient(exc.args[0]):
                 raise KafkaSourceError(f"step {self._step_id!r}: {self._topic}[{self._partition}]: {exc}") from exc
@@ -241,7 +284,8 @@ class KafkaSource(_KafkaInput[KafkaMessage]):
     _batched = False
 
 
-class KafkaBatchSource(_KafkaInput[list[KafkaMessage]]):
-    """As :class:`KafkaSource`, but one item per poll: the records read together, in offset order."""
+class KafkaBatchSource(_KafkaInput[KafkaBatch]):
+    """As :class:`KafkaSource`, but one item per poll of a partition: a :class:`KafkaBatch`,
+    the records read together in offset order, as columns (or KafkaMessages, iterated)."""
 
     _batched = True

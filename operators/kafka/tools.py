@@ -21,13 +21,13 @@ def produce(brokers: str, messages: Iterable[KafkaMessage], *, timeout_s: float 
 
     Raises :class:`KafkaDeliveryError` unless every message is acknowledged.
     """
-    producer = Producer(producer_config(brokers, outage_limit_s=timeout_s))
     failed: list[str] = []
 
     def on_delivery(err: Any, msg: Any) -> None:
         if err is not None:
             failed.append(f"{msg.topic()}: {err}")
 
+    producer = Producer({**producer_config(brokers, outage_limit_s=timeout_s), "on_delivery": on_delivery})
     count = 0
     for msg in messages:
         if msg.topic is None:
