@@ -85,15 +85,13 @@ class _Failure:
         return said
 
     def dead_letter(self, step_id: str, dlq_topic: str) -> KafkaMessage:
-        value, headers = (
-            self.value,
-            [
-                ("dlq.reason", f"undeliverable: {self.error.str()} ({self.error.name()})".encode()),
-                ("dlq.step", step_id.encode()),
-                ("dlq.target.topic", self.topic.encode(errors="replace")),
-                ("dlq.target.partition", str(self.partition).encode()),
-            ],
-        )
+        headers = [
+            ("dlq.reason", f"undeliverable: {self.error.str()} ({self.error.name()})".encode()),
+            ("dlq.step", step_id.encode()),
+            ("dlq.target.topic", self.topic.encode(errors="replace")),
+            ("dlq.target.partition", str(self.partition).encode()),
+        ]
+        value = self.value
         if self.error.code() in _TOO_LARGE and value is not None and len(value) > DEAD_LETTER_MAX_VALUE_BYTES:
             value = value[:DEAD_LETTER_MAX_VALUE_BYTES]
             headers.append(("dlq.truncated", str(len(self.value)).encode()))
