@@ -24,7 +24,7 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from operators.kafka.client import DEFAULT_OUTAGE_LIMIT_S, Outage
-from operators.kafka.errors import KafkaAdminError
+from operators.kafka.errors import KafkaAdminError, is_transient
 
 __all__ = ["TopicCache", "TopicSpec", "ensure_topics", "partition_count", "valid_topic_name", "wait_for_topics"]
 
@@ -84,15 +84,27 @@ def ensure_topics(brokers: str, specs: Iterable[TopicSpec], *, outage_limit_s: f
     admin = _admin(brokers)
     outage = _outage("creating topics", brokers, outage_limit_s)
     specs = list(specs)
+    while not _create_missing(admin, specs, outage, brokers):
+        time.sleep(0.5)
+    _wait_ready(admin, [s.name for s in specs], outage, timeout_s=60, brokers=brokers)
+
+
+def _create_missing(admin: AdminClient, specs: list[TopicSpec], outage: Outage, brokers: str) -> bool:
+    """One round of creating the topics that are missing; ``False`` if a transient error calls for another."""
     existing = _topics(admin, outage)
     wanted = [spec.new_topic() for spec in specs if spec.name not in existing]
     for name, future in (admin.create_topics(wanted, operation_timeout=30) if wanted else {}).items():
         try:
-            outage.call(lambda f=future: f.result(timeout=60))  # type: ignore[misc]
+            future.result(timeout=60)
         except KafkaException as exc:
-            if exc.args[0].code() != RdKafkaError.TOPIC_ALREADY_EXISTS:
+            err = exc.args[0]
+            if err.code() == RdKafkaError.TOPIC_ALREADY_EXISTS:
+                continue
+            if not is_transient(err):
                 raise KafkaAdminError(f"cannot create topic {name!r} at {brokers}: {exc}") from exc
-    _wait_ready(admin, [s.name for s in specs], outage, timeout_s=60, brokers=brokers)
+            outage.failed(err)  # raises once the outage is past its limit
+            return False
+    return True
 
 
 def _wait_ready(admin: AdminClient, names: list[str], outage: Outage, *, timeout_s: float, brokers: str) -> None:
@@ -131,7 +143,7 @@ def wait_for_topics(
                 f"topics {missing} do not exist at {brokers} after waiting {timeout_s:.0f} s: start {who} first"
             )
         if not told:
-            print(f"waiting up to {timeout_s:.0f} s for topics {missing} at {brokers} (created by {who}) ...")
+            log.warning("waiting up to %.0f s for topics %s at %s (created by %s)", timeout_s, missing, brokers, who)
             told = True
         time.sleep(0.2)
 
