@@ -11,10 +11,20 @@ import socket
 import time
 import zlib
 
-__all__ = ["BROKERS_ENV", "DEFAULT_BROKERS", "InvalidMessage", "default_brokers", "free_port", "hash_key", "wall_ms"]
+__all__ = [
+    "BROKERS_ENV",
+    "DEFAULT_BROKERS",
+    "LATEST_MS",
+    "InvalidMessage",
+    "default_brokers",
+    "free_port",
+    "hash_key",
+    "wall_ms",
+]
 
 BROKERS_ENV = "KAFKA_BOOTSTRAP_SERVERS"
 DEFAULT_BROKERS = "127.0.0.1:9092"
+LATEST_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z, the latest time a datetime can hold
 
 
 class InvalidMessage(ValueError):

@@ -28,6 +28,7 @@ import bytewax.operators as op
 import orjson
 from bytewax.dataflow import Dataflow
 
+from common import LATEST_MS
 from operators import metrics
 from operators.dlq import DLQ_SUFFIX, InvalidMessage, decode_json, to_dlq_message, try_map
 from operators.kafka import KafkaMessage, Position, TopicSpec, ensure_topics, partition_count
@@ -38,7 +39,6 @@ from operators.stateful import StateConfig
 from operators.windowing import EventClock, Late, TumblingWindower, WindowResult, tumbling_window
 
 LATE_SUFFIX = ".late"
-MAX_TS_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: later times have no datetime
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ def parse_event(max_bytes: int) -> Callable[[KafkaMessage], Event]:
         key, ts_ms = doc.get("key"), doc.get("ts_ms")
         if not isinstance(key, str) or not key:
             raise InvalidMessage(f"'key' must be a non-empty string, got {key!r}")
-        if not isinstance(ts_ms, int) or isinstance(ts_ms, bool) or not 0 <= ts_ms <= MAX_TS_MS:
+        if not isinstance(ts_ms, int) or isinstance(ts_ms, bool) or not 0 <= ts_ms <= LATEST_MS:
             raise InvalidMessage(f"'ts_ms' must be a non-negative integer (epoch ms) before year 10000, got {ts_ms!r}")
         return Event(key, ts_ms, msg.partition or 0)
 

@@ -44,7 +44,7 @@ from bytewax.dataflow import operator
 from bytewax.inputs import DynamicSource, StatelessSourcePartition
 from bytewax.operators import KeyedStream, StatefulBatchLogic
 
-from common import hash_key, wall_ms
+from common import LATEST_MS, hash_key, wall_ms
 from operators import metrics
 from state import MemoryBackend, RocksDBBackend, StateError, StateStore
 
@@ -58,7 +58,6 @@ A = TypeVar("A")
 
 
 _SHARDS_KEY = "\x01shards"
-_LATEST_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z, the latest datetime
 
 
 class _Wake(NamedTuple):
@@ -200,7 +199,7 @@ class _ShardLogic(StatefulBatchLogic[tuple[str, str, V] | _Wake, tuple[str, W], 
     def notify_at(self) -> datetime | None:
         due = None if self._store is None else self._program.next_timer_ms(self._store)
         # A timer past what datetime can hold (an event from year 10000 and on) waits for EOF, not a crash.
-        return None if due is None else datetime.fromtimestamp(min(due, _LATEST_MS) / 1000, tz=UTC)
+        return None if due is None else datetime.fromtimestamp(min(due, LATEST_MS) / 1000, tz=UTC)
 
     def snapshot(self) -> tuple[str, int, str]:
         assert self._store is not None, "Bytewax snapshots a logic only after it saw items"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from confluent_kafka import KafkaError as RdKafkaError
@@ -98,7 +98,7 @@ class Outage:
 
     what: str
     limit_s: float = DEFAULT_OUTAGE_LIMIT_S
-    _since: float | None = None
+    _since: float | None = field(default=None, init=False, repr=False)
 
     def ok(self) -> None:
         if self._since is not None:
