@@ -44,9 +44,9 @@ def wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def hash_key(key: str) -> int:
+def hash_key(key: str | bytes) -> int:
     """A hash of a routing key that is the same in every process (``hash()`` is salted)."""
-    return zlib.crc32(key.encode())
+    return zlib.crc32(key if isinstance(key, bytes) else key.encode())
 
 
 def free_port() -> int:

@@ -57,7 +57,7 @@ def _admin(brokers: str) -> AdminClient:
     return AdminClient({"bootstrap.servers": brokers, "reconnect.backoff.max.ms": 1000})
 
 
-def _topics(admin: AdminClient | Any, outage: Outage, timeout_s: float = 5.0) -> dict[str, Any]:
+def _topics(admin: AdminClient, outage: Outage, timeout_s: float = 5.0) -> dict[str, Any]:
     """Topic name -> metadata of the topics that exist and have partitions."""
     meta = outage.call(lambda: admin.list_topics(timeout=timeout_s))
     return {name: t for name, t in meta.topics.items() if t.error is None and t.partitions}
@@ -167,7 +167,7 @@ class TopicCache:
         self._refreshed = -float("inf")
         self._lock = threading.Lock()
         self._refresh(timeout_s=5)
-        self._stop = threading.Event()
+        # For the life of the process, like the dataflow that asks it.
         threading.Thread(target=self._keep_fresh, args=(refresh_s,), name="topic-cache", daemon=True).start()
 
     def partitions(self, topic: str) -> int | None:
@@ -178,11 +178,9 @@ class TopicCache:
             known = self._known.get(topic)
         return known
 
-    def close(self) -> None:
-        self._stop.set()
-
     def _keep_fresh(self, every_s: float) -> None:
-        while not self._stop.wait(every_s):
+        while True:
+            time.sleep(every_s)
             self._refresh(timeout_s=5)
 
     def _refresh(self, timeout_s: float) -> None:

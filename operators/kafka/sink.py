@@ -28,7 +28,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping
 from typing import Any, ClassVar
-from zlib import crc32
 
 import bytewax.operators as op
 from bytewax.dataflow import Stream, operator
@@ -36,6 +35,7 @@ from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 from confluent_kafka import KafkaError as RdKafkaError
 from confluent_kafka import Producer
 
+from common import hash_key
 from operators import metrics
 from operators.kafka.client import DEFAULT_OUTAGE_LIMIT_S, OUTAGE_LIMIT_ENV, producer_config, send
 from operators.kafka.errors import KafkaDeliveryError
@@ -253,7 +253,7 @@ def kafka_output(step_id: str, up: Stream[KafkaMessage], sink: KafkaSink) -> Non
             return [("0", batch)]
         groups: dict[int, list[KafkaMessage]] = {}
         for msg in batch:
-            groups.setdefault(crc32(msg.key) % parts if msg.key else 0, []).append(msg)
+            groups.setdefault(hash_key(msg.key) % parts if msg.key else 0, []).append(msg)
         return [(str(part), msgs) for part, msgs in groups.items()]
 
     op.output("produce", op.flat_map_batch("route", up, route), sink)
