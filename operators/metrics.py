@@ -11,7 +11,16 @@ import threading
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-__all__ = ["CONSUMER_LAG", "ERRORS", "INFERENCE_SECONDS", "ITEMS", "STEP_SECONDS", "serve"]
+__all__ = [
+    "BATCH_EXPECTED",
+    "BATCH_ROWS",
+    "CONSUMER_LAG",
+    "ERRORS",
+    "INFERENCE_SECONDS",
+    "ITEMS",
+    "STEP_SECONDS",
+    "serve",
+]
 
 ITEMS = Counter("patternflow_items", "Items handled by a step, by outcome", ["step", "outcome"])
 ERRORS = Counter("patternflow_errors", "Items a step sent to the dead-letter topic", ["step", "error"])
@@ -33,6 +42,9 @@ CONSUMER_LAG = Gauge(
     "Messages between a source partition's position and its end",
     ["step", "topic", "partition"],
 )
+
+BATCH_ROWS = Counter("patternflow_batch_rows", "Rows a batch job has written, by outcome (ok, bad)", ["job", "outcome"])
+BATCH_EXPECTED = Gauge("patternflow_batch_rows_expected", "Rows in a batch job's input range", ["job"])
 
 _served: set[int] = set()
 _lock = threading.Lock()

@@ -10,10 +10,11 @@ expected.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,7 +22,7 @@ from common import BROKERS_ENV, DEFAULT_BROKERS
 from operators.kafka.client import DEFAULT_OUTAGE_LIMIT_S, OUTAGE_LIMIT_ENV
 from operators.kafka.position import Position
 
-__all__ = ["SettingsError", "brokers_field", "from_env", "outage_limit_field"]
+__all__ = ["SettingsError", "brokers_field", "from_args", "from_env", "outage_limit_field"]
 
 T = TypeVar("T")
 
@@ -85,3 +86,21 @@ def from_env(settings_cls: type[T], prefix: str = "", environ: Mapping[str, str]
         return settings_cls(**values)
     except ValueError as exc:
         raise SettingsError(str(exc)) from exc
+
+
+def from_args(settings_cls: type[T], prefix: str, argv: Sequence[str] | None = None, description: str = "") -> T:
+    """As :func:`from_env`, with a command-line flag per field (``--field-name``) that wins over its variable."""
+    hints = typing.get_type_hints(settings_cls)
+    parser = argparse.ArgumentParser(description=description)
+    names = {}
+    for field in dataclasses.fields(settings_cls):  # type: ignore[arg-type]
+        flag = "--" + field.name.replace("_", "-")
+        names[field.name] = _env_name(field, prefix)
+        default = "" if field.default is dataclasses.MISSING else f", default {field.default}"
+        parser.add_argument(
+            flag, dest=field.name, help=f"{_form(hints[field.name])} (env {names[field.name]}{default})"
+        )
+    args = parser.parse_args(argv)
+    env = dict(os.environ)
+    env.update({names[name]: value for name, value in vars(args).items() if value is not None})
+    return from_env(settings_cls, prefix, env)

@@ -48,7 +48,7 @@ from common import LATEST_MS, hash_key, wall_ms
 from operators import metrics
 from state import MemoryBackend, RocksDBBackend, StateError, StateStore
 
-__all__ = ["ShardProgram", "StateConfig", "keyed_state", "running_aggregate"]
+__all__ = ["ShardProgram", "StateConfig", "Wake", "keyed_state", "running_aggregate", "woken"]
 
 V = TypeVar("V")
 V_in = TypeVar("V_in", contravariant=True)
@@ -60,17 +60,17 @@ A = TypeVar("A")
 _SHARDS_KEY = "\x01shards"
 
 
-class _Wake(NamedTuple):
-    """Sent to every shard as an execution starts; the shard first, as in an item ``(shard, key, value)``."""
+class Wake(NamedTuple):
+    """Sent to every shard as an execution starts (:func:`woken`); the shard first, as in ``(shard, key, value)``."""
 
     shard: str
 
 
-class _WakePartition(StatelessSourcePartition[tuple[str, _Wake]]):
-    def __init__(self, wakes: list[tuple[str, _Wake]]) -> None:
+class _WakePartition(StatelessSourcePartition[tuple[str, Wake]]):
+    def __init__(self, wakes: list[tuple[str, Wake]]) -> None:
         self._wakes = wakes
 
-    def next_batch(self) -> list[tuple[str, _Wake]]:
+    def next_batch(self) -> list[tuple[str, Wake]]:
         if not self._wakes:
             raise StopIteration()
         batch, self._wakes = self._wakes, []
@@ -78,15 +78,15 @@ class _WakePartition(StatelessSourcePartition[tuple[str, _Wake]]):
 
 
 @dataclass(frozen=True)
-class _WakeSource(DynamicSource[tuple[str, _Wake]]):
-    """One :class:`_Wake` per shard, once per execution (not recovered: every execution sends them again)."""
+class _WakeSource(DynamicSource[tuple[str, Wake]]):
+    """One :class:`Wake` per shard, once per execution (not recovered: every execution sends them again)."""
 
     shards: int
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _WakePartition:
         # Worker 0 sends them all; Bytewax routes each to the worker that owns the shard.
         shards = range(self.shards) if worker_index == 0 else range(0)
-        return _WakePartition([(str(shard), _Wake(str(shard))) for shard in shards])
+        return _WakePartition([(str(shard), Wake(str(shard))) for shard in shards])
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ class ShardProgram(Protocol[V_in, W_out]):
 _Snapshot = tuple[str, int, str] | tuple[str, int]
 
 
-class _ShardLogic(StatefulBatchLogic[tuple[str, str, V] | _Wake, tuple[str, W], _Snapshot], Generic[V, W]):
+class _ShardLogic(StatefulBatchLogic[tuple[str, str, V] | Wake, tuple[str, W], _Snapshot], Generic[V, W]):
     """One shard's logic. Its snapshot names the shard and the commit: Bytewax gives a
     builder only the resume state, and a resumed shard must know which store to open."""
 
@@ -174,11 +174,11 @@ class _ShardLogic(StatefulBatchLogic[tuple[str, str, V] | _Wake, tuple[str, W], 
             store.commit(snapshot=False)
         return out, StatefulBatchLogic.RETAIN
 
-    def on_batch(self, values: list[tuple[str, str, V] | _Wake]) -> tuple[list[tuple[str, W]], bool]:
+    def on_batch(self, values: list[tuple[str, str, V] | Wake]) -> tuple[list[tuple[str, W]], bool]:
         start = time.perf_counter()
         store = self._store or self._open(values[0][0], None)
         out: list[tuple[str, W]] = []
-        items = [value for value in values if not isinstance(value, _Wake)]
+        items = [value for value in values if not isinstance(value, Wake)]
         for _, key, value in items:
             out.extend(self._program.on_item(store, key, value))
         out.extend(self._program.on_timer(store))
@@ -207,6 +207,14 @@ class _ShardLogic(StatefulBatchLogic[tuple[str, str, V] | _Wake, tuple[str, W], 
         return self._shard, seq, self._store.lineage
 
 
+def woken(up: KeyedStream[V], shards: int) -> KeyedStream[V | Wake]:
+    """``up``, keyed by shard (``"0"`` to ``str(shards - 1)``), plus a :class:`Wake` for every
+    shard in the epoch each execution resumes from, so a stateful step on it snapshots
+    every shard there (see the module docstring). Call it once per step scope."""
+    wakes = op.input("wake", up.flow(), _WakeSource(shards))
+    return op.merge("woken", up, wakes)
+
+
 @operator
 def keyed_state(
     step_id: str,
@@ -225,10 +233,7 @@ def keyed_state(
         return _ShardLogic(step_id, program_factory(), config, resume)
 
     sharded = op.map("shard", up, to_shard)
-    # Wakes every shard in the epoch this execution resumes from (see the module docstring).
-    wakes = op.input("wake", up.flow(), _WakeSource(config.shards))
-    woken: KeyedStream[tuple[str, str, V] | _Wake] = op.merge("woken", sharded, wakes)
-    outs = op.stateful_batch("logic", woken, build)
+    outs = op.stateful_batch("logic", woken(sharded, config.shards), build)
     # (shard, (key, out)) -> (key, out)
     return op.map("unshard", outs, lambda shard_out: shard_out[1])
 

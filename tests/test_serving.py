@@ -8,6 +8,7 @@ import math
 import re
 from typing import Any
 
+import numpy as np
 import orjson
 import pytest
 
@@ -122,8 +123,11 @@ def test_waiting_requests_survive_a_snapshot() -> None:
 
 def test_a_failing_model_answers_its_batch_with_errors() -> None:
     class Broken:
-        def predict(self, batch: list[object]) -> list[object]:
+        def forward(self, column: object) -> dict[str, np.ndarray]:
             raise RuntimeError("CUDA out of memory")
+
+        def predict(self, batch: list[object]) -> list[object]:
+            return list(self.forward(batch)["risk"])
 
     replies = infer({"tabular-risk": Broken()}, Batch("tabular-risk", (request(1), request(2)), 1_000))
     assert [(r.status, r.error) for r in replies] == [("error", "model failed: RuntimeError: CUDA out of memory")] * 2

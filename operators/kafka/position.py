@@ -31,6 +31,9 @@ class Position:
     def timestamp(cls, epoch_ms: int) -> Position:
         return cls("timestamp", epoch_ms)
 
+    def __str__(self) -> str:
+        return self.kind if self.kind in ("earliest", "latest") else f"{self.kind}:{self.value}"
+
     @classmethod
     def parse(cls, text: str) -> Position:
         """``earliest`` | ``latest`` | ``offset:<n>`` | ``timestamp:<epoch ms>``."""

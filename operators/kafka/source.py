@@ -5,9 +5,10 @@ bounded read when each partition first catches up, which is not deterministic
 while producers write. :class:`KafkaSource` instead gives each Kafka partition
 its own Bytewax partition and consumer, keeps offsets in Bytewax's recovery
 snapshots (no consumer group), starts each partition at a :class:`Position`,
-and in bounded mode reads each partition's high watermark once, at the first
-start, and stops there: the end offsets are part of the snapshot, so a replay
-resumed after a crash stops where the first run would have.
+and in bounded mode resolves each partition's end (its high watermark, or an
+``end`` position) once, at the first start, and stops there: the end offsets
+are part of the snapshot, so a replay resumed after a crash stops where the
+first run would have.
 
 :class:`KafkaSource` emits one :class:`KafkaMessage` per record;
 :class:`KafkaBatchSource` emits one :class:`KafkaBatch` per poll, the records
@@ -39,7 +40,7 @@ from operators.kafka.errors import KafkaSourceError, is_transient
 from operators.kafka.message import KafkaBatch, KafkaMessage, records
 from operators.kafka.position import Position
 
-__all__ = ["KafkaBatchSource", "KafkaSource"]
+__all__ = ["KafkaBatchSource", "KafkaSource", "fixed_range"]
 
 X = TypeVar("X")
 _PROBE_INTERVAL_S = 5.0  # how often a partition updates its lag and checks that the broker answers
@@ -195,6 +196,7 @@ class _KafkaInput(FixedPartitionedSource[X, _PartState], Generic[X]):
         *,
         start: Position | Mapping[int, Position] = Position.earliest(),  # noqa: B008
         bounded: bool = False,
+        end: Position | Mapping[int, Position] | None = None,
         batch_size: int = 1000,
         outage_limit_s: float = DEFAULT_OUTAGE_LIMIT_S,
         config: Mapping[str, Any] | None = None,
@@ -202,7 +204,8 @@ class _KafkaInput(FixedPartitionedSource[X, _PartState], Generic[X]):
         self.brokers = brokers
         self.topics = list(topics)
         self.start = start
-        self.bounded = bounded
+        self.end = end
+        self.bounded = bounded or end is not None
         self.batch_size = batch_size
         self.outage_limit_s = outage_limit_s
         self.config = dict(config or {})
@@ -229,25 +232,17 @@ class _KafkaInput(FixedPartitionedSource[X, _PartState], Generic[X]):
             parts.extend(f"{p}-{topic}" for p in tmeta.partitions)
         return parts
 
-    def _position(self, partition: int) -> Position:
-        if isinstance(self.start, Position):
-            return self.start
-        return self.start.get(partition, Position.earliest())
-
     def _first_state(self, consumer: Consumer, tp: TopicPartition, outage: Outage) -> _PartState:
-        low, high = outage.call(lambda: consumer.get_watermark_offsets(tp, timeout=5))
-        pos = self._position(tp.partition)
-        if pos.kind == "earliest":
-            start = low
-        elif pos.kind == "latest":
-            start = high
-        elif pos.kind == "offset":
-            start = min(max(pos.value, low), high)
-        else:
-            query = [TopicPartition(tp.topic, tp.partition, pos.value)]
-            (found,) = outage.call(lambda: consumer.offsets_for_times(query, timeout=5))
-            start = high if found.offset in (OFFSET_END, -1) else found.offset
-        return _PartState(int(start), int(high) if self.bounded else None)
+        start_at = _for_partition(self.start, tp.partition, Position.earliest())
+        if not self.bounded:
+            (start,) = _offsets(consumer, tp, [start_at], outage)
+            return _PartState(start, None)
+        # A partition an end mapping does not name (created after a job fixed its range) is not read.
+        end_at = _for_partition(
+            self.end, tp.partition, start_at if isinstance(self.end, Mapping) else Position.latest()
+        )
+        start, end = _offsets(consumer, tp, [start_at, end_at], outage)
+        return _PartState(start, max(start, end))
 
     def build_part(self, step_id: str, for_part: str, resume_state: _PartState | None) -> _Partition:
         part, topic = for_part.split("-", 1)
@@ -272,13 +267,67 @@ class _KafkaInput(FixedPartitionedSource[X, _PartState], Generic[X]):
         )
 
 
+def _offsets(consumer: Consumer, tp: TopicPartition, positions: Sequence[Position], outage: Outage) -> list[int]:
+    """The offset each position names in partition ``tp`` now (clamped to what the partition holds)."""
+    low, high = outage.call(lambda: consumer.get_watermark_offsets(tp, timeout=5))
+
+    def offset(pos: Position) -> int:
+        if pos.kind == "earliest":
+            return int(low)
+        if pos.kind == "latest":
+            return int(high)
+        if pos.kind == "offset":
+            return int(min(max(pos.value, low), high))
+        query = [TopicPartition(tp.topic, tp.partition, pos.value)]
+        (found,) = outage.call(lambda: consumer.offsets_for_times(query, timeout=5))
+        return int(high if found.offset in (OFFSET_END, -1) else found.offset)
+
+    return [offset(pos) for pos in positions]
+
+
+def fixed_range(
+    brokers: str,
+    topic: str,
+    start: Position,
+    end: Position,
+    *,
+    outage_limit_s: float = DEFAULT_OUTAGE_LIMIT_S,
+    config: Mapping[str, Any] | None = None,
+) -> dict[int, tuple[int, int]]:
+    """``{partition: (first offset, end offset)}`` that ``start`` and ``end`` name in ``topic`` now.
+
+    A job that must read the same records however often it is resumed fixes
+    its range with this once and hands the offsets to the source.
+    """
+    source = KafkaSource(brokers, [topic], outage_limit_s=outage_limit_s, config=config)
+    consumer = Consumer(consumer_config(brokers, source.config))
+    try:
+        outage = Outage(f"reading the offsets of {topic} at {brokers}", outage_limit_s)
+        ranges = {}
+        for part in source.list_parts():
+            tp = TopicPartition(topic, int(part.split("-", 1)[0]))
+            first, last = _offsets(consumer, tp, [start, end], outage)
+            ranges[tp.partition] = (first, max(first, last))
+        return ranges
+    finally:
+        consumer.close()
+
+
+def _for_partition(pos: Position | Mapping[int, Position] | None, partition: int, default: Position) -> Position:
+    if isinstance(pos, Position):
+        return pos
+    return default if pos is None else pos.get(partition, default)
+
+
 class KafkaSource(_KafkaInput[KafkaMessage]):
     """Read ``topics``, one Bytewax partition per Kafka partition, one item per record.
 
     ``start`` is one :class:`Position` for all partitions or a mapping from
     partition number to position (others start at earliest). With
     ``bounded=True`` each partition stops at the high watermark it had when the
-    dataflow first started it.
+    dataflow first started it; with ``end`` (a position, or positions by
+    partition: partitions it does not name are not read) at the offset that
+    position had then: a timestamp ends before the first record at or after it.
     """
 
     _batched = False

@@ -1,0 +1,402 @@
+"""Batch inference: score a bounded input once, resumably, every row exactly once in the output.
+
+A job reads a Kafka topic between two positions, or Parquet or JSONL files,
+scores the rows with a registry model in large batches, and writes Parquet or
+JSONL files (or a topic). Its range is fixed when it first starts and kept in
+its manifest, so however often it is killed and rerun it reads the same rows.
+Run it as an orchestrator would (cron, Airflow, a Kubernetes Job)::
+
+    python -m dataflows.batch_inference --job scores-2026-11-28 --input kafka:customers \\
+        --model tabular-risk --output var/scores/2026-11-28
+
+Exit 0 when the job has succeeded (also when it had already: a rerun is a
+no-op that says so), 1 when it failed (the message says why; rerun the same
+command to resume from its last snapshot), 2 for bad settings. Everything the
+job keeps is under ``<jobs dir>/<job>/``::
+
+    manifest.json   input range, model and version, row counts, runs, status
+    recovery/       Bytewax snapshots: where to resume
+    errors/         bad rows ({"id", "source", "reason"} per line), and commit counts
+    output/         the output files, unless --output names another place
+
+Input rows: a JSON object per Kafka record or JSONL line, with the model's
+input in ``inputs`` and the row id in ``id`` (the record key, or where the row
+was read, when absent); Parquet files with ``id`` and ``inputs`` columns
+(``--id-field`` and ``--input-field`` rename them). Output rows: ``id`` and the
+model's output columns (``risk`` and ``label``; ``embedding``). Files are
+committed atomically per snapshot and writer shard (see
+:mod:`operators.files`); a topic gets one message per row keyed by its id:
+a resumed job may write a row twice, so readers keep one message per key (or
+compact the topic).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, cast
+
+import bytewax.operators as op
+import orjson
+import pyarrow.parquet as pq
+import torch
+from bytewax.dataflow import Dataflow
+from bytewax.recovery import RecoveryConfig, init_db_dir
+from bytewax.run import cli_main
+from prometheus_client import REGISTRY
+
+from common import hash_key
+from models.registry import get_spec
+from operators import metrics
+from operators.batch import RowFields, Scored, decode, score
+from operators.dlq import DLQ_SUFFIX
+from operators.files import FileOutput, Format, JsonlSource, ParquetSource, commit_files, committed_counts
+from operators.kafka import KafkaMessage, Position, TopicSpec, ensure_topics
+from operators.kafka.sink import KafkaSink, kafka_output
+from operators.kafka.source import KafkaBatchSource, fixed_range
+from operators.settings import SettingsError, brokers_field, from_args, outage_limit_field
+
+__all__ = ["Job", "Settings", "build", "main"]
+
+KAFKA_PREFIX = "kafka:"
+
+
+@dataclass(frozen=True)
+class Settings:
+    job: str = ""
+    input: str = ""  # kafka:<topic>, or a path or glob of .parquet or .jsonl files
+    start: Position = Position.earliest()  # noqa: RUF009  (a topic's range, fixed at the first start)
+    end: Position = Position.latest()  # noqa: RUF009
+    model: str = "tabular-risk"
+    output: str = ""  # a directory (default <jobs dir>/<job>/output), or kafka:<topic>
+    format: str = "parquet"  # of output files: parquet or jsonl
+    id_field: str = "id"
+    input_field: str = "inputs"
+    batch_size: int = 0  # rows per forward pass; 0: the model's measured size
+    workers: int = 2
+    writers: int = 8
+    snapshot_interval_s: float = 10.0
+    torch_threads: int = 0  # 0: torch's default
+    jobs_dir: Path = Path("var/batch")
+    metrics_port: int = 9102
+    kafka_bootstrap_servers: str = brokers_field()
+    kafka_outage_limit_s: float = outage_limit_field()
+
+    def __post_init__(self) -> None:
+        if not self.job or "/" in self.job or self.job.startswith("."):
+            raise ValueError(f"BATCH_JOB (--job) must name the job, e.g. scores-2026-11-28; got {self.job!r}")
+        if not self.input:
+            raise ValueError("BATCH_INPUT (--input) must be kafka:<topic> or a path or glob of .parquet/.jsonl files")
+        if self.format not in ("parquet", "jsonl"):
+            raise ValueError(f"BATCH_FORMAT (--format) must be parquet or jsonl, got {self.format!r}")
+        if self.workers < 1 or self.writers < 1 or self.batch_size < 0:
+            raise ValueError("BATCH_WORKERS and BATCH_WRITERS must be >= 1, BATCH_BATCH_SIZE >= 0")
+        get_spec(self.model)
+
+    @property
+    def directory(self) -> Path:
+        return self.jobs_dir / self.job
+
+    @property
+    def rows_per_batch(self) -> int:
+        return self.batch_size or get_spec(self.model).batch_size
+
+    def identity(self) -> dict[str, Any]:
+        """What makes a job the same job: a rerun must not change it."""
+        keys = ("input", "start", "end", "model", "output", "format", "id_field", "input_field")
+        return {key: str(getattr(self, key)) for key in keys}
+
+
+class JobError(Exception):
+    """The job cannot run as asked (its input is missing, or its settings changed since it started)."""
+
+
+@dataclass
+class Job:
+    """A batch job's plan and record, kept in ``<jobs dir>/<job>/manifest.json``."""
+
+    settings: Settings
+    manifest: dict[str, Any]
+
+    @classmethod
+    def open(cls, s: Settings) -> Job:
+        """The job's manifest; a new job first fixes its input range and writes one."""
+        path = s.directory / "manifest.json"
+        if path.exists():
+            manifest = orjson.loads(path.read_bytes())
+            if manifest["settings"] != s.identity():
+                changed = {k: (manifest["settings"].get(k), v) for k, v in s.identity().items()}
+                changed = {k: v for k, v in changed.items() if v[0] != v[1]}
+                raise JobError(
+                    f"job {s.job!r} was started with other settings ({changed}, as (then, now)); "
+                    f"rerun it as it was, or give the new job a new name"
+                )
+            return cls(s, manifest)
+        spec = get_spec(s.model)
+        manifest = {
+            "job": s.job,
+            "status": "planned",
+            "settings": s.identity(),
+            "model": {"name": spec.name, "version": spec.version, "batch_size": s.rows_per_batch},
+            "input": _plan_input(s),
+            "output": _output_kind(s),
+            "errors": str((s.directory / "errors").resolve()),
+            "rows": {"expected": 0, "written": 0, "bad": 0},
+            "runs": [],
+        }
+        manifest["rows"]["expected"] = manifest["input"]["rows"]
+        job = cls(s, manifest)
+        job.save()
+        return job
+
+    @property
+    def done(self) -> bool:
+        return bool(self.manifest["status"] == "succeeded")
+
+    @property
+    def output(self) -> str:
+        out = self.manifest["output"]
+        return f"{KAFKA_PREFIX}{out['topic']}" if out["kind"] == "kafka" else str(out["path"])
+
+    def save(self) -> None:
+        self.settings.directory.mkdir(parents=True, exist_ok=True)
+        path = self.settings.directory / "manifest.json"
+        tmp = path.with_name(".manifest.json.tmp")
+        tmp.write_bytes(orjson.dumps(self.manifest, option=orjson.OPT_INDENT_2))
+        os.replace(tmp, path)
+
+    def record_run(self, run: dict[str, Any]) -> None:
+        """Add a run; a run that read its input to the end succeeds only if every row is accounted for."""
+        rows = self.manifest["rows"]
+        rows["written"], rows["bad"] = committed_counts(Path(self.manifest["errors"]))
+        counted = rows["written"] + rows["bad"]
+        # A topic's offsets can hold gaps (compaction, transaction markers); a file's rows cannot.
+        exact = self.manifest["input"]["kind"] != "kafka"
+        if run["status"] == "succeeded" and (counted != rows["expected"] if exact else counted > rows["expected"]):
+            run.update(status="failed", error=f"counted {counted:,} rows written or bad, expected {rows['expected']:,}")
+        self.manifest["runs"].append(run)
+        self.manifest["status"] = run["status"]
+        self.manifest.setdefault("started_at", run["started_at"])
+        self.manifest["ended_at"] = run["ended_at"] if run["status"] == "succeeded" else None
+        self.save()
+
+    def dataflow(self) -> Dataflow:
+        s = self.settings
+        spec = get_spec(s.model)
+        model = spec.load()
+        fields = RowFields(s.id_field, s.input_field)
+        flow = Dataflow("batch_inference")
+        chunks = op.input("read", flow, self._source())
+        # KafkaBatch | Lines | Table: a chunk of rows, in columns
+        rows = op.map("decode", chunks, lambda chunk: decode(chunk, spec, fields))
+        # Rows: ids, the model's input column, bad rows with their reasons
+        scored = op.map("score", rows, lambda r: score(model, r))
+        # Scored: an Arrow record batch (id + outputs) and the bad rows
+        by_writer = op.key_on("by_writer", scored, lambda out: str(hash_key(out.part) % s.writers))
+        out = self.manifest["output"]
+        directory = Path(out["path"]) if out["kind"] == "files" else None
+        errors = Path(self.manifest["errors"])
+        commit_files("commit", by_writer, FileOutput(directory, errors, cast("Format", s.format), s.writers, s.job))
+        # part-<writer>-<seq>.parquet|jsonl: rows committed at each snapshot
+        if out["kind"] == "kafka":
+            messages = op.flat_map("to_messages", scored, _to_messages)
+            # KafkaMessage: one per row, keyed by the row id
+            sink = KafkaSink(s.kafka_bootstrap_servers, out["topic"], dlq_topic=out["topic"] + DLQ_SUFFIX)
+            kafka_output("publish", messages, sink)
+        return flow
+
+    def _source(self) -> Any:
+        s, plan = self.settings, self.manifest["input"]
+        if plan["kind"] == "kafka":
+            ranges = {int(p): r for p, r in plan["ranges"].items()}
+            return KafkaBatchSource(
+                s.kafka_bootstrap_servers,
+                [plan["topic"]],
+                start={p: Position.offset(first) for p, (first, _) in ranges.items()},
+                end={p: Position.offset(end) for p, (_, end) in ranges.items()},
+                batch_size=s.rows_per_batch,
+                outage_limit_s=s.kafka_outage_limit_s,
+            )
+        paths = [Path(f["path"]) for f in plan["files"]]
+        if plan["kind"] == "parquet":
+            return ParquetSource(paths, [s.id_field, s.input_field], s.rows_per_batch)
+        return JsonlSource(paths, s.rows_per_batch)
+
+
+def _plan_input(s: Settings) -> dict[str, Any]:
+    if s.input.startswith(KAFKA_PREFIX):
+        topic = s.input.removeprefix(KAFKA_PREFIX)
+        ranges = fixed_range(s.kafka_bootstrap_servers, topic, s.start, s.end, outage_limit_s=s.kafka_outage_limit_s)
+        return {
+            "kind": "kafka",
+            "topic": topic,
+            "start": str(s.start),
+            "end": str(s.end),
+            "ranges": {str(p): list(r) for p, r in sorted(ranges.items())},
+            "rows": sum(end - first for first, end in ranges.values()),
+        }
+    paths = sorted(Path(p).resolve() for p in glob.glob(s.input))
+    if not paths:
+        raise JobError(f"no files match {s.input!r}; give kafka:<topic>, a file, or a glob such as 'data/*.parquet'")
+    kinds = {p.suffix for p in paths}
+    if len(kinds) > 1 or not kinds <= {".parquet", ".jsonl"}:
+        raise JobError(f"{s.input!r} matches {sorted(kinds)} files; a job reads .parquet or .jsonl files, one kind")
+    kind = kinds.pop().lstrip(".")
+    files = [{"path": str(p), "rows": _count_rows(p, kind)} for p in paths]
+    return {"kind": kind, "files": files, "rows": sum(f["rows"] for f in files)}
+
+
+def _count_rows(path: Path, kind: str) -> int:
+    if kind == "parquet":
+        return int(pq.ParquetFile(path).metadata.num_rows)
+    with path.open("rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def _output_kind(s: Settings) -> dict[str, Any]:
+    if s.output.startswith(KAFKA_PREFIX):
+        topic = s.output.removeprefix(KAFKA_PREFIX)
+        ensure_topics(
+            s.kafka_bootstrap_servers,
+            [TopicSpec(topic, partitions=8), TopicSpec(topic + DLQ_SUFFIX, retention_ms=-1)],
+            outage_limit_s=s.kafka_outage_limit_s,
+        )
+        return {"kind": "kafka", "topic": topic}
+    path = Path(s.output) if s.output else s.directory / "output"
+    return {"kind": "files", "path": str(path.resolve()), "format": s.format}
+
+
+def _to_messages(scored: Scored) -> list[KafkaMessage]:
+    if scored.table is None:
+        return []
+    return [KafkaMessage(orjson.dumps(row), key=str(row["id"]).encode()) for row in scored.table.to_pylist()]
+
+
+def build(settings: Settings | None = None) -> Dataflow:
+    """The job's dataflow (``python -m bytewax.run "dataflows.batch_inference:build()"``); the
+    command line (:func:`main`) adds the progress bar, the manifest's run record and exit codes."""
+    s = settings or from_args(Settings, "BATCH_", [])
+    return Job.open(s).dataflow()
+
+
+class Progress:
+    """Rows done of the job's total, with rate and ETA: redrawn on a terminal, a line every 10 s otherwise."""
+
+    def __init__(self, job: str, total: int, done: Callable[[], int], out: Any = sys.stderr) -> None:
+        self._job, self._total, self._done, self._out = job, total, done, out
+        self._tty = out.isatty()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._start = (time.monotonic(), done())
+
+    def __enter__(self) -> Progress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._draw(final=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5 if self._tty else 10.0):
+            self._draw()
+
+    def _draw(self, *, final: bool = False) -> None:
+        done = self._done()
+        elapsed = time.monotonic() - self._start[0]
+        rate = (done - self._start[1]) / elapsed if elapsed > 0 else 0.0
+        left = max(0, self._total - done)
+        eta = f"ETA {timedelta(seconds=round(left / rate))}" if rate > 0 and left else ""
+        share = f" ({100 * done / self._total:.1f}%)" if self._total else ""
+        line = f"[{self._job}] {done:,}/{self._total:,} rows{share}  {rate:,.0f} rows/s  {eta}"
+        end = "\n" if final or not self._tty else ""
+        self._out.write(("\r\x1b[2K" if self._tty else "") + line + end)
+        self._out.flush()
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        s = from_args(Settings, "BATCH_", argv, description=__doc__.split("\n\n")[0])
+        job = Job.open(s)
+    except (SettingsError, JobError) as exc:
+        print(f"batch job: {exc}", file=sys.stderr)
+        return 2
+    rows = job.manifest["rows"]
+    if job.done:
+        print(
+            f"job {s.job!r} already succeeded at {job.manifest['ended_at']}: {rows['written']:,} rows written to "
+            f"{job.output}, {rows['bad']:,} bad rows in {job.manifest['errors']}; nothing to do"
+        )
+        return 0
+    if s.torch_threads:
+        torch.set_num_threads(s.torch_threads)
+    metrics.serve(s.metrics_port)
+    metrics.BATCH_EXPECTED.labels(s.job).set(rows["expected"])
+    recovery = s.directory / "recovery"
+    if not recovery.exists():
+        recovery.mkdir(parents=True)
+        init_db_dir(recovery, 1)
+    committed = sum(committed_counts(Path(job.manifest["errors"])))
+    resumed = f", resuming after {committed:,} committed rows" if job.manifest["runs"] else ""
+    print(f"job {s.job!r}: {rows['expected']:,} rows from {s.input} with {s.model} to {job.output}{resumed}")
+    run: dict[str, Any] = {"started_at": _now(), "pid": os.getpid()}
+    job.manifest["status"] = "running"
+    job.save()
+    start = time.monotonic()
+    try:
+        with Progress(s.job, rows["expected"], lambda: committed + _counted(s.job)):
+            cli_main(
+                job.dataflow(),
+                workers_per_process=s.workers,
+                epoch_interval=timedelta(seconds=s.snapshot_interval_s),
+                recovery_config=RecoveryConfig(str(recovery), backup_interval=timedelta(0)),
+            )
+    except Exception as exc:  # the job's failure, reported and recorded; a rerun resumes
+        traceback.print_exc()
+        reason = _root_cause(exc)
+        job.record_run({**run, "ended_at": _now(), "status": "failed", "error": reason})
+        print(f"job {s.job!r} failed: {reason}\nrerun the same command to resume", file=sys.stderr)
+        return 1
+    seconds = time.monotonic() - start
+    job.record_run({**run, "ended_at": _now(), "status": "succeeded", "seconds": round(seconds, 3)})
+    rows = job.manifest["rows"]
+    if not job.done:
+        print(f"job {s.job!r} failed: {job.manifest['runs'][-1]['error']}", file=sys.stderr)
+        return 1
+    print(
+        f"job {s.job!r} succeeded in {seconds:.1f} s: {rows['written']:,} rows written to {job.output}, "
+        f"{rows['bad']:,} bad rows in {job.manifest['errors']}"
+    )
+    return 0
+
+
+def _root_cause(exc: BaseException) -> str:
+    """Bytewax wraps a step's exception in its own; the innermost one says what went wrong."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _counted(job: str) -> int:
+    """Rows this process has written (committed or not yet), from the job's metrics."""
+    samples = (
+        REGISTRY.get_sample_value("patternflow_batch_rows_total", {"job": job, "outcome": o}) for o in ("ok", "bad")
+    )
+    return int(sum(value or 0 for value in samples))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
