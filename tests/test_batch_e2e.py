@@ -1,0 +1,154 @@
+"""Batch jobs run as an orchestrator runs them, against the real broker: kill -9, rerun, exactly once."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import orjson
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+from conftest import ROOT, Logged, wait_for
+
+from common import default_brokers
+from dataflows.batch_inference import Job, Settings
+from operators.files import committed_counts
+from operators.kafka import KafkaMessage, TopicSpec, ensure_topics, produce, read_topic
+
+JOB = [sys.executable, "-m", "dataflows.batch_inference"]
+
+
+def features(i: int) -> list[float]:
+    return [((i * 7 + j * 3) % 11) / 5 - 1 for j in range(8)]
+
+
+def fill(brokers: str, topic: str, first: int, n: int) -> None:
+    ensure_topics(brokers, [TopicSpec(topic, partitions=4)])
+    rows = (
+        KafkaMessage(orjson.dumps({"inputs": features(i)}), key=f"c{i}".encode(), topic=topic)
+        for i in range(first, first + n)
+    )
+    produce(brokers, rows)
+
+
+def job_env(brokers: str) -> dict[str, str]:
+    return {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": brokers, "BATCH_METRICS_PORT": "0"}
+
+
+def run_job(brokers: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*JOB, *args], env=job_env(brokers), cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def output_ids(directory: Path) -> list[str]:
+    return ds.dataset(directory, format="parquet").to_table(columns=["id"]).column("id").to_pylist()
+
+
+def committed_more(proc: Logged, commits: Path, before: int) -> Callable[[], bool]:
+    return lambda: proc.poll() is not None or sum(committed_counts(commits)) > before
+
+
+def test_a_job_killed_at_random_moments_writes_every_row_exactly_once(brokers: str, topic: str, tmp_path: Path) -> None:
+    n = 120_000
+    fill(brokers, topic, 0, n)
+    produce(brokers, [KafkaMessage(b"{broken", key=b"bad-1", topic=topic)])
+    args = ["--job", "kills", "--input", f"kafka:{topic}", "--jobs-dir", str(tmp_path), "--batch-size", "100"]
+    args += ["--snapshot-interval-s", "0.1", "--workers", "2", "--writers", "4"]
+    commits = tmp_path / "kills" / "errors"
+    rng = random.Random(7)
+    for attempt in range(3):
+        proc = Logged([*JOB, *args], job_env(brokers), tmp_path / f"run-{attempt}.log")
+        before = sum(committed_counts(commits)) if commits.exists() else 0
+        # Killed once it has committed more rows, at a random moment after that.
+        wait_for(committed_more(proc, commits, before), "rows committed", 120)
+        time.sleep(rng.uniform(0, 0.8))
+        if proc.poll() is not None:
+            pytest.fail(f"the job ended before the kill (make it longer):\n{proc.output()}")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    done = run_job(brokers, *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "succeeded" in done.stdout
+
+    ids = output_ids(tmp_path / "kills" / "output")
+    assert len(ids) == n and set(ids) == {f"c{i}" for i in range(n)}
+    manifest = orjson.loads((tmp_path / "kills" / "manifest.json").read_bytes())
+    assert manifest["status"] == "succeeded" and len(manifest["runs"]) == 1  # killed runs record nothing
+    assert manifest["rows"] == {"expected": n + 1, "written": n, "bad": 1}
+    assert manifest["model"] == {"name": "tabular-risk", "version": "1", "batch_size": 100}
+    (bad,) = [orjson.loads(line) for f in commits.glob("part-*") for line in f.read_bytes().splitlines()]
+    assert bad["id"] == "bad-1" and bad["reason"].startswith("not JSON")
+
+    again = run_job(brokers, *args)
+    assert again.returncode == 0 and "already succeeded" in again.stdout and "nothing to do" in again.stdout
+
+
+def test_the_range_is_fixed_when_the_job_first_starts(brokers: str, topic: str, tmp_path: Path) -> None:
+    fill(brokers, topic, 0, 1_000)
+    settings = Settings(job="fixed", input=f"kafka:{topic}", jobs_dir=tmp_path, kafka_bootstrap_servers=brokers)
+    planned = Job.open(settings).manifest["input"]  # as the first run does, before it reads
+    assert planned["rows"] == 1_000 and sum(end for _, end in planned["ranges"].values()) == 1_000
+    fill(brokers, topic, 1_000, 500)  # written while the job runs: not part of it
+    done = run_job(brokers, "--job", "fixed", "--input", f"kafka:{topic}", "--jobs-dir", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(output_ids(tmp_path / "fixed" / "output")) == sorted(f"c{i}" for i in range(1_000))
+
+
+def test_a_topic_output_keyed_by_row_id_reads_back_every_row(brokers: str, topic: str, tmp_path: Path) -> None:
+    fill(brokers, topic, 0, 2_000)
+    out = f"{topic}-scores"
+    done = run_job(
+        brokers,
+        "--job",
+        "to-topic",
+        "--input",
+        f"kafka:{topic}",
+        "--output",
+        f"kafka:{out}",
+        "--jobs-dir",
+        str(tmp_path),
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {m.key: orjson.loads(m.value or b"") for m in read_topic(brokers, out)}
+    assert set(rows) == {f"c{i}".encode() for i in range(2_000)}
+    assert set(rows[b"c5"]) == {"id", "risk", "label"} and 0 <= rows[b"c5"]["risk"] <= 1
+
+
+def test_parquet_in_jsonl_out_with_bad_rows_reported(tmp_path: Path) -> None:
+    brokers = default_brokers()  # a file job needs no broker
+    inputs = [features(i) for i in range(1_000)]
+    inputs[10] = [1.0, 2.0]
+    ids: list[str | None] = [f"r{i}" for i in range(1_000)]
+    ids[20] = None
+    pq.write_table(pa.table({"id": ids, "inputs": inputs}), tmp_path / "in.parquet", row_group_size=300)
+    args = ["--job", "pq", "--input", str(tmp_path / "*.parquet"), "--format", "jsonl", "--jobs-dir", str(tmp_path)]
+    done = run_job(brokers, *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "998 rows written" in done.stdout and "2 bad rows" in done.stdout
+    out = [
+        orjson.loads(line)
+        for f in (tmp_path / "pq" / "output").glob("part-*.jsonl")
+        for line in f.read_bytes().splitlines()
+    ]
+    assert sorted(row["id"] for row in out) == sorted(f"r{i}" for i in range(1_000) if i not in (10, 20))
+    bad = {
+        row["source"]: row
+        for f in (tmp_path / "pq" / "errors").glob("part-*")
+        for row in map(orjson.loads, f.read_bytes().splitlines())
+    }
+    assert bad["in.parquet#10"]["reason"] == "inputs must be a list of 8 numbers, got a list of 2"
+    assert bad["in.parquet#20"]["reason"] == "the 'id' column is null"
+
+    changed = run_job(brokers, *args[:-4], "--format", "parquet", "--jobs-dir", str(tmp_path))
+    assert changed.returncode == 2 and "was started with other settings" in changed.stderr
+    missing = run_job(
+        brokers, "--job", "none", "--input", str(tmp_path / "nothing-*.parquet"), "--jobs-dir", str(tmp_path)
+    )
+    assert missing.returncode == 2 and "no files match" in missing.stderr
