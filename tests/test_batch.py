@@ -22,7 +22,7 @@ from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.testing import run_main
 
 from models.registry import REGISTRY
-from models.schema import InvalidInput
+from models.schema import InvalidInput, Vector
 from operators.batch import BadRow, Lines, RowFields, Scored, Table, decode, score
 from operators.files import FileOutput, JsonlSource, ParquetSource, commit_files, committed_counts
 from operators.kafka.message import KafkaBatch
@@ -51,7 +51,9 @@ def test_a_column_validates_as_each_row_does(values: list[object]) -> None:
             expected.append(TABULAR.schema.validate(value))
         except InvalidInput as exc:
             reasons[i] = str(exc)
-    column, errors = TABULAR.schema.column(values)
+    schema = TABULAR.schema
+    assert isinstance(schema, Vector)
+    column, errors = schema.column(values)
     assert errors == reasons
     assert column.shape == (len(expected), 8) and column.dtype == np.float32
     assert np.allclose(column, np.asarray(expected, dtype=np.float32).reshape(-1, 8))
@@ -69,7 +71,7 @@ def test_kafka_records_decode_to_ids_and_a_column_with_bad_rows_kept() -> None:
     ]
     keys = [None, b"k2", None, b"k4", b"k5", None, None]
     n = len(values)
-    batch = KafkaBatch("t", 3, values, keys, [()] * n, list(range(100, 100 + n)), [0] * n)  # type: ignore[arg-type]
+    batch = KafkaBatch("t", 3, values, keys, [()] * n, list(range(100, 100 + n)), [0] * n)
     rows = decode(batch, TABULAR, FIELDS)
     assert rows.ids == ["c1", "k2", "t[3]@102"]
     assert np.allclose(rows.inputs, np.asarray([row(1), row(2), row(3)], dtype=np.float32))
