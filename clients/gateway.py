@@ -1,12 +1,17 @@
-"""HTTP gateway to the online-inference dataflow, for clients that speak HTTP.
+"""HTTP gateway to the online-inference and async-jobs dataflows, for clients that speak HTTP.
 
     POST /v1/models/{name}:predict   {"inputs": ..., "timeout_ms": 1000}  -> the reply
+    POST /v1/jobs                    {"model": ..., "inputs": [...], "job_id": optional}  -> 202 {"job_id", "status"}
+    GET  /v1/jobs/{job_id}           -> the job's record (pending, running, done with outputs, failed with error)
     GET  /healthz                    200 when the broker answers, else 503
 
-Each HTTP request becomes a Kafka request/reply through one shared
+Each predict request becomes a Kafka request/reply through one shared
 :class:`~clients.inference.AsyncInferenceClient`. Status codes: 200 ok, 400 bad
 input (bad JSON body, schema violation, unknown model), 429 rejected (the
 dataflow shed load), 504 timeout (the deadline passed, in the dataflow or here).
+Jobs go through one :class:`~clients.jobs.JobsClient`, started in the
+background: until the async-jobs topics exist the job routes answer 503 and
+say what to start. ``GET`` answers 404 for an id never submitted.
 
 Run: ``python -m clients.gateway`` (settings: ``GATEWAY_HOST``, ``GATEWAY_PORT``,
 ``GATEWAY_TIMEOUT_MS``, ``KAFKA_BOOTSTRAP_SERVERS``).
@@ -28,11 +33,17 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from clients.inference import AsyncInferenceClient, InferenceTimeout
-from operators.protocol import REPLY_TOPIC, REQUEST_TOPIC
+from clients.jobs import JobsClient, JobSubmitError
+from operators.kafka import KafkaAdminError
+from operators.protocol import JOBS_RESULTS_TOPIC, JOBS_SUBMIT_TOPIC, REPLY_TOPIC, REQUEST_TOPIC
 from operators.settings import brokers_field, from_env
 
 __all__ = ["Settings", "create_app"]
 
+NO_JOB_WORKERS = {
+    "status": "unavailable",
+    "error": "the async-jobs topics do not exist yet: start dataflows.async_jobs",
+}
 STATUS_CODES = {"ok": 200, "error": 400, "rejected": 429, "timeout": 504}
 
 
@@ -44,11 +55,30 @@ class Settings:
     timeout_ms: int = 1_000
     request_topic: str = REQUEST_TOPIC
     reply_topic: str = REPLY_TOPIC
+    jobs_submit_topic: str = JOBS_SUBMIT_TOPIC
+    jobs_results_topic: str = JOBS_RESULTS_TOPIC
 
 
 def create_app(settings: Settings) -> Starlette:
     clients: list[AsyncInferenceClient] = []
+    jobs: list[JobsClient] = []
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+
+    async def start_jobs_client() -> None:
+        # In short waits, so that a gateway stopped meanwhile leaves no thread waiting behind it.
+        while True:
+            try:
+                client = await asyncio.to_thread(
+                    JobsClient,
+                    settings.kafka_bootstrap_servers,
+                    submit_topic=settings.jobs_submit_topic,
+                    results_topic=settings.jobs_results_topic,
+                    wait_for_workers_s=2,
+                )
+                jobs.append(client)
+                return
+            except KafkaAdminError:
+                continue
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -60,8 +90,12 @@ def create_app(settings: Settings) -> Starlette:
             timeout_s=settings.timeout_ms / 1000,
         )
         clients.append(client)
+        starting = asyncio.create_task(start_jobs_client())
         yield
+        starting.cancel()
         await client.close()
+        for jobs_client in jobs:
+            await asyncio.to_thread(jobs_client.close)
 
     async def predict(request: Request) -> Response:
         name = request.path_params["name"]
@@ -80,6 +114,29 @@ def create_app(settings: Settings) -> Starlette:
             return JSONResponse({"status": "timeout", "error": str(exc)}, status_code=504)
         return JSONResponse(reply, status_code=STATUS_CODES.get(reply.get("status", ""), 502))
 
+    async def submit_job(request: Request) -> Response:
+        if not jobs:
+            return JSONResponse(NO_JOB_WORKERS, status_code=503)
+        try:
+            body = orjson.loads(await request.body())
+            if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+                raise ValueError('expected a JSON object {"model": "<name>", "inputs": [...], "job_id": optional}')
+            if not isinstance(body.get("inputs"), list) or not isinstance(body.get("job_id", ""), str):
+                raise ValueError('"inputs" must be a list of instances and "job_id", if given, a string')
+        except ValueError as exc:
+            return JSONResponse({"status": "error", "error": str(exc)}, status_code=400)
+        try:
+            job_id = await asyncio.to_thread(jobs[0].submit, body["model"], body["inputs"], job_id=body.get("job_id"))
+        except JobSubmitError as exc:
+            return JSONResponse({"status": "error", "error": str(exc)}, status_code=502)
+        return JSONResponse(jobs[0].status(job_id), status_code=202)
+
+    async def get_job(request: Request) -> Response:
+        if not jobs:
+            return JSONResponse(NO_JOB_WORKERS, status_code=503)
+        record = jobs[0].status(request.path_params["job_id"])
+        return JSONResponse(record, status_code=404 if record["status"] == "unknown" else 200)
+
     async def healthz(request: Request) -> Response:
         try:
             topics = (await asyncio.to_thread(admin.list_topics, timeout=2)).topics
@@ -90,6 +147,8 @@ def create_app(settings: Settings) -> Starlette:
 
     routes = [
         Route("/v1/models/{name}:predict", predict, methods=["POST"]),
+        Route("/v1/jobs", submit_job, methods=["POST"]),
+        Route("/v1/jobs/{job_id}", get_job, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
     ]
     return Starlette(routes=routes, lifespan=lifespan)

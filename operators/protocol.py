@@ -1,5 +1,5 @@
 """The online-inference request/reply protocol, shared by the server and its
-clients (no Bytewax here, so clients can import it).
+clients (no Bytewax here, so clients can import it), and the async jobs' topics.
 
 A request is a message on :data:`REQUEST_TOPIC` whose value is
 ``{"model": "<name>", "inputs": <one instance>}`` and whose headers are:
@@ -31,6 +31,8 @@ from operators.kafka.admin import valid_topic_name
 from operators.kafka.message import KafkaMessage
 
 __all__ = [
+    "JOBS_RESULTS_TOPIC",
+    "JOBS_SUBMIT_TOPIC",
     "MAX_CORRELATION_ID_BYTES",
     "REPLY_TOPIC",
     "REQUEST_TOPIC",
@@ -42,6 +44,9 @@ __all__ = [
 
 REQUEST_TOPIC = "inference.requests"
 REPLY_TOPIC = "inference.replies"
+# Async jobs (the protocol is in operators.jobs): submissions in, every status out.
+JOBS_SUBMIT_TOPIC = "jobs.submit"
+JOBS_RESULTS_TOPIC = "jobs.results"
 MAX_CORRELATION_ID_BYTES = 256
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 

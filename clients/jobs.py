@@ -1,0 +1,144 @@
+"""Python client for async jobs (``dataflows.async_jobs``): submit now, look the result up by id later.
+
+    with JobsClient("127.0.0.1:9092") as jobs:
+        job_id = jobs.submit("tabular-risk", [[0.2, 1.0, 0.0, 0.5, 0.0, 1.2, 0.0, 1.0]] * 500)
+        jobs.status(job_id)["status"]       # pending | running | done | failed
+        result = jobs.wait(job_id, timeout_s=60)
+        result["outputs"]                   # one output per input, in order
+
+A status lookup is answered from this client's view of the job table: a
+background consumer reads the compacted ``jobs.results`` topic (the worker's
+table, one record per status change) and the ``jobs.submit`` topic (so a job
+submitted through any client reads as ``pending``) from their beginning, and
+follows them. Statuses only move forward (pending, running, then done or
+failed), whatever order records arrive in. An id never submitted reads as
+``unknown``. A client started before the workers waits for their topics (up to
+``wait_for_workers_s``, then :class:`~operators.kafka.KafkaAdminError`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from typing import Any
+
+import orjson
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
+
+from operators.kafka import consumer_config, partition_count, producer_config, wait_for_topics
+from operators.protocol import JOBS_RESULTS_TOPIC, JOBS_SUBMIT_TOPIC
+
+__all__ = ["JobSubmitError", "JobsClient"]
+
+_RANK = {"unknown": -1, "pending": 0, "running": 1, "done": 2, "failed": 2}
+
+
+class JobSubmitError(RuntimeError):
+    """The broker did not take a submission (it names why); nothing was enqueued."""
+
+
+class JobsClient:
+    def __init__(
+        self,
+        brokers: str,
+        *,
+        submit_topic: str = JOBS_SUBMIT_TOPIC,
+        results_topic: str = JOBS_RESULTS_TOPIC,
+        wait_for_workers_s: float = 120.0,
+        submit_timeout_s: float = 30.0,
+    ) -> None:
+        self.submit_topic = submit_topic
+        self.results_topic = results_topic
+        self.submit_timeout_s = submit_timeout_s
+        topics = [submit_topic, results_topic]
+        wait_for_topics(brokers, topics, timeout_s=wait_for_workers_s, who="dataflows.async_jobs")
+        # A job's result can be large (embeddings): the client takes what the topics allow.
+        self._producer = Producer(producer_config(brokers, {"linger.ms": 5, "message.max.bytes": 64 << 20}))
+        self._consumer = Consumer(consumer_config(brokers, {"fetch.wait.max.ms": 50}))
+        self._consumer.assign(
+            [
+                TopicPartition(topic, p, OFFSET_BEGINNING)
+                for topic in topics
+                for p in range(partition_count(brokers, topic))
+            ]
+        )
+        self._jobs: dict[str, dict[str, Any]] = {}
+        self._changed = threading.Condition()
+        self._closed = threading.Event()
+        self._reader = threading.Thread(target=self._follow, name="job-table", daemon=True)
+        self._reader.start()
+
+    def submit(self, model: str, inputs: list[Any], *, job_id: str | None = None) -> str:
+        """Enqueue a job (an id is made up unless given: an id is an idempotency key) and return its id
+        once the broker has it; :class:`JobSubmitError` if it does not take it."""
+        job_id = job_id or uuid.uuid4().hex
+        value = orjson.dumps({"model": model, "inputs": inputs}, option=orjson.OPT_SERIALIZE_NUMPY)
+        failure: list[KafkaError] = []
+
+        def delivered(err: KafkaError | None, _: object) -> None:
+            if err is not None:
+                failure.append(err)
+
+        self._producer.produce(self.submit_topic, value, key=job_id.encode(), on_delivery=delivered)
+        if self._producer.flush(self.submit_timeout_s) or failure:
+            why = failure[0].str() if failure else f"not acknowledged within {self.submit_timeout_s} s"
+            raise JobSubmitError(f"job {job_id} was not submitted: {why}")
+        self._update({"job_id": job_id, "status": "pending"})
+        return job_id
+
+    def status(self, job_id: str) -> dict[str, Any]:
+        """The job's latest record: ``status`` is pending, running, done (with ``outputs``),
+        failed (with ``error``), or unknown."""
+        with self._changed:
+            return dict(self._jobs.get(job_id) or {"job_id": job_id, "status": "unknown"})
+
+    def wait(self, job_id: str, *, timeout_s: float = 60.0) -> dict[str, Any]:
+        """The job's record once it is done or failed; :class:`TimeoutError` after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            while (found := self._jobs.get(job_id, {})).get("status") not in ("done", "failed"):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"job {job_id} is {found.get('status', 'unknown')} after {timeout_s} s")
+                self._changed.wait(left)
+            return dict(found)
+
+    def _update(self, record: dict[str, Any]) -> None:
+        with self._changed:
+            known = self._jobs.get(record["job_id"])
+            if known is None or _RANK[record["status"]] > _RANK[known["status"]]:
+                self._jobs[record["job_id"]] = record
+                self._changed.notify_all()
+
+    def _follow(self) -> None:
+        while not self._closed.is_set():
+            try:
+                msgs = self._consumer.consume(500, 0.1)
+            except KafkaException:  # closed under us
+                return
+            for msg in msgs:
+                key, value = msg.key(), msg.value()
+                if msg.error() is not None or not key:
+                    continue
+                if msg.topic() == self.submit_topic:
+                    self._update({"job_id": key.decode(errors="replace"), "status": "pending"})
+                elif value is not None:
+                    try:
+                        record = orjson.loads(value)
+                    except orjson.JSONDecodeError:
+                        continue  # not written by the workers
+                    if isinstance(record, dict) and record.get("status") in _RANK and "job_id" in record:
+                        self._update(record)
+
+    def close(self) -> None:
+        self._closed.set()
+        self._reader.join(timeout=5)
+        self._consumer.close()
+        self._producer.flush(5)
+
+    def __enter__(self) -> JobsClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,98 @@
+"""Async jobs: submit to ``jobs.submit``, workers run them at their own pace, results by job id.
+
+Protocol: see :mod:`operators.jobs`. A submission is keyed by its job id, its
+value ``{"model": "tabular-risk", "inputs": [[...], ...]}``; every status goes
+to ``jobs.results`` (compacted) keyed by the job id. Clients and the HTTP
+gateway (``POST /v1/jobs``, ``GET /v1/jobs/{id}``) use
+:class:`clients.jobs.JobsClient`. Run::
+
+    python -m bytewax.run "dataflows.async_jobs:build()" -r var/recovery/async_jobs -s 5 -b 0
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import bytewax.operators as op
+import torch
+from bytewax.dataflow import Dataflow
+
+from models.registry import get_spec
+from operators import metrics
+from operators.dlq import DLQ_SUFFIX, to_dlq_message
+from operators.jobs import RecordOnce, parse_jobs, run_jobs
+from operators.kafka import TopicSpec, ensure_topics
+from operators.kafka.sink import KafkaSink, kafka_output
+from operators.kafka.source import KafkaBatchSource
+from operators.protocol import JOBS_RESULTS_TOPIC, JOBS_SUBMIT_TOPIC
+from operators.settings import brokers_field, from_env, outage_limit_field
+from operators.stateful import StateConfig, keyed_state
+
+DAY_MS = 24 * 3_600_000
+
+
+@dataclass(frozen=True)
+class Settings:
+    kafka_bootstrap_servers: str = brokers_field()
+    kafka_outage_limit_s: float = outage_limit_field()
+    submit_topic: str = JOBS_SUBMIT_TOPIC
+    results_topic: str = JOBS_RESULTS_TOPIC
+    partitions: int = 3
+    models: str = "tabular-risk,minilm-embeddings"
+    max_inputs: int = 1_000  # per job
+    jobs_per_poll: int = 64  # submissions read (and batched together) per poll of a partition
+    result_ttl_s: int = 7 * 24 * 3600  # how long a job id is remembered (a resubmission after is run again)
+    state_dir: Path = Path("var/state/async_jobs")
+    state_shards: int = 8
+    torch_threads: int = 1
+    metrics_port: int = 9103
+
+    def __post_init__(self) -> None:
+        for name in self.model_names:
+            get_spec(name)
+        if not 1 <= self.max_inputs <= 10_000:
+            raise ValueError(f"JOBS_MAX_INPUTS must be 1 to 10000, got {self.max_inputs}")
+
+    @property
+    def model_names(self) -> list[str]:
+        return [name.strip() for name in self.models.split(",") if name.strip()]
+
+    def topics(self) -> list[TopicSpec]:
+        # A result can hold max_inputs embeddings: up to ~8 KB each as JSON.
+        big = {"max.message.bytes": str(max(1 << 20, self.max_inputs * 8_192))}
+        return [
+            TopicSpec(self.submit_topic, partitions=self.partitions, retention_ms=DAY_MS, config=big),
+            TopicSpec(self.submit_topic + DLQ_SUFFIX, retention_ms=-1, config=big),
+            TopicSpec(self.results_topic, partitions=self.partitions, cleanup_policy="compact", config=big),
+        ]
+
+
+def build(settings: Settings | None = None) -> Dataflow:
+    s = settings or from_env(Settings, prefix="JOBS_")
+    brokers, outage_limit_s = s.kafka_bootstrap_servers, s.kafka_outage_limit_s
+    ensure_topics(brokers, s.topics(), outage_limit_s=outage_limit_s)
+    if s.torch_threads:
+        torch.set_num_threads(s.torch_threads)
+    models = {name: get_spec(name).load() for name in s.model_names}
+    metrics.serve(s.metrics_port)
+
+    flow = Dataflow("async_jobs")
+    source = KafkaBatchSource(brokers, [s.submit_topic], batch_size=s.jobs_per_poll, outage_limit_s=outage_limit_s)
+    polls = op.input("submissions", flow, source)
+    # KafkaBatch: the submissions one poll of a partition read
+    parsed = op.map("parse", polls, lambda batch: parse_jobs("async_jobs.parse", batch, s.max_inputs))
+    # Parsed: jobs to run, jobs failed already (with their dead letters), messages with no job id
+    running = op.flat_map("take", parsed, lambda p: [job.result("running") for job in p.jobs])
+    finished = op.flat_map("run", parsed, lambda p: run_jobs(models, p.jobs) + [failed for failed, _ in p.failed])
+    # JobResult: done or failed, one per job
+    state = StateConfig(s.state_dir, shards=s.state_shards)
+    keyed = op.key_on("by_job", finished, lambda result: result.job_id)
+    recorded = op.key_rm("unkey", keyed_state("record", keyed, lambda: RecordOnce(s.result_ttl_s * 1000), state))
+    # JobResult: each job's first terminal result
+    results = op.map("encode", op.merge("statuses", running, recorded), lambda r: r.to_message(s.results_topic))
+    dead = op.flat_map("dead", parsed, lambda p: [to_dlq_message(d) for d in [*p.dead, *(d for _, d in p.failed)]])
+    # KafkaMessage: statuses on the results topic, dead letters on <submit topic>.dlq
+    sink = KafkaSink(brokers, dlq_topic=s.submit_topic + DLQ_SUFFIX, outage_limit_s=outage_limit_s)
+    kafka_output("publish", op.merge("out", results, dead), sink)
+    return flow

@@ -1,0 +1,186 @@
+"""Async jobs: submitted to a topic, run at the worker's pace, results by job id.
+
+A submission is a Kafka message keyed by its **job id** (1 to 256 bytes of
+UTF-8; the id is an idempotency key: a second submission under an id that has
+a result is not run again) whose value is ``{"model": "<name>", "inputs":
+[<instance>, ...]}`` (1 to ``max_inputs`` instances, each valid for the model's
+schema). Every status of a job is a message on the results topic, keyed by the
+job id::
+
+    {"job_id", "status": "running" | "done" | "failed", "model", "inputs": n,
+     "version", "outputs": [...] (done), "error": "..." (failed),
+     "submitted_ms", "started_ms", "finished_ms"}
+
+``running`` is sent when a worker takes the job; ``done`` or ``failed`` once.
+The results of all jobs read in one poll are computed together: their inputs
+are concatenated per model and run in forward passes of the model's batch
+size, the economics of batch inference. A submission without a usable job id
+cannot be answered: it goes to the dead-letter topic only; one with an id but a
+bad body fails (the reason is in ``error``) and is also dead-lettered.
+
+The terminal result of each job is recorded in RocksDB-backed keyed state
+(:func:`record_once`), so after a kill -9 and the replay that follows, a job
+that already has a result is not recorded or published again, and one that
+had not is run and recorded once. (Its ``done`` message can still appear twice
+on the topic when the kill falls between publishing and the snapshot: the
+same record, under the same key; readers keep the latest per key.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import orjson
+
+from common import wall_ms
+from models.registry import Model, get_spec
+from operators.dlq import DeadLetter, InvalidMessage, loads_json
+from operators.kafka.message import KafkaBatch, KafkaMessage
+from state import StateStore
+
+__all__ = ["Job", "JobResult", "Parsed", "RecordOnce", "parse_jobs", "run_jobs"]
+
+Status = Literal["running", "done", "failed"]
+MAX_JOB_ID_BYTES = 256
+
+
+@dataclass(frozen=True)
+class Job:
+    job_id: str
+    model: str
+    inputs: list[Any]  # instances valid for the model's schema
+    submitted_ms: int
+    started_ms: int
+
+    def result(self, status: Status, **fields: Any) -> JobResult:
+        return JobResult(
+            self.job_id, status, self.model, len(self.inputs), self.submitted_ms, self.started_ms, **fields
+        )
+
+
+@dataclass(frozen=True)
+class JobResult:
+    job_id: str
+    status: Status
+    model: str
+    inputs: int
+    submitted_ms: int
+    started_ms: int
+    finished_ms: int | None = None
+    version: str | None = None
+    outputs: list[Any] | None = None
+    error: str | None = None
+
+    def doc(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+    def to_message(self, topic: str) -> KafkaMessage:
+        return KafkaMessage(orjson.dumps(self.doc()), key=self.job_id.encode(), topic=topic)
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """One poll's submissions: jobs to run, jobs failed already, and messages with no job id."""
+
+    jobs: list[Job] = field(default_factory=list)
+    failed: list[tuple[JobResult, DeadLetter]] = field(default_factory=list)
+    dead: list[DeadLetter] = field(default_factory=list)
+
+
+def parse_jobs(step_id: str, batch: KafkaBatch, max_inputs: int, now_ms: int | None = None) -> Parsed:
+    now = wall_ms() if now_ms is None else now_ms
+    out = Parsed()
+    for msg in batch:
+        try:
+            job_id = _job_id(msg.key)
+        except InvalidMessage as exc:
+            out.dead.append(DeadLetter(msg, step_id, str(exc)))
+            continue
+        try:
+            out.jobs.append(_job(job_id, msg, max_inputs, now))
+        except InvalidMessage as exc:
+            failed = JobResult(job_id, "failed", "", 0, msg.timestamp_ms or now, now, now, error=str(exc))
+            out.failed.append((failed, DeadLetter(msg, step_id, str(exc))))
+    return out
+
+
+def _job_id(key: bytes | None) -> str:
+    if not key:
+        raise InvalidMessage("a job submission must be keyed by its job id")
+    if len(key) > MAX_JOB_ID_BYTES:
+        raise InvalidMessage(f"job id is {len(key)} bytes, over {MAX_JOB_ID_BYTES}")
+    try:
+        return key.decode()
+    except UnicodeDecodeError:
+        raise InvalidMessage("job id (the message key) is not UTF-8") from None
+
+
+def _job(job_id: str, msg: KafkaMessage, max_inputs: int, now: int) -> Job:
+    doc = loads_json(msg.value or b"")
+    if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or "model" not in doc:
+        raise InvalidMessage('a job must be a JSON object {"model": ..., "inputs": [instance, ...]}')
+    spec = get_spec(str(doc["model"])[:200])
+    inputs = doc["inputs"]
+    if not 1 <= len(inputs) <= max_inputs:
+        raise InvalidMessage(f"a job takes 1 to {max_inputs} inputs, got {len(inputs)}")
+    _, errors = spec.schema.column(inputs)
+    if errors:
+        first = ", ".join(f"inputs[{i}]: {reason}" for i, reason in list(errors.items())[:3])
+        raise InvalidMessage(f"{len(errors)} of {len(inputs)} inputs are invalid ({first})")
+    return Job(job_id, spec.name, inputs, msg.timestamp_ms or now, now)
+
+
+def run_jobs(models: dict[str, Model], jobs: list[Job]) -> list[JobResult]:
+    """Every job's result; the inputs of all jobs of a model go through its forward pass together."""
+    results: list[JobResult] = []
+    for name in dict.fromkeys(job.model for job in jobs):
+        mine = [job for job in jobs if job.model == name]
+        model, spec = models.get(name), get_spec(name)
+        if model is None:
+            reason = f"model {name!r} is not loaded by these workers (they run {sorted(models)})"
+            results.extend(job.result("failed", finished_ms=wall_ms(), error=reason) for job in mine)
+            continue
+        instances = [x for job in mine for x in job.inputs]
+        try:
+            outputs = [
+                out
+                for at in range(0, len(instances), spec.batch_size)
+                for out in model.predict(instances[at : at + spec.batch_size])
+            ]
+        except Exception as exc:  # the model's failure fails its jobs, with the reason; the worker goes on
+            reason = f"model failed: {type(exc).__name__}: {exc}"
+            results.extend(job.result("failed", finished_ms=wall_ms(), error=reason) for job in mine)
+            continue
+        done, at = wall_ms(), 0
+        for job in mine:
+            n = len(job.inputs)
+            results.append(job.result("done", finished_ms=done, version=spec.version, outputs=outputs[at : at + n]))
+            at += n
+    return results
+
+
+@dataclass(frozen=True)
+class RecordOnce:
+    """The job table, a :class:`~operators.stateful.ShardProgram`: each job's first terminal
+    result is kept (for ``ttl_ms``) and passed on;
+    later ones (a duplicate submission, a replay after a crash) are dropped."""
+
+    ttl_ms: int
+
+    def on_item(self, store: StateStore, key: str, value: JobResult) -> Iterable[tuple[str, JobResult]]:
+        if store.get(key) is not None:
+            return ()
+        store.put(key, value.doc(), ttl_ms=self.ttl_ms)
+        return ((key, value),)
+
+    def on_timer(self, store: StateStore) -> Iterable[tuple[str, JobResult]]:
+        store.expire()
+        return ()
+
+    def next_timer_ms(self, store: StateStore) -> int | None:
+        return store.next_expiry_ms()
+
+    def on_eof(self, store: StateStore) -> Iterable[tuple[str, JobResult]]:
+        return ()
