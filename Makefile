@@ -45,6 +45,7 @@ bench: kafka-up
 	$(PY) -m bench.kafka_io --quick
 	$(PY) -m bench.state --quick
 	$(PY) -m bench.online --quick
+	$(PY) -m bench.batch --quick
 
 clean:
 	rm -rf var bench/results/*.md bench/results/*.png
