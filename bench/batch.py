@@ -195,7 +195,9 @@ def sweep(model: Model, column: Any, sizes: list[int], repeats: int = 3) -> dict
 def plot(rates: dict[str, float], cost: dict[str, float]) -> plt.Figure:
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
     names = list(rates)
-    left.barh(names, [rates[k] for k in names], color=["#d62728" if k.startswith("online") else "#1f77b4" for k in names])
+    left.barh(
+        names, [rates[k] for k in names], color=["#d62728" if k.startswith("online") else "#1f77b4" for k in names]
+    )
     left.set_xscale("log")
     left.set_xlabel("rows/s (log scale)")
     left.set_title("tabular-risk, one machine, one run")
@@ -213,7 +215,7 @@ def plot(rates: dict[str, float], cost: dict[str, float]) -> plt.Figure:
 def main() -> None:
     args = parse_args(__doc__)
     n = 200_000 if args.quick else 1_000_000
-    n_text = 256 if args.quick else 5_000
+    n_text = 256 if args.quick else 2_000
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         # First, while this process is small: a large heap slows the load generator's event loop.

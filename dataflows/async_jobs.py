@@ -22,7 +22,7 @@ from models.registry import get_spec
 from operators import metrics
 from operators.dlq import DLQ_SUFFIX, to_dlq_message
 from operators.jobs import RecordOnce, parse_jobs, run_jobs
-from operators.kafka import TopicSpec, ensure_topics
+from operators.kafka import Position, TopicSpec, ensure_topics
 from operators.kafka.sink import KafkaSink, kafka_output
 from operators.kafka.source import KafkaBatchSource
 from operators.protocol import JOBS_RESULTS_TOPIC, JOBS_SUBMIT_TOPIC
@@ -42,6 +42,7 @@ class Settings:
     models: str = "tabular-risk,minilm-embeddings"
     max_inputs: int = 1_000  # per job
     jobs_per_poll: int = 64  # submissions read (and batched together) per poll of a partition
+    start: Position = Position.earliest()  # noqa: RUF009  (where a first run starts reading submissions)
     result_ttl_s: int = 7 * 24 * 3600  # how long a job id is remembered (a resubmission after is run again)
     state_dir: Path = Path("var/state/async_jobs")
     state_shards: int = 8
@@ -78,7 +79,9 @@ def build(settings: Settings | None = None) -> Dataflow:
     metrics.serve(s.metrics_port)
 
     flow = Dataflow("async_jobs")
-    source = KafkaBatchSource(brokers, [s.submit_topic], batch_size=s.jobs_per_poll, outage_limit_s=outage_limit_s)
+    source = KafkaBatchSource(
+        brokers, [s.submit_topic], start=s.start, batch_size=s.jobs_per_poll, outage_limit_s=outage_limit_s
+    )
     polls = op.input("submissions", flow, source)
     # KafkaBatch: the submissions one poll of a partition read
     parsed = op.map("parse", polls, lambda batch: parse_jobs("async_jobs.parse", batch, s.max_inputs))

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 import sys
 import threading
 import time
@@ -139,6 +140,12 @@ class Job:
                     f"job {s.job!r} was started with other settings ({changed}, as (then, now)); "
                     f"rerun it as it was, or give the new job a new name"
                 )
+            version = get_spec(s.model).version
+            if manifest["model"]["version"] != version and manifest["status"] != "succeeded":
+                raise JobError(
+                    f"job {s.job!r} started with {s.model} v{manifest['model']['version']} and this installation has "
+                    f"v{version}: one job's output is one model version; give the new job a new name"
+                )
             return cls(s, manifest)
         spec = get_spec(s.model)
         manifest = {
@@ -173,8 +180,19 @@ class Job:
         tmp.write_bytes(orjson.dumps(self.manifest, option=orjson.OPT_INDENT_2))
         os.replace(tmp, path)
 
+    def start_run(self) -> dict[str, Any]:
+        """Mark the job running; a run that never ended (killed, preempted) is recorded as interrupted."""
+        interrupted = self.manifest.pop("current_run", None)
+        if interrupted is not None:
+            self.manifest["runs"].append({**interrupted, "status": "interrupted"})
+        run = {"started_at": _now(), "pid": os.getpid()}
+        self.manifest.update(status="running", current_run=run)
+        self.manifest.setdefault("started_at", run["started_at"])
+        self.save()
+        return dict(run)
+
     def record_run(self, run: dict[str, Any]) -> None:
-        """Add a run; a run that read its input to the end succeeds only if every row is accounted for."""
+        """End the current run; one that read its input to the end succeeds only if every row is accounted for."""
         rows = self.manifest["rows"]
         rows["written"], rows["bad"] = committed_counts(Path(self.manifest["errors"]))
         counted = rows["written"] + rows["bad"]
@@ -182,9 +200,9 @@ class Job:
         exact = self.manifest["input"]["kind"] != "kafka"
         if run["status"] == "succeeded" and (counted != rows["expected"] if exact else counted > rows["expected"]):
             run.update(status="failed", error=f"counted {counted:,} rows written or bad, expected {rows['expected']:,}")
+        self.manifest.pop("current_run", None)
         self.manifest["runs"].append(run)
         self.manifest["status"] = run["status"]
-        self.manifest.setdefault("started_at", run["started_at"])
         self.manifest["ended_at"] = run["ended_at"] if run["status"] == "succeeded" else None
         self.save()
 
@@ -271,6 +289,9 @@ def _output_kind(s: Settings) -> dict[str, Any]:
         )
         return {"kind": "kafka", "topic": topic}
     path = Path(s.output) if s.output else s.directory / "output"
+    if path.exists() and any(path.iterdir()):
+        # A job owns its output directory: resuming, it deletes its own uncommitted files by name.
+        raise JobError(f"output directory {path} is not empty: give each job a directory of its own")
     return {"kind": "files", "path": str(path.resolve()), "format": s.format}
 
 
@@ -346,15 +367,18 @@ def main(argv: list[str] | None = None) -> int:
     metrics.serve(s.metrics_port)
     metrics.BATCH_EXPECTED.labels(s.job).set(rows["expected"])
     recovery = s.directory / "recovery"
-    if not recovery.exists():
-        recovery.mkdir(parents=True)
-        init_db_dir(recovery, 1)
+    if not recovery.exists():  # made aside and renamed into place: a kill leaves none or a whole one
+        fresh = s.directory / ".recovery.tmp"
+        shutil.rmtree(fresh, ignore_errors=True)
+        fresh.mkdir(parents=True)
+        init_db_dir(fresh, 1)
+        os.replace(fresh, recovery)
     committed = sum(committed_counts(Path(job.manifest["errors"])))
-    resumed = f", resuming after {committed:,} committed rows" if job.manifest["runs"] else ""
-    print(f"job {s.job!r}: {rows['expected']:,} rows from {s.input} with {s.model} to {job.output}{resumed}")
-    run: dict[str, Any] = {"started_at": _now(), "pid": os.getpid()}
-    job.manifest["status"] = "running"
-    job.save()
+    resumed = f", resuming after {committed:,} committed rows" if job.manifest["status"] != "planned" else ""
+    print(
+        f"job {s.job!r}: {rows['expected']:,} rows from {s.input} with {s.model} to {job.output}{resumed}", flush=True
+    )
+    run = job.start_run()
     start = time.monotonic()
     try:
         with Progress(s.job, rows["expected"], lambda: committed + _counted(s.job)):

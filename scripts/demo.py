@@ -7,6 +7,13 @@
 2. Online inference: ``dataflows.online_inference`` serving the tabular risk
    model and MiniLM embeddings; a few requests through the Python client, a
    burst of concurrent ones (batch sizes, latency), and a malformed one.
+3. Batch inference: the nightly "score every customer" job
+   (``python -m dataflows.batch_inference``) over this run's customers on a
+   topic, bad rows included; prints the manifest's counts and the riskiest
+   customers, plots the risk distribution, and reruns the job (a no-op).
+4. Async jobs: ``dataflows.async_jobs`` with a few jobs submitted through
+   :class:`clients.jobs.JobsClient`: statuses as they change, results by id, a
+   failed job with its reason.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import os
 import random
 import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -23,13 +31,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import orjson
+import pyarrow.parquet as pq
 
 from clients.inference import InferenceClient
+from clients.jobs import JobsClient
 from common import default_brokers
 from dataflows.event_counts import Settings
 from dataflows.launch import exited, run_command
 from dataflows.online_inference import Settings as OnlineSettings
-from operators.kafka import KafkaMessage, ensure_topics, produce, read_topic
+from models.tabular import make_data
+from operators.kafka import KafkaMessage, TopicSpec, ensure_topics, produce, read_topic
 
 BROKERS = default_brokers()
 TOPIC = "demo.events"
@@ -56,6 +67,8 @@ def main() -> None:
     workdir = Path("var/demo") / time.strftime("%Y%m%d-%H%M%S")
     event_counts_demo(workdir)
     online_demo(workdir)
+    batch_demo(workdir)
+    async_jobs_demo(workdir)
 
 
 def event_counts_demo(workdir: Path) -> None:
@@ -155,6 +168,98 @@ def online_demo(workdir: Path) -> None:
         server.wait(timeout=30)
     print(f"    dead letters go to {settings.dlq_topic}")
     print(f"    metrics were served at http://127.0.0.1:{settings.metrics_port}/metrics while it ran")
+
+
+def batch_demo(workdir: Path) -> None:
+    print("\n== batch inference: python -m dataflows.batch_inference", flush=True)
+    topic, n = "demo.customers", 50_000
+    ensure_topics(BROKERS, [TopicSpec(topic, partitions=4)])
+    started_ms = int(time.time() * 1000)
+    print(f"1/3 producing {n:,} customers (and 3 bad rows) to {topic} ...", flush=True)
+    x, _ = make_data(n, seed=5)
+    rows = [
+        KafkaMessage(orjson.dumps({"inputs": row}), key=f"customer-{i}".encode(), topic=topic)
+        for i, row in enumerate(x.tolist())
+    ]
+    rows += [
+        KafkaMessage(b"{truncated", key=b"customer-bad-1", topic=topic),
+        KafkaMessage(orjson.dumps({"inputs": [1, 2, 3]}), key=b"customer-bad-2", topic=topic),
+        KafkaMessage(orjson.dumps({"features": [0] * 8}), key=b"customer-bad-3", topic=topic),
+    ]
+    produce(BROKERS, rows)
+
+    job = f"score-customers-{time.strftime('%Y%m%d-%H%M%S')}"
+    cmd = [sys.executable, "-m", "dataflows.batch_inference", "--job", job, "--input", f"kafka:{topic}"]
+    cmd += ["--start", f"timestamp:{started_ms}", "--jobs-dir", str(workdir / "batch")]
+    print(f"2/3 running the nightly job: {' '.join(cmd[1:])}", flush=True)
+    subprocess.run(cmd, check=True)
+    print("    ... and again, as a retrying orchestrator would:", flush=True)
+    subprocess.run(cmd, check=True)
+
+    print("3/3 results", flush=True)
+    job_dir = workdir / "batch" / job
+    manifest = orjson.loads((job_dir / "manifest.json").read_bytes())
+    print(f"    manifest {job_dir / 'manifest.json'}: status {manifest['status']}, rows {manifest['rows']}")
+    scores = pq.read_table(job_dir / "output")
+    if scores.num_rows != n:
+        raise SystemExit(f"demo failed: the batch job wrote {scores.num_rows} rows, expected {n}")
+    riskiest = scores.sort_by([("risk", "descending")]).slice(0, 3).to_pylist()
+    print("    riskiest: " + ", ".join(f"{r['id']} ({r['risk']:.3f})" for r in riskiest))
+    errors = [orjson.loads(line) for f in (job_dir / "errors").glob("part-*") for line in f.read_bytes().splitlines()]
+    for bad in sorted(errors, key=lambda row: row["id"]):
+        print(f"    bad row {bad['id']} at {bad['source']}: {bad['reason']}")
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.hist(scores.column("risk").to_numpy(), bins=50, color="#1f77b4")
+    ax.set_xlabel("risk")
+    ax.set_ylabel("customers")
+    ax.set_title(f"Risk of {n:,} customers (batch job {job})")
+    fig.tight_layout()
+    fig.savefig(workdir / "batch_risk.png", dpi=110)
+    print(f"    plot: {workdir / 'batch_risk.png'}")
+
+
+def async_jobs_demo(workdir: Path) -> None:
+    print("\n== async jobs: dataflows.async_jobs", flush=True)
+    cmd = run_command("dataflows.async_jobs:build()", workdir / "jobs-recovery", snapshot_s=2)
+    env = {
+        **os.environ,
+        "JOBS_STATE_DIR": str(workdir / "jobs-state"),
+        "JOBS_START": f"timestamp:{int(time.time() * 1000)}",
+    }
+    print("1/2 starting the workers and submitting three jobs ...", flush=True)
+    workers = subprocess.Popen(cmd, env=env)
+    try:
+        with JobsClient(BROKERS, wait_for_workers_s=300) as jobs:
+            x, _ = make_data(1_000, seed=9)
+            risk = jobs.submit("tabular-risk", x.tolist())
+            embed = jobs.submit("minilm-embeddings", ["card used abroad twice", "two foreign payments in an hour"])
+            broken = jobs.submit("tabular-risk", [[1, 2]])
+            seen = {risk: jobs.status(risk)["status"]}
+            print(f"    submitted {risk}: {seen[risk]}", flush=True)
+            deadline = time.monotonic() + 300
+            while jobs.status(risk)["status"] not in ("done", "failed"):
+                if exited(workers) or time.monotonic() > deadline:
+                    raise SystemExit(
+                        f"demo failed: job {risk} is {jobs.status(risk)['status']}; workers: {exited(workers)}"
+                    )
+                status = jobs.status(risk)["status"]
+                if status != seen[risk]:
+                    print(f"    {risk}: {status}", flush=True)
+                    seen[risk] = status
+                time.sleep(0.05)
+            print("2/2 results by job id:", flush=True)
+            done = jobs.wait(risk)
+            high = sum(out["label"] for out in done["outputs"])
+            took = done["finished_ms"] - done["submitted_ms"]
+            print(f"    {risk}: done, {done['inputs']} rows scored, {high} risky, {took} ms from submit to result")
+            vectors = jobs.wait(embed, timeout_s=300)["outputs"]
+            cosine = sum(a * b for a, b in zip(*vectors, strict=True))
+            print(f"    {embed}: done, 2 embeddings of {len(vectors[0])} dims, cosine {cosine:.2f}")
+            failed = jobs.wait(broken)
+            print(f"    {broken}: {failed['status']}: {failed['error']}")
+    finally:
+        workers.terminate()
+        workers.wait(timeout=30)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import re
 import shutil
 from datetime import timedelta
 from pathlib import Path
@@ -21,11 +23,13 @@ from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.testing import run_main
 
+from dataflows.batch_inference import Progress, Settings
 from models.registry import REGISTRY
 from models.schema import InvalidInput, Vector
 from operators.batch import BadRow, Lines, RowFields, Scored, Table, decode, score
 from operators.files import FileOutput, JsonlSource, ParquetSource, commit_files, committed_counts
 from operators.kafka.message import KafkaBatch
+from operators.settings import SettingsError, from_args
 
 TABULAR = REGISTRY["tabular-risk"]
 FIELDS = RowFields()
@@ -220,3 +224,20 @@ def test_committed_files_hold_every_row_once_however_often_the_job_is_killed(tmp
     errors = b"".join(f.read_bytes() for f in (tmp_path / "errors").glob("part-*"))
     assert sorted(orjson.loads(line)["id"] for line in errors.splitlines()) == sorted(f"bad-{c[0]}" for c in chunks)
     assert committed_counts(tmp_path / "errors") == (60, 12)
+
+
+def test_progress_reports_rows_rate_and_eta_in_a_log() -> None:
+    out = io.StringIO()  # not a terminal: whole lines, no redrawing
+    done = iter([0, 40])
+    with Progress("nightly", 100, lambda: next(done), out=out):
+        pass
+    assert re.fullmatch(r"\[nightly\] 40/100 rows \(40\.0%\)  [\d,]+ rows/s  ETA \d+:\d\d:\d\d\n", out.getvalue())
+
+
+def test_a_flag_wins_over_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BATCH_MODEL", "minilm-embeddings")
+    monkeypatch.setenv("BATCH_WORKERS", "3")
+    s = from_args(Settings, "BATCH_", ["--job", "j", "--input", "x.parquet", "--workers", "5"])
+    assert (s.job, s.model, s.workers) == ("j", "minilm-embeddings", 5)
+    with pytest.raises(SettingsError, match="BATCH_WORKERS='many' is not valid: expected an integer"):
+        from_args(Settings, "BATCH_", ["--job", "j", "--input", "x.parquet", "--workers", "many"])
