@@ -145,19 +145,21 @@ def test_a_malformed_submission_is_dead_lettered_and_affects_nothing_else(worker
 
 
 def test_kill_9_mid_backlog_every_job_completes_once(brokers: str, topic: str, tmp_path: Path) -> None:
-    workers = Workers(brokers, topic, tmp_path, JOBS_JOBS_PER_POLL="1").start()
+    workers = Workers(brokers, topic, tmp_path, JOBS_JOBS_PER_POLL="1")
+    # A backlog before the workers start, so the kill finds jobs done and jobs waiting.
+    ids = [f"job-{i}" for i in range(1_000)]
+    value = orjson.dumps({"model": "tabular-risk", "inputs": [features(k) for k in range(200)]})
+    produce(brokers, [KafkaMessage(value, key=i.encode(), topic=workers.submit_topic) for i in ids])
+    workers.start()
     try:
         with workers.client() as jobs:
-            ids = [
-                jobs.submit("tabular-risk", [features(i + k) for k in range(50)], job_id=f"job-{i}") for i in range(300)
-            ]
             wait_for(lambda: sum(jobs.status(i)["status"] == "done" for i in ids) >= 20, "some jobs done", 90)
             workers.kill()
             in_flight = [i for i in ids if jobs.status(i)["status"] != "done"]
             assert in_flight, "the kill came after the backlog was done: give it more work"
             workers.start()
             results = {i: jobs.wait(i, timeout_s=120) for i in ids}
-        assert all(r["status"] == "done" and len(r["outputs"]) == 50 for r in results.values())
+        assert all(r["status"] == "done" and len(r["outputs"]) == 200 for r in results.values())
         # Recorded once: any repeat on the topic is the same record (a replay after the kill).
         for job_id, records in workers.records().items():
             done = [r for r in records if r["status"] == "done"]
