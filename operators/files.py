@@ -101,7 +101,6 @@ class _JsonlFile(StatefulSourcePartition[Lines, tuple[int, int]]):
         self._offset, self._line = state  # bytes read, lines read
         self._file.seek(self._offset)
         self._batch_size = batch_size
-        self._rest = b""
 
     def next_batch(self) -> list[Lines]:
         lines: list[bytes] = []
