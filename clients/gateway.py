@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import orjson
 import uvicorn
+from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -34,7 +35,6 @@ from starlette.routing import Route
 
 from clients.inference import AsyncInferenceClient, InferenceTimeout
 from clients.jobs import JobsClient, JobSubmitError
-from operators.kafka import KafkaAdminError
 from operators.protocol import JOBS_RESULTS_TOPIC, JOBS_SUBMIT_TOPIC, REPLY_TOPIC, REQUEST_TOPIC
 from operators.settings import brokers_field, from_env
 
@@ -65,20 +65,23 @@ def create_app(settings: Settings) -> Starlette:
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
 
     async def start_jobs_client() -> None:
-        # In short waits, so that a gateway stopped meanwhile leaves no thread waiting behind it.
+        # Polls here, quietly and cancellably, rather than in JobsClient: the gateway may serve
+        # predictions for days without async-jobs workers.
+        wanted = {settings.jobs_submit_topic, settings.jobs_results_topic}
         while True:
             try:
-                client = await asyncio.to_thread(
-                    JobsClient,
-                    settings.kafka_bootstrap_servers,
-                    submit_topic=settings.jobs_submit_topic,
-                    results_topic=settings.jobs_results_topic,
-                    wait_for_workers_s=2,
-                )
-                jobs.append(client)
-                return
-            except KafkaAdminError:
-                continue
+                if wanted <= set((await asyncio.to_thread(admin.list_topics, timeout=5)).topics):
+                    break
+            except KafkaException:  # the broker is down: the predict routes say so too
+                pass
+            await asyncio.sleep(2)
+        client = await asyncio.to_thread(
+            JobsClient,
+            settings.kafka_bootstrap_servers,
+            submit_topic=settings.jobs_submit_topic,
+            results_topic=settings.jobs_results_topic,
+        )
+        jobs.append(client)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

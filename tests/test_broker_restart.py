@@ -1,4 +1,4 @@
-"""Both dataflows ride out a broker restart under load, on a broker of the tests' own
+"""The dataflows ride out a broker restart under load, on a broker of the tests' own
 (its own ports and empty storage), stopped and started as `make kafka-down` / `kafka-up` do."""
 
 from __future__ import annotations
@@ -8,7 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Broker, free_port_pair, wait_for
+from conftest import Broker, Logged, free_port_pair, wait_for
+from test_batch_e2e import JOB, committed_more, fill, job_env, output_ids
 from test_event_counts_e2e import counts_by_id, events, expected_counts, prepare, run_to_end, start_dataflow
 from test_online_e2e import Load, Server
 
@@ -79,3 +80,17 @@ def test_an_outage_past_the_limit_stops_a_dataflow_loudly_and_a_rerun_resumes_it
     run_to_end(start_dataflow(topic, tmp_path, broker.address, extra=short_limit))
     by_id, _ = counts_by_id(broker.address, topic)
     assert by_id == expected_counts(msgs)
+
+
+def test_a_batch_job_rides_out_a_restart_and_writes_every_row_once(broker: Broker, tmp_path: Path) -> None:
+    topic, n = "restart-customers", 200_000
+    fill(broker.address, topic, 0, n)
+    args = ["--job", "restart", "--input", f"kafka:{topic}", "--jobs-dir", str(tmp_path), "--batch-size", "100"]
+    proc = Logged([*JOB, *args, "--snapshot-interval-s", "0.2"], job_env(broker.address), tmp_path / "job.log")
+    commits = tmp_path / "restart" / "errors"
+    wait_for(committed_more(proc, commits, 0), "rows committed before the restart", 120)
+    assert proc.poll() is None, "the job finished before the restart; give it more input"
+    restart(broker)
+    assert proc.wait(timeout=300) == 0, proc.output()
+    ids = output_ids(tmp_path / "restart" / "output")
+    assert len(ids) == n and set(ids) == {f"c{i}" for i in range(n)}
