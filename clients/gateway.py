@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -35,10 +36,13 @@ from starlette.routing import Route
 
 from clients.inference import AsyncInferenceClient, InferenceTimeout
 from clients.jobs import JobsClient, JobSubmitError
+from operators.kafka import KafkaError
 from operators.protocol import JOBS_RESULTS_TOPIC, JOBS_SUBMIT_TOPIC, REPLY_TOPIC, REQUEST_TOPIC
 from operators.settings import brokers_field, from_env
 
 __all__ = ["Settings", "create_app"]
+
+log = logging.getLogger(__name__)
 
 NO_JOB_WORKERS = {
     "status": "unavailable",
@@ -71,17 +75,17 @@ def create_app(settings: Settings) -> Starlette:
         while True:
             try:
                 if wanted <= set((await asyncio.to_thread(admin.list_topics, timeout=5)).topics):
-                    break
-            except KafkaException:  # the broker is down: the predict routes say so too
-                pass
+                    client = await asyncio.to_thread(
+                        JobsClient,
+                        settings.kafka_bootstrap_servers,
+                        submit_topic=settings.jobs_submit_topic,
+                        results_topic=settings.jobs_results_topic,
+                    )
+                    jobs.append(client)
+                    return
+            except (KafkaException, KafkaError) as exc:  # the broker is down or restarting: try again
+                log.warning("the job routes wait for the broker: %s", exc)
             await asyncio.sleep(2)
-        client = await asyncio.to_thread(
-            JobsClient,
-            settings.kafka_bootstrap_servers,
-            submit_topic=settings.jobs_submit_topic,
-            results_topic=settings.jobs_results_topic,
-        )
-        jobs.append(client)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -130,6 +134,8 @@ def create_app(settings: Settings) -> Starlette:
             return JSONResponse({"status": "error", "error": str(exc)}, status_code=400)
         try:
             job_id = await asyncio.to_thread(jobs[0].submit, body["model"], body["inputs"], job_id=body.get("job_id"))
+        except ValueError as exc:
+            return JSONResponse({"status": "error", "error": str(exc)}, status_code=400)
         except JobSubmitError as exc:
             return JSONResponse({"status": "error", "error": str(exc)}, status_code=502)
         return JSONResponse(jobs[0].status(job_id), status_code=202)

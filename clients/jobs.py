@@ -13,7 +13,10 @@ submitted through any client reads as ``pending``) from their beginning, and
 follows them. Statuses only move forward (pending, running, then done or
 failed), whatever order records arrive in. An id never submitted reads as
 ``unknown``. A client started before the workers waits for their topics (up to
-``wait_for_workers_s``, then :class:`~operators.kafka.KafkaAdminError`).
+``wait_for_workers_s``, then :class:`~operators.kafka.KafkaAdminError`); the
+constructor returns once the view has read both topics to where they ended
+when it started, so a lookup then knows every job submitted before. The view
+keeps every job's latest record, outputs included, in memory.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from operators.kafka import consumer_config, partition_count, producer_config, wait_for_topics
-from operators.protocol import JOBS_RESULTS_TOPIC, JOBS_SUBMIT_TOPIC
+from operators.protocol import JOBS_RESULTS_TOPIC, JOBS_SUBMIT_TOPIC, MAX_JOB_ID_BYTES
 
 __all__ = ["JobSubmitError", "JobsClient"]
 
@@ -56,23 +59,29 @@ class JobsClient:
         # A job's result can be large (embeddings): the client takes what the topics allow.
         self._producer = Producer(producer_config(brokers, {"linger.ms": 5, "message.max.bytes": 64 << 20}))
         self._consumer = Consumer(consumer_config(brokers, {"fetch.wait.max.ms": 50}))
-        self._consumer.assign(
-            [
-                TopicPartition(topic, p, OFFSET_BEGINNING)
-                for topic in topics
-                for p in range(partition_count(brokers, topic))
-            ]
-        )
+        parts = [TopicPartition(topic, p) for topic in topics for p in range(partition_count(brokers, topic))]
+        # Where the topics end now: the constructor returns once the view has read that far.
+        ends = {tp: self._consumer.get_watermark_offsets(tp, timeout=10) for tp in parts}
+        self._behind = [TopicPartition(tp.topic, tp.partition, high) for tp, (low, high) in ends.items() if high > low]
+        self._consumer.assign([TopicPartition(tp.topic, tp.partition, OFFSET_BEGINNING) for tp in parts])
         self._jobs: dict[str, dict[str, Any]] = {}
         self._changed = threading.Condition()
+        self._caught_up = threading.Event()
         self._closed = threading.Event()
         self._reader = threading.Thread(target=self._follow, name="job-table", daemon=True)
         self._reader.start()
+        if not self._caught_up.wait(wait_for_workers_s):
+            self.close()
+            behind = [f"{tp.topic}[{tp.partition}]" for tp in self._behind]
+            raise TimeoutError(f"could not read {behind} to their end within {wait_for_workers_s} s")
 
     def submit(self, model: str, inputs: list[Any], *, job_id: str | None = None) -> str:
         """Enqueue a job (an id is made up unless given: an id is an idempotency key) and return its id
-        once the broker has it; :class:`JobSubmitError` if it does not take it."""
-        job_id = job_id or uuid.uuid4().hex
+        once the broker has it; :class:`JobSubmitError` if it does not take it, ``ValueError`` for an
+        id the workers would refuse."""
+        job_id = uuid.uuid4().hex if job_id is None else job_id
+        if not 1 <= len(job_id.encode()) <= MAX_JOB_ID_BYTES:
+            raise ValueError(f"a job id is 1 to {MAX_JOB_ID_BYTES} bytes of UTF-8, got {len(job_id.encode())}")
         value = orjson.dumps({"model": model, "inputs": inputs}, option=orjson.OPT_SERIALIZE_NUMPY)
         failure: list[KafkaError] = []
 
@@ -80,7 +89,10 @@ class JobsClient:
             if err is not None:
                 failure.append(err)
 
-        self._producer.produce(self.submit_topic, value, key=job_id.encode(), on_delivery=delivered)
+        try:
+            self._producer.produce(self.submit_topic, value, key=job_id.encode(), on_delivery=delivered)
+        except (BufferError, KafkaException) as exc:  # the local queue is full, or the message too large
+            raise JobSubmitError(f"job {job_id} was not submitted: {exc}") from exc
         if self._producer.flush(self.submit_timeout_s) or failure:
             why = failure[0].str() if failure else f"not acknowledged within {self.submit_timeout_s} s"
             raise JobSubmitError(f"job {job_id} was not submitted: {why}")
@@ -117,6 +129,11 @@ class JobsClient:
                 msgs = self._consumer.consume(500, 0.1)
             except KafkaException:  # closed under us
                 return
+            if self._behind:
+                now = self._consumer.position(self._behind)
+                self._behind = [end for end, at in zip(self._behind, now, strict=True) if at.offset < end.offset]
+            if not self._behind:
+                self._caught_up.set()
             for msg in msgs:
                 key, value = msg.key(), msg.value()
                 if msg.error() is not None or not key:

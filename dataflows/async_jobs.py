@@ -21,7 +21,7 @@ from bytewax.dataflow import Dataflow
 from models.registry import get_spec
 from operators import metrics
 from operators.dlq import DLQ_SUFFIX, to_dlq_message
-from operators.jobs import RecordOnce, parse_jobs, run_jobs
+from operators.jobs import JobTable, parse_jobs, run_jobs
 from operators.kafka import Position, TopicSpec, ensure_topics
 from operators.kafka.sink import KafkaSink, kafka_output
 from operators.kafka.source import KafkaBatchSource
@@ -59,9 +59,13 @@ class Settings:
     def model_names(self) -> list[str]:
         return [name.strip() for name in self.models.split(",") if name.strip()]
 
+    @property
+    def max_message_bytes(self) -> int:
+        """A result can hold ``max_inputs`` embeddings: up to ~8 KB each as JSON."""
+        return max(1 << 20, self.max_inputs * 8_192)
+
     def topics(self) -> list[TopicSpec]:
-        # A result can hold max_inputs embeddings: up to ~8 KB each as JSON.
-        big = {"max.message.bytes": str(max(1 << 20, self.max_inputs * 8_192))}
+        big = {"max.message.bytes": str(self.max_message_bytes)}
         return [
             TopicSpec(self.submit_topic, partitions=self.partitions, retention_ms=DAY_MS, config=big),
             TopicSpec(self.submit_topic + DLQ_SUFFIX, retention_ms=-1, config=big),
@@ -86,16 +90,21 @@ def build(settings: Settings | None = None) -> Dataflow:
     # KafkaBatch: the submissions one poll of a partition read
     parsed = op.map("parse", polls, lambda batch: parse_jobs("async_jobs.parse", batch, s.max_inputs))
     # Parsed: jobs to run, jobs failed already (with their dead letters), messages with no job id
-    running = op.flat_map("take", parsed, lambda p: [job.result("running") for job in p.jobs])
+    taken = op.flat_map("take", parsed, lambda p: [job.result("running") for job in p.jobs])
     finished = op.flat_map("run", parsed, lambda p: run_jobs(models, p.jobs) + [failed for failed, _ in p.failed])
-    # JobResult: done or failed, one per job
+    # JobResult: running notices, and results (done or failed), one of each per job
+    statuses = op.key_on("by_job", op.merge("statuses", taken, finished), lambda result: result.job_id)
     state = StateConfig(s.state_dir, shards=s.state_shards)
-    keyed = op.key_on("by_job", finished, lambda result: result.job_id)
-    recorded = op.key_rm("unkey", keyed_state("record", keyed, lambda: RecordOnce(s.result_ttl_s * 1000), state))
-    # JobResult: each job's first terminal result
-    results = op.map("encode", op.merge("statuses", running, recorded), lambda r: r.to_message(s.results_topic))
+    recorded = op.key_rm("unkey", keyed_state("record", statuses, lambda: JobTable(s.result_ttl_s * 1000), state))
+    # JobResult: what the job table decided to publish, in order
+    results = op.map("encode", recorded, lambda r: r.to_message(s.results_topic))
     dead = op.flat_map("dead", parsed, lambda p: [to_dlq_message(d) for d in [*p.dead, *(d for _, d in p.failed)]])
     # KafkaMessage: statuses on the results topic, dead letters on <submit topic>.dlq
-    sink = KafkaSink(brokers, dlq_topic=s.submit_topic + DLQ_SUFFIX, outage_limit_s=outage_limit_s)
+    sink = KafkaSink(
+        brokers,
+        dlq_topic=s.submit_topic + DLQ_SUFFIX,
+        outage_limit_s=outage_limit_s,
+        config={"message.max.bytes": str(s.max_message_bytes)},  # a result of max_inputs embeddings
+    )
     kafka_output("publish", op.merge("out", results, dead), sink)
     return flow

@@ -32,6 +32,7 @@ compact the topic).
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import os
 import shutil
@@ -43,10 +44,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, cast
+from typing import IO, Any, cast
 
 import bytewax.operators as op
 import orjson
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from bytewax.dataflow import Dataflow
@@ -59,13 +61,22 @@ from models.registry import get_spec
 from operators import metrics
 from operators.batch import RowFields, Scored, decode, score
 from operators.dlq import DLQ_SUFFIX
-from operators.files import FileOutput, Format, JsonlSource, ParquetSource, commit_files, committed_counts
+from operators.files import (
+    FileOutput,
+    Format,
+    JsonlSource,
+    ParquetSource,
+    commit_files,
+    committed_counts,
+    write_atomically,
+)
 from operators.kafka import KafkaMessage, Position, TopicSpec, ensure_topics
+from operators.kafka.errors import KafkaSourceError
 from operators.kafka.sink import KafkaSink, kafka_output
 from operators.kafka.source import KafkaBatchSource, fixed_range
 from operators.settings import SettingsError, brokers_field, from_args, outage_limit_field
 
-__all__ = ["Job", "Settings", "build", "main"]
+__all__ = ["Job", "Settings", "build", "job_lock", "main"]
 
 KAFKA_PREFIX = "kafka:"
 
@@ -112,7 +123,20 @@ class Settings:
 
     def identity(self) -> dict[str, Any]:
         """What makes a job the same job: a rerun must not change it."""
-        keys = ("input", "start", "end", "model", "output", "format", "id_field", "input_field")
+        # batch_size and writers too: a resumed job reads on from batch boundaries, and finds
+        # each writer's files by its number.
+        keys = [
+            "input",
+            "start",
+            "end",
+            "model",
+            "output",
+            "format",
+            "id_field",
+            "input_field",
+            "batch_size",
+            "writers",
+        ]
         return {key: str(getattr(self, key)) for key in keys}
 
 
@@ -175,10 +199,9 @@ class Job:
 
     def save(self) -> None:
         self.settings.directory.mkdir(parents=True, exist_ok=True)
-        path = self.settings.directory / "manifest.json"
-        tmp = path.with_name(".manifest.json.tmp")
-        tmp.write_bytes(orjson.dumps(self.manifest, option=orjson.OPT_INDENT_2))
-        os.replace(tmp, path)
+        write_atomically(
+            self.settings.directory / "manifest.json", orjson.dumps(self.manifest, option=orjson.OPT_INDENT_2)
+        )
 
     def start_run(self) -> dict[str, Any]:
         """Mark the job running; a run that never ended (killed, preempted) is recorded as interrupted."""
@@ -252,7 +275,12 @@ class Job:
 def _plan_input(s: Settings) -> dict[str, Any]:
     if s.input.startswith(KAFKA_PREFIX):
         topic = s.input.removeprefix(KAFKA_PREFIX)
-        ranges = fixed_range(s.kafka_bootstrap_servers, topic, s.start, s.end, outage_limit_s=s.kafka_outage_limit_s)
+        try:
+            ranges = fixed_range(
+                s.kafka_bootstrap_servers, topic, s.start, s.end, outage_limit_s=s.kafka_outage_limit_s
+            )
+        except KafkaSourceError as exc:  # no such topic
+            raise JobError(str(exc)) from exc
         return {
             "kind": "kafka",
             "topic": topic,
@@ -268,13 +296,24 @@ def _plan_input(s: Settings) -> dict[str, Any]:
     if len(kinds) > 1 or not kinds <= {".parquet", ".jsonl"}:
         raise JobError(f"{s.input!r} matches {sorted(kinds)} files; a job reads .parquet or .jsonl files, one kind")
     kind = kinds.pop().lstrip(".")
-    files = [{"path": str(p), "rows": _count_rows(p, kind)} for p in paths]
+    files = [{"path": str(p), "rows": _count_rows(p, kind, s)} for p in paths]
     return {"kind": kind, "files": files, "rows": sum(f["rows"] for f in files)}
 
 
-def _count_rows(path: Path, kind: str) -> int:
+def _count_rows(path: Path, kind: str, s: Settings) -> int:
     if kind == "parquet":
-        return int(pq.ParquetFile(path).metadata.num_rows)
+        try:
+            meta = pq.ParquetFile(path).metadata
+        except (OSError, pa.ArrowException) as exc:
+            raise JobError(f"{path} is not a readable Parquet file: {exc}") from exc
+        columns = meta.schema.to_arrow_schema().names
+        missing = {s.id_field, s.input_field} - set(columns)
+        if missing:
+            raise JobError(
+                f"{path} has no column {sorted(missing)} (it has {columns}); "
+                "name them with --id-field and --input-field"
+            )
+        return int(meta.num_rows)
     with path.open("rb") as f:
         return sum(1 for line in f if line.strip())
 
@@ -348,11 +387,31 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+def job_lock(directory: Path) -> IO[bytes] | None:
+    """The job's lock, held while this process lives; ``None`` if another process holds it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    lock = (directory / ".lock").open("ab")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        return None
+    return lock
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         s = from_args(Settings, "BATCH_", argv, description=__doc__.split("\n\n")[0])
+    except SettingsError as exc:
+        print(f"batch job: {exc}", file=sys.stderr)
+        return 2
+    lock = job_lock(s.directory)
+    if lock is None:
+        print(f"job {s.job!r} is running in another process (it holds {s.directory / '.lock'})", file=sys.stderr)
+        return 1
+    try:
         job = Job.open(s)
-    except (SettingsError, JobError) as exc:
+    except JobError as exc:
         print(f"batch job: {exc}", file=sys.stderr)
         return 2
     rows = job.manifest["rows"]

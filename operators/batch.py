@@ -84,10 +84,6 @@ class Scored:
     table: pa.RecordBatch | None
     bad: list[BadRow]
 
-    @property
-    def rows(self) -> int:
-        return 0 if self.table is None else self.table.num_rows
-
 
 def decode(chunk: KafkaBatch | Lines | Table, spec: ModelSpec, fields: RowFields) -> Rows:
     if isinstance(chunk, KafkaBatch):

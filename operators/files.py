@@ -46,7 +46,15 @@ from operators import metrics
 from operators.batch import BadRow, Lines, Scored, Table
 from operators.stateful import Wake, woken
 
-__all__ = ["FileOutput", "Format", "JsonlSource", "ParquetSource", "commit_files", "committed_counts"]
+__all__ = [
+    "FileOutput",
+    "Format",
+    "JsonlSource",
+    "ParquetSource",
+    "commit_files",
+    "committed_counts",
+    "write_atomically",
+]
 
 Format = Literal["parquet", "jsonl"]
 _READ_BYTES = 1 << 20
@@ -185,7 +193,7 @@ class _Writer(StatefulBatchLogic[tuple[str, Scored] | Wake, None, _Commit]):
     def _record(self, state: _Commit) -> None:
         commits = self._out.errors / ".commits"
         commits.mkdir(parents=True, exist_ok=True)
-        _write_atomically(commits / f"{state.shard}.json", orjson.dumps({"rows": state.rows, "bad": state.bad}))
+        write_atomically(commits / f"{state.shard}.json", orjson.dumps({"rows": state.rows, "bad": state.bad}))
 
     def on_batch(self, values: list[tuple[str, Scored] | Wake]) -> tuple[list[None], bool]:
         state = self._state
@@ -266,7 +274,8 @@ class _PartFile:
         _fsync(self._final.parent)
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` durably: a crash leaves the old file or the new one, whole."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(data)
     _fsync(tmp)

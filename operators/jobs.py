@@ -18,12 +18,14 @@ size, the economics of batch inference. A submission without a usable job id
 cannot be answered: it goes to the dead-letter topic only; one with an id but a
 bad body fails (the reason is in ``error``) and is also dead-lettered.
 
-The terminal result of each job is recorded in RocksDB-backed keyed state
-(:func:`record_once`), so after a kill -9 and the replay that follows, a job
-that already has a result is not recorded or published again, and one that
+Each job's status is recorded in RocksDB-backed keyed state (:class:`JobTable`),
+which alone publishes statuses: after a kill -9 and the replay that follows, a
+job that already has a result is not recorded or published again, and one that
 had not is run and recorded once. (Its ``done`` message can still appear twice
-on the topic when the kill falls between publishing and the snapshot: the
-same record, under the same key; readers keep the latest per key.)
+on the topic when the kill falls between publishing and the snapshot: the same
+record, under the same key.) A job id is an idempotency key: a resubmission
+under a finished job's id gets the first result again (the model may run for it,
+but its result is dropped).
 """
 
 from __future__ import annotations
@@ -38,12 +40,13 @@ from common import wall_ms
 from models.registry import Model, get_spec
 from operators.dlq import DeadLetter, InvalidMessage, loads_json
 from operators.kafka.message import KafkaBatch, KafkaMessage
+from operators.protocol import MAX_JOB_ID_BYTES
+from operators.stateful import Expiring
 from state import StateStore
 
-__all__ = ["Job", "JobResult", "Parsed", "RecordOnce", "parse_jobs", "run_jobs"]
+__all__ = ["Job", "JobResult", "JobTable", "Parsed", "parse_jobs", "run_jobs"]
 
 Status = Literal["running", "done", "failed"]
-MAX_JOB_ID_BYTES = 256
 
 
 @dataclass(frozen=True)
@@ -162,25 +165,29 @@ def run_jobs(models: dict[str, Model], jobs: list[Job]) -> list[JobResult]:
 
 
 @dataclass(frozen=True)
-class RecordOnce:
-    """The job table, a :class:`~operators.stateful.ShardProgram`: each job's first terminal
-    result is kept (for ``ttl_ms``) and passed on;
-    later ones (a duplicate submission, a replay after a crash) are dropped."""
+class JobTable(Expiring[JobResult]):
+    """The job table, a :class:`~operators.stateful.ShardProgram` and the only publisher of
+    statuses. It takes a job's ``running`` notice and its final result, in either order:
+
+    - ``running`` for a new job is recorded and published; for a job that is running
+      (a duplicate submission) nothing; for a finished job its result is published
+      again, so a resubmission gets the first result and it stays the latest record;
+    - a final result is recorded and published only if the job has none yet.
+
+    Records live ``ttl_ms``. Everything a job publishes leaves in the order it was
+    decided, so the latest record of a finished job on the compacted topic is final.
+    """
 
     ttl_ms: int
 
     def on_item(self, store: StateStore, key: str, value: JobResult) -> Iterable[tuple[str, JobResult]]:
-        if store.get(key) is not None:
+        known = store.get(key)
+        if value.status == "running":
+            if known is None:
+                store.put(key, value.doc(), ttl_ms=self.ttl_ms)
+                return ((key, value),)
+            return () if known["status"] == "running" else ((key, JobResult(**known)),)
+        if known is not None and known["status"] != "running":
             return ()
         store.put(key, value.doc(), ttl_ms=self.ttl_ms)
         return ((key, value),)
-
-    def on_timer(self, store: StateStore) -> Iterable[tuple[str, JobResult]]:
-        store.expire()
-        return ()
-
-    def next_timer_ms(self, store: StateStore) -> int | None:
-        return store.next_expiry_ms()
-
-    def on_eof(self, store: StateStore) -> Iterable[tuple[str, JobResult]]:
-        return ()

@@ -34,6 +34,7 @@ __all__ = [
     "JOBS_RESULTS_TOPIC",
     "JOBS_SUBMIT_TOPIC",
     "MAX_CORRELATION_ID_BYTES",
+    "MAX_JOB_ID_BYTES",
     "REPLY_TOPIC",
     "REQUEST_TOPIC",
     "ReplyTo",
@@ -47,6 +48,7 @@ REPLY_TOPIC = "inference.replies"
 # Async jobs (the protocol is in operators.jobs): submissions in, every status out.
 JOBS_SUBMIT_TOPIC = "jobs.submit"
 JOBS_RESULTS_TOPIC = "jobs.results"
+MAX_JOB_ID_BYTES = 256
 MAX_CORRELATION_ID_BYTES = 256
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 

@@ -48,7 +48,7 @@ from common import LATEST_MS, hash_key, wall_ms
 from operators import metrics
 from state import MemoryBackend, RocksDBBackend, StateError, StateStore
 
-__all__ = ["ShardProgram", "StateConfig", "Wake", "keyed_state", "running_aggregate", "woken"]
+__all__ = ["Expiring", "ShardProgram", "StateConfig", "Wake", "keyed_state", "running_aggregate", "woken"]
 
 V = TypeVar("V")
 V_in = TypeVar("V_in", contravariant=True)
@@ -238,8 +238,23 @@ def keyed_state(
     return op.map("unshard", outs, lambda shard_out: shard_out[1])
 
 
+class Expiring(Generic[W]):
+    """The timer part of a :class:`ShardProgram` whose only timers are its values' TTLs:
+    expired values are deleted, and nothing is emitted for them or at EOF."""
+
+    def on_timer(self, store: StateStore) -> Iterable[tuple[str, W]]:
+        store.expire()
+        return ()
+
+    def next_timer_ms(self, store: StateStore) -> int | None:
+        return store.next_expiry_ms()
+
+    def on_eof(self, store: StateStore) -> Iterable[tuple[str, W]]:
+        return ()
+
+
 @dataclass(frozen=True)
-class _Fold(Generic[V, A]):
+class _Fold(Expiring[A], Generic[V, A]):
     init: Callable[[], A]
     fold: Callable[[A, V], A]
     ttl_ms: int | None
@@ -249,16 +264,6 @@ class _Fold(Generic[V, A]):
         acc = self.fold(self.init() if acc is None else acc, value)
         store.put(key, acc, ttl_ms=self.ttl_ms)
         return ((key, acc),)
-
-    def on_timer(self, store: StateStore) -> Iterable[tuple[str, A]]:
-        store.expire()
-        return ()
-
-    def next_timer_ms(self, store: StateStore) -> int | None:
-        return store.next_expiry_ms()
-
-    def on_eof(self, store: StateStore) -> Iterable[tuple[str, A]]:
-        return ()
 
 
 @operator

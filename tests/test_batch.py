@@ -207,7 +207,7 @@ def test_committed_files_hold_every_row_once_however_often_the_job_is_killed(tmp
         flow = Dataflow("commit")
         scored = op.input("in", flow, ChunkSource(chunks))
         commit_files("commit", op.key_on("by_writer", scored, lambda s: str(int(s.part[-1]) % 2)), out)
-        op.output("killer", op.map("to_killer", scored, lambda s: ("only", s.rows)), KillerSink(kill_at))
+        op.output("killer", op.map("to_killer", scored, lambda s: ("only", s.part)), KillerSink(kill_at))
         run_main(flow, epoch_interval=epoch, recovery_config=RecoveryConfig(recovery, timedelta(0)))
 
     for kill_at in (3, 2, 2, 5, 1):  # a resumed run killed again, before it got as far, too

@@ -16,10 +16,12 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
+from confluent_kafka import TopicPartition
+from confluent_kafka.admin import AdminClient
 from conftest import ROOT, Logged, wait_for
 
 from common import default_brokers
-from dataflows.batch_inference import Job, Settings
+from dataflows.batch_inference import Job, Settings, job_lock
 from operators.files import committed_counts
 from operators.kafka import KafkaMessage, TopicSpec, ensure_topics, produce, read_topic
 
@@ -152,3 +154,33 @@ def test_parquet_in_jsonl_out_with_bad_rows_reported(tmp_path: Path) -> None:
         brokers, "--job", "none", "--input", str(tmp_path / "nothing-*.parquet"), "--jobs-dir", str(tmp_path)
     )
     assert missing.returncode == 2 and "no files match" in missing.stderr
+
+
+def test_a_job_refuses_what_it_cannot_do_whole(brokers: str, topic: str, tmp_path: Path) -> None:
+    missing = run_job(brokers, "--job", "m", "--input", f"kafka:{topic}-missing", "--jobs-dir", str(tmp_path))
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+    pq.write_table(pa.table({"key": ["a"], "x": [features(0)]}), tmp_path / "odd.parquet")
+    columns = run_job(brokers, "--job", "c", "--input", str(tmp_path / "odd.parquet"), "--jobs-dir", str(tmp_path))
+    assert columns.returncode == 2 and "name them with --id-field and --input-field" in columns.stderr
+
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "other.parquet").write_bytes(b"")
+    renamed = ["--input", str(tmp_path / "odd.parquet"), "--id-field", "key", "--input-field", "x"]
+    used = run_job(brokers, "--job", "u", *renamed, "--output", str(tmp_path / "used"), "--jobs-dir", str(tmp_path))
+    assert used.returncode == 2 and "is not empty" in used.stderr
+
+    fill(brokers, topic, 0, 2_000)
+    args = ["--job", "deleted", "--input", f"kafka:{topic}", "--jobs-dir", str(tmp_path)]
+    Job.open(Settings(job="deleted", input=f"kafka:{topic}", jobs_dir=tmp_path, kafka_bootstrap_servers=brokers))
+    admin = AdminClient({"bootstrap.servers": brokers})
+    for future in admin.delete_records([TopicPartition(topic, 0, 100)]).values():
+        future.result(timeout=30)  # retention, as it were, between planning and reading
+    deleted = run_job(brokers, *args)
+    assert deleted.returncode == 1 and "no longer holds offset 0" in deleted.stderr
+
+    held = job_lock(tmp_path / "busy")  # a run in another process, as far as the job can tell
+    assert held is not None
+    busy = run_job(brokers, "--job", "busy", "--input", f"kafka:{topic}", "--jobs-dir", str(tmp_path))
+    assert busy.returncode == 1 and "running in another process" in busy.stderr
+    held.close()

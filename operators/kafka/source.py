@@ -242,6 +242,12 @@ class _KafkaInput(FixedPartitionedSource[X, _PartState], Generic[X]):
             self.end, tp.partition, start_at if isinstance(self.end, Mapping) else Position.latest()
         )
         start, end = _offsets(consumer, tp, [start_at, end_at], outage)
+        if isinstance(self.end, Mapping) and start_at.kind == "offset" and start > start_at.value:
+            # A range fixed in advance whose first records are gone: reading on would lose them silently.
+            raise KafkaSourceError(
+                f"{tp.topic}[{tp.partition}] no longer holds offset {start_at.value} (retention deleted up to "
+                f"{start}): the fixed range cannot be read whole"
+            )
         return _PartState(start, max(start, end))
 
     def build_part(self, step_id: str, for_part: str, resume_state: _PartState | None) -> _Partition:
@@ -328,6 +334,8 @@ class KafkaSource(_KafkaInput[KafkaMessage]):
     dataflow first started it; with ``end`` (a position, or positions by
     partition: partitions it does not name are not read) at the offset that
     position had then: a timestamp ends before the first record at or after it.
+    Positions by partition for ``end`` fix the range in advance: a start offset
+    that retention has deleted raises :class:`~operators.kafka.errors.KafkaSourceError`.
     """
 
     _batched = False
