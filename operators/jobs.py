@@ -2,7 +2,7 @@
 
 A submission is a Kafka message keyed by its **job id** (1 to 256 bytes of
 UTF-8; the id is an idempotency key: a second submission under an id that has
-a result is not run again) whose value is ``{"model": "<name>", "inputs":
+a result gets that result) whose value is ``{"model": "<name>", "inputs":
 [<instance>, ...]}`` (1 to ``max_inputs`` instances, each valid for the model's
 schema). Every status of a job is a message on the results topic, keyed by the
 job id::
