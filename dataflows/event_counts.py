@@ -36,7 +36,7 @@ from operators.kafka.sink import KafkaSink, kafka_output
 from operators.kafka.source import KafkaSource
 from operators.settings import brokers_field, from_env, outage_limit_field
 from operators.stateful import StateConfig
-from operators.windowing import EventClock, Late, TumblingWindower, WindowResult, tumbling_window
+from operators.windowing import EventClock, Late, TumblingWindower, WindowResult, window
 
 LATE_SUFFIX = ".late"
 
@@ -143,7 +143,7 @@ def build(settings: Settings | None = None) -> Dataflow:
     # oks: Event; errs: DeadLetter
     keyed = op.key_on("by_key", events.oks, lambda e: e.key)
     # (key, Event)
-    windows = tumbling_window(
+    windows = window(
         "count", keyed, clock, TumblingWindower(s.window_ms), init=lambda: 0, fold=lambda n, _: n + 1, state=state
     )
     # down: WindowResult[int]; late: Late[Event]

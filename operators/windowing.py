@@ -1,4 +1,4 @@
-"""Tumbling event-time windows whose state lives in RocksDB.
+"""Event-time windows (tumbling and sliding) whose state lives in RocksDB.
 
 Bytewax's windowing keeps open windows in Python objects and tracks a watermark
 per key, so a quiet key's windows close only on system time. Here each window's
@@ -6,9 +6,10 @@ accumulator is a row in the shard's :class:`~state.StateStore`, window ends sit
 in its timer index, and the watermark is per shard: the latest event time seen,
 plus the system time since that event arrived, minus ``allowed_lateness_ms``
 (the semantics of Bytewax's ``EventClock``). A window closes, is emitted and
-its row deleted once the watermark passes its end; an item for a window that
-has already closed goes to ``late``. At the end of a bounded input every open
-window is emitted.
+its row deleted once the watermark passes its end. A sliding window's item
+is folded into every window that contains it and is still open; an item whose
+windows have all closed goes to ``late``. At the end of a bounded input every
+open window is emitted.
 
 With ``stream_of`` (e.g. the Kafka partition an item came from) the shard keeps
 a clock per stream and its watermark is the slowest stream's, as Flink takes
@@ -34,7 +35,15 @@ from operators.stateful import StateConfig, keyed_state
 from operators.streams import split
 from state import StateStore
 
-__all__ = ["EventClock", "Late", "TumblingWindower", "WindowOut", "WindowResult", "tumbling_window"]
+__all__ = [
+    "EventClock",
+    "Late",
+    "SlidingWindower",
+    "TumblingWindower",
+    "WindowOut",
+    "WindowResult",
+    "window",
+]
 
 V = TypeVar("V")
 A = TypeVar("A")
@@ -98,26 +107,43 @@ class EventClock(Generic[V]):
 
 
 @dataclass(frozen=True)
-class TumblingWindower:
-    """Back-to-back windows of ``length_ms``, aligned to the epoch."""
+class SlidingWindower:
+    """Windows of ``length_ms`` starting every ``slide_ms``, aligned to the epoch: an
+    event at ``t`` is in each window ``[s, s + length_ms)`` with ``s`` a multiple of
+    ``slide_ms`` and ``s <= t < s + length_ms``."""
 
     length_ms: int
+    slide_ms: int
 
     def __post_init__(self) -> None:
-        if self.length_ms <= 0:
-            raise ValueError(f"length_ms must be > 0, got {self.length_ms}")
+        if not 0 < self.slide_ms <= self.length_ms:
+            raise ValueError(f"need 0 < slide_ms <= length_ms, got {self.slide_ms}, {self.length_ms}")
+
+    def starts(self, ts: int) -> range:
+        """The starts of the windows that contain ``ts``, latest first."""
+        last = ts - ts % self.slide_ms
+        return range(last, ts - self.length_ms, -self.slide_ms)
 
 
-class _Tumbling(Generic[V, A]):
+@dataclass(frozen=True, init=False)
+class TumblingWindower(SlidingWindower):
+    """Back-to-back windows of ``length_ms``, aligned to the epoch (sliding by their length)."""
+
+    def __init__(self, length_ms: int) -> None:
+        super().__init__(length_ms, length_ms)
+
+
+class _Windows(Generic[V, A]):
     def __init__(
         self,
         clock: EventClock[V],
-        windower: TumblingWindower,
+        windower: SlidingWindower,
         init: Callable[[], A],
         fold: Callable[[A, V], A],
         now_ms: Callable[[], int],
     ) -> None:
         self._timestamp_ms = clock.timestamp_ms
+        self._windower = windower
         self._length_ms = windower.length_ms
         self._lateness_ms = clock.allowed_lateness_ms
         self._init = init
@@ -158,17 +184,17 @@ class _Tumbling(Generic[V, A]):
 
     def on_item(self, store: StateStore, key: str, value: V) -> Iterable[tuple[str, Late[V]]]:
         ts = self._timestamp_ms(value)
-        start = ts - ts % self._length_ms
-        end = start + self._length_ms
         watermark = self._watermark_ms(store)
-        if watermark is not None and end <= watermark:
+        starts = [s for s in self._windower.starts(ts) if watermark is None or s + self._length_ms > watermark]
+        if not starts:
             return ((key, Late(key, value)),)
-        row = f"{key}{_SEP}{start}"
-        acc = store.get(row)
-        if acc is None:
-            acc = self._init()
-            store.set_timer(_CLOSE, row, end)
-        store.put(row, self._fold(acc, value))
+        for start in starts:
+            row = f"{key}{_SEP}{start}"
+            acc = store.get(row)
+            if acc is None:
+                acc = self._init()
+                store.set_timer(_CLOSE, row, start + self._length_ms)
+            store.put(row, self._fold(acc, value))
         clocks = self._load_clocks(store)
         stream = self._stream_of(value)
         if ts > clocks.get(stream, -1):
@@ -205,19 +231,19 @@ class _Tumbling(Generic[V, A]):
 
 
 @operator
-def tumbling_window(
+def window(
     step_id: str,
     up: KeyedStream[V],
     clock: EventClock[V],
-    windower: TumblingWindower,
+    windower: SlidingWindower,
     *,
     init: Callable[[], A],
     fold: Callable[[A, V], A],
     state: StateConfig,
 ) -> WindowOut[V, A]:
-    """Fold each key's items into tumbling windows by event time; closed windows
-    leave on ``down``, items for windows already closed on ``late``."""
-    out = keyed_state("state", up, lambda: _Tumbling(clock, windower, init, fold, state.now_ms), state)
+    """Fold each key's items into the windows (tumbling or sliding) that contain them by
+    event time; closed windows leave on ``down``, items whose windows have all closed on ``late``."""
+    out = keyed_state("state", up, lambda: _Windows(clock, windower, init, fold, state.now_ms), state)
     # (key, WindowResult | Late)
     results = split("split", op.key_rm("unkey", out), WindowResult, Late)
     return WindowOut(results.first, results.rest)

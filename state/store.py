@@ -184,6 +184,8 @@ class StateStore:
 
     def pop_due(self, timer: str, upto_ms: int) -> list[tuple[int, str]]:
         """Remove and return ``(due_ms, key)`` of timers due at or before ``upto_ms``."""
+        if upto_ms < 0:  # timers are due at epoch ms >= 0; a watermark can be earlier (lateness near the epoch)
+            return []
         prefix = _timer_prefix(timer)
         due = list(self._scan(prefix, prefix + _be(upto_ms + 1)))
         out = []

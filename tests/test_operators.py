@@ -16,7 +16,7 @@ from common import hash_key
 from operators.kafka import Position
 from operators.settings import SettingsError, from_env
 from operators.stateful import StateConfig, _Fold, running_aggregate
-from operators.windowing import EventClock, TumblingWindower, _Tumbling, tumbling_window
+from operators.windowing import EventClock, TumblingWindower, _Windows, window
 from state import MemoryBackend, StateStore
 
 
@@ -32,9 +32,7 @@ def test_tumbling_window_matches_a_batch_count(state_dir: str | None, tmp_path: 
     flow = Dataflow("windows")
     up = op.input("in", flow, TestingSource(items, batch_size=50))
     clock: EventClock[int] = EventClock(lambda ts: ts, allowed_lateness_ms=300)
-    out = tumbling_window(
-        "w", up, clock, TumblingWindower(1_000), init=lambda: 0, fold=lambda n, _: n + 1, state=config
-    )
+    out = window("w", up, clock, TumblingWindower(1_000), init=lambda: 0, fold=lambda n, _: n + 1, state=config)
     down: list = []
     late: list = []
     op.output("down", out.down, TestingSink(down))
@@ -69,9 +67,7 @@ def test_a_stream_read_behind_another_is_not_late_with_a_clock_per_stream(per_st
         if per_stream
         else EventClock(lambda v: v[1])
     )
-    out = tumbling_window(
-        "w", up, clock, TumblingWindower(1_000), init=lambda: 0, fold=lambda n, _: n + 1, state=config
-    )
+    out = window("w", up, clock, TumblingWindower(1_000), init=lambda: 0, fold=lambda n, _: n + 1, state=config)
     down: list = []
     late: list = []
     op.output("down", out.down, TestingSink(down))
@@ -88,7 +84,7 @@ def test_an_unseen_partition_holds_windows_only_until_system_time_passes() -> No
     now = [0]
     store = StateStore(MemoryBackend(), now_ms=lambda: now[0])
     clock: EventClock[int] = EventClock(lambda ts: ts, stream_of=lambda _: "0", streams=2)
-    program = _Tumbling(clock, TumblingWindower(1_000), int, lambda n, _: n + 1, lambda: now[0])
+    program = _Windows(clock, TumblingWindower(1_000), int, lambda n, _: n + 1, lambda: now[0])
     for ts in range(0, 5_000, 100):
         assert list(program.on_item(store, "k", ts)) == []
     assert list(program.on_timer(store)) == []  # partition 1 unseen: held at the first event time
