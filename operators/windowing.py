@@ -40,6 +40,7 @@ __all__ = [
     "Late",
     "SlidingWindower",
     "TumblingWindower",
+    "Watermark",
     "WindowOut",
     "WindowResult",
     "window",
@@ -133,6 +134,67 @@ class TumblingWindower(SlidingWindower):
         super().__init__(length_ms, length_ms)
 
 
+class Watermark(Generic[V]):
+    """A shard's event-time watermark, kept in its store (see the module docstring): per
+    stream the latest event time seen, advanced by the system time since it was seen,
+    the slowest stream's, minus the allowed lateness."""
+
+    def __init__(self, clock: EventClock[V], now_ms: Callable[[], int]) -> None:
+        self._clock = clock
+        self._now_ms = now_ms
+        # Kept in the store: the latest event time per stream, and the first
+        # event time the shard saw (where unseen streams hold the watermark).
+        self._clocks: dict[str, int] | None = None
+        self._origin_ms = 0
+        # In memory: the system time each clock last moved (None: the origin).
+        # On resume it restarts from now, so downtime does not advance the watermark.
+        self._moved_at: dict[str | None, int] = {}
+
+    def _load(self, store: StateStore) -> dict[str, int]:
+        if self._clocks is None:
+            doc = store.get(_CLOCKS_KEY, {"clocks": {}, "origin_ms": 0})
+            self._clocks, self._origin_ms = doc["clocks"], doc["origin_ms"]
+            now = self._now_ms()
+            self._moved_at = {stream: now for stream in [*self._clocks, None]}
+        return self._clocks
+
+    def _terms(self, store: StateStore) -> list[tuple[int, int]]:
+        """``(event time, system time it was reached)`` of each clock the watermark waits for."""
+        clocks = self._load(store)
+        terms = [(ts, self._moved_at[stream]) for stream, ts in clocks.items()]
+        if terms and len(clocks) < self._clock.streams:
+            terms.append((self._origin_ms, self._moved_at[None]))
+        return terms
+
+    def ms(self, store: StateStore) -> int | None:
+        """The watermark now; ``None`` before the first item."""
+        terms = self._terms(store)
+        if not terms:
+            return None
+        now = self._now_ms()
+        return min(ts + now - moved_at for ts, moved_at in terms) - self._clock.allowed_lateness_ms
+
+    def observe(self, store: StateStore, value: V) -> None:
+        """Move the item's stream's clock to its event time, if that is later."""
+        ts = self._clock.timestamp_ms(value)
+        clocks = self._load(store)
+        stream = self._clock.stream_of(value)
+        if ts > clocks.get(stream, -1):
+            now = self._now_ms()
+            if not clocks:
+                self._origin_ms, self._moved_at[None] = ts, now
+            clocks[stream] = ts
+            self._moved_at[stream] = now
+            store.put(_CLOCKS_KEY, {"clocks": clocks, "origin_ms": self._origin_ms})
+
+    def reaches_at_ms(self, store: StateStore, event_ms: int) -> int | None:
+        """The system time at which the watermark reaches ``event_ms`` (the slowest clock does)."""
+        terms = self._terms(store)
+        if not terms:
+            return None
+        return event_ms + self._clock.allowed_lateness_ms + max(moved_at - ts for ts, moved_at in terms)
+
+
 class _Windows(Generic[V, A]):
     def __init__(
         self,
@@ -145,46 +207,13 @@ class _Windows(Generic[V, A]):
         self._timestamp_ms = clock.timestamp_ms
         self._windower = windower
         self._length_ms = windower.length_ms
-        self._lateness_ms = clock.allowed_lateness_ms
         self._init = init
         self._fold = fold
-        self._stream_of = clock.stream_of
-        self._streams = clock.streams
-        self._now_ms = now_ms
-        # Kept in the store: the latest event time per stream, and the first
-        # event time the shard saw (where unseen streams hold the watermark).
-        self._clocks: dict[str, int] | None = None
-        self._origin_ms = 0
-        # In memory: the system time each clock last moved (None: the origin).
-        # On resume it restarts from now, so downtime does not advance the watermark.
-        self._moved_at: dict[str | None, int] = {}
-
-    def _load_clocks(self, store: StateStore) -> dict[str, int]:
-        if self._clocks is None:
-            doc = store.get(_CLOCKS_KEY, {"clocks": {}, "origin_ms": 0})
-            self._clocks, self._origin_ms = doc["clocks"], doc["origin_ms"]
-            now = self._now_ms()
-            self._moved_at = {stream: now for stream in [*self._clocks, None]}
-        return self._clocks
-
-    def _clock_terms(self, store: StateStore) -> list[tuple[int, int]]:
-        """``(event time, system time it was reached)`` of each clock the watermark waits for."""
-        clocks = self._load_clocks(store)
-        terms = [(ts, self._moved_at[stream]) for stream, ts in clocks.items()]
-        if terms and len(clocks) < self._streams:
-            terms.append((self._origin_ms, self._moved_at[None]))
-        return terms
-
-    def _watermark_ms(self, store: StateStore) -> int | None:
-        terms = self._clock_terms(store)
-        if not terms:
-            return None
-        now = self._now_ms()
-        return min(ts + now - moved_at for ts, moved_at in terms) - self._lateness_ms
+        self._watermark = Watermark(clock, now_ms)
 
     def on_item(self, store: StateStore, key: str, value: V) -> Iterable[tuple[str, Late[V]]]:
         ts = self._timestamp_ms(value)
-        watermark = self._watermark_ms(store)
+        watermark = self._watermark.ms(store)
         starts = [s for s in self._windower.starts(ts) if watermark is None or s + self._length_ms > watermark]
         if not starts:
             return ((key, Late(key, value)),)
@@ -195,15 +224,7 @@ class _Windows(Generic[V, A]):
                 acc = self._init()
                 store.set_timer(_CLOSE, row, start + self._length_ms)
             store.put(row, self._fold(acc, value))
-        clocks = self._load_clocks(store)
-        stream = self._stream_of(value)
-        if ts > clocks.get(stream, -1):
-            now = self._now_ms()
-            if not clocks:
-                self._origin_ms, self._moved_at[None] = ts, now
-            clocks[stream] = ts
-            self._moved_at[stream] = now
-            store.put(_CLOCKS_KEY, {"clocks": clocks, "origin_ms": self._origin_ms})
+        self._watermark.observe(store, value)
         return ()
 
     def _close(self, store: StateStore, upto_ms: int) -> list[tuple[str, WindowResult[A]]]:
@@ -215,16 +236,12 @@ class _Windows(Generic[V, A]):
         return out
 
     def on_timer(self, store: StateStore) -> Iterable[tuple[str, WindowResult[A]]]:
-        watermark = self._watermark_ms(store)
+        watermark = self._watermark.ms(store)
         return () if watermark is None else self._close(store, watermark)
 
     def next_timer_ms(self, store: StateStore) -> int | None:
         due = store.next_due_ms(_CLOSE)
-        terms = self._clock_terms(store)
-        if due is None or not terms:
-            return None
-        # the system time at which the slowest clock reaches the window's end
-        return due + self._lateness_ms + max(moved_at - ts for ts, moved_at in terms)
+        return None if due is None else self._watermark.reaches_at_ms(store, due)
 
     def on_eof(self, store: StateStore) -> Iterable[tuple[str, WindowResult[A]]]:
         return self._close(store, 2**62)
