@@ -18,6 +18,7 @@ __all__ = [
     "ERRORS",
     "INFERENCE_SECONDS",
     "ITEMS",
+    "MODEL_ROC_AUC",
     "STEP_SECONDS",
     "serve",
 ]
@@ -45,6 +46,10 @@ CONSUMER_LAG = Gauge(
 
 BATCH_ROWS = Counter("patternflow_batch_rows", "Rows a batch job has written, by outcome (ok, bad)", ["job", "outcome"])
 BATCH_EXPECTED = Gauge("patternflow_batch_rows_expected", "Rows in a batch job's input range", ["job"])
+
+MODEL_ROC_AUC = Gauge(
+    "patternflow_model_roc_auc", "Prequential ROC-AUC of an online model, by step and key", ["step", "key"]
+)
 
 _served: set[int] = set()
 _lock = threading.Lock()
