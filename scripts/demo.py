@@ -14,6 +14,10 @@
 4. Async jobs: ``dataflows.async_jobs`` with a few jobs submitted through
    :class:`clients.jobs.JobsClient`: statuses as they change, results by id, a
    failed job with its reason.
+5. Telemetry anomalies: ``dataflows.telemetry_anomalies`` on 10,000 events of
+   river's Shuttle sensor stream (with a malformed event mixed in); prints the
+   prequential ROC-AUC and PR-AUC, precision and recall at the alert threshold,
+   and plots the ROC curve.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from dataflows.launch import exited, run_command
 from dataflows.online_inference import Settings as OnlineSettings
 from models.tabular import make_data
 from operators.kafka import KafkaMessage, TopicSpec, ensure_topics, produce, read_topic
+from scripts.evaluate_anomalies import evaluate, shuttle
 
 BROKERS = default_brokers()
 TOPIC = "demo.events"
@@ -69,6 +74,7 @@ def main() -> None:
     online_demo(workdir)
     batch_demo(workdir)
     async_jobs_demo(workdir)
+    telemetry_demo(workdir)
 
 
 def event_counts_demo(workdir: Path) -> None:
@@ -260,6 +266,22 @@ def async_jobs_demo(workdir: Path) -> None:
     finally:
         workers.terminate()
         workers.wait(timeout=30)
+
+
+def telemetry_demo(workdir: Path) -> None:
+    print("\n== streaming anomaly detection: dataflows.telemetry_anomalies", flush=True)
+    events: list[dict[str, object]] = list(shuttle(10_000))
+    events.insert(500, {"series": "shuttle", "ts_ms": -1, "values": {"f1": 1}})
+    print(f"1/2 {len(events):,} events of river's Shuttle stream (7% anomalies, one malformed) through the dataflow")
+    result = evaluate(events, "shuttle-demo", BROKERS, workdir / "telemetry")
+    if result["scored"] != 10_000:
+        raise SystemExit(f"demo failed: the dataflow scored {result['scored']} of 10,000 events")
+    print("2/2 prequential quality (every score from a model that had not seen the event):")
+    print(
+        f"    ROC-AUC {result['roc_auc']}, PR-AUC {result['pr_auc']}; at the alert threshold {result['threshold']}: "
+        f"precision {result['precision_at_threshold']}, recall {result['recall_at_threshold']}"
+    )
+    print(f"    {result['dead_letters']} dead letter(s); {result['seconds']} s for the bounded run")
 
 
 if __name__ == "__main__":
