@@ -13,7 +13,8 @@ past its own. The pair leaves as soon as both are there; an item whose wait
 ends unmatched leaves alone (the other side ``None``) once the watermark passes
 its time plus ``within_ms``, which is also when its state goes. Nothing stays
 forever and nothing is dropped: a full outer join bounded in time. The
-watermark is :class:`~operators.windowing.Watermark`'s, over both streams.
+watermark is :class:`~operators.windowing.Watermark`'s with a clock per side:
+the slower side's event time, advanced by system time while a side is idle.
 
 Items and rows are kept as JSON documents (see :mod:`state.store`); event times
 are epoch ms >= 0 (a dataflow sends others to its dead-letter topic first).
@@ -99,7 +100,11 @@ class Joined(Generic[L, R]):
 class _IntervalJoin:
     def __init__(self, within_ms: int, lateness_ms: int, now_ms: Callable[[], int]) -> None:
         self._within_ms = within_ms
-        clock: EventClock[_Tagged] = EventClock(lambda t: t.ts, allowed_lateness_ms=lateness_ms)
+        # A clock per side, the watermark the slower side's: one stream read ahead of the
+        # other (a replay; a backlog) cannot end the waits of items the other has yet to match.
+        clock: EventClock[_Tagged] = EventClock(
+            lambda t: t.ts, allowed_lateness_ms=lateness_ms, stream_of=lambda t: t.side, streams=2
+        )
         self._watermark = Watermark(clock, now_ms)
 
     def on_item(self, store: StateStore, key: str, item: _Tagged) -> Iterable[tuple[str, Joined[Any, Any]]]:

@@ -51,7 +51,7 @@ def generate(
     interval_ms: int = 200,
     drift_at: float = 0.5,
     label_rate: float = 0.9,
-    label_delay_ms: tuple[int, int] = (600_000, 7_200_000),
+    label_delay_ms: tuple[int, int] = (60_000, 600_000),
 ) -> Traffic:
     rng = random.Random(seed)
     homes = [rng.choice(COUNTRIES[:4]) for _ in range(cards)]
@@ -61,6 +61,7 @@ def generate(
         {"merchant": f"m{i:04d}", "category": (c := rng.choice(categories)), "risk": CATEGORIES[c], "ts_ms": START_MS}
         for i in range(merchants)
     ]
+    risky = [str(m["merchant"]) for m in table if CATEGORIES[str(m["category"])] >= 0.8]
     weights = [1 / (i + 1) for i in range(merchants)]  # Zipf: a few merchants take most payments
     ring_merchants = [f"m{i:04d}" for i in range(merchants - 3, merchants)]
     drift_ms = START_MS + int(n_payments * drift_at) * interval_ms
@@ -85,7 +86,7 @@ def generate(
                 stolen.append((card, rng.randrange(3, 9)))
             merchant = rng.choices(table, weights)[0]["merchant"]
             if fraud:
-                merchant = rng.choice([m["merchant"] for m in table if m["risk"] >= 0.8])
+                merchant = rng.choice(risky)
                 amount, country = spend[card] * rng.uniform(4, 12), rng.choice(COUNTRIES[4:])
             else:
                 amount, country = spend[card] * math.exp(rng.gauss(0, 0.4)), homes[card]
