@@ -315,8 +315,11 @@ def build(settings: Settings | None = None) -> Dataflow:
         right_ms=lambda c: c["ts_ms"],
         within_ms=s.label_window_ms,
         state=state,
+        # Every payment is learned when its label window closes, fraud or not: learning
+        # chargebacks at once and legitimate payments a window later would skew the model to fraud.
+        hold_pairs=True,
     )
-    # (payment_id, Joined(decision context | None, chargeback | None))
+    # (payment_id, Joined(decision context | None, chargeback | None)), at the end of the label window
     learns = op.flat_map(
         "to_learn",
         op.key_rm("unkey_label", labelled),

@@ -98,8 +98,11 @@ class Joined(Generic[L, R]):
 
 
 class _IntervalJoin:
-    def __init__(self, within_ms: int, lateness_ms: int, now_ms: Callable[[], int]) -> None:
+    def __init__(
+        self, within_ms: int, lateness_ms: int, now_ms: Callable[[], int], *, hold_pairs: bool = False
+    ) -> None:
         self._within_ms = within_ms
+        self._hold_pairs = hold_pairs
         # A clock per side, the watermark the slower side's: one stream read ahead of the
         # other (a replay; a backlog) cannot end the waits of items the other has yet to match.
         clock: EventClock[_Tagged] = EventClock(
@@ -111,22 +114,29 @@ class _IntervalJoin:
         other = "right" if item.side == "left" else "left"
         waiting = store.get(f"{other}{_SEP}{key}")
         self._watermark.observe(store, item)
+        watermark = self._watermark.ms(store)
         if waiting is not None:
             store.delete(f"{other}{_SEP}{key}")
             store.cancel_timer(_WAIT, f"{other}{_SEP}{key}", waiting["due_ms"])
             pair = (item.value, waiting["value"]) if item.side == "left" else (waiting["value"], item.value)
-            return ((key, Joined(*pair)),)
+            left_due = item.ts + self._within_ms if item.side == "left" else waiting["due_ms"]
+            if not self._hold_pairs or (watermark is not None and left_due <= watermark):
+                return ((key, Joined(*pair)),)
+            store.put(f"pair{_SEP}{key}", {"value": pair, "due_ms": left_due})
+            store.set_timer(_WAIT, f"pair{_SEP}{key}", left_due)
+            return ()
         due = item.ts + self._within_ms
-        watermark = self._watermark.ms(store)
         if (watermark is not None and due <= watermark) or store.get(f"{item.side}{_SEP}{key}") is not None:
             # Its wait is over already, or an earlier item of its side waits for the same match.
-            return ((key, self._alone(item.side, item.value)),)
+            return ((key, self._released(item.side, item.value)),)
         store.put(f"{item.side}{_SEP}{key}", {"value": item.value, "due_ms": due})
         store.set_timer(_WAIT, f"{item.side}{_SEP}{key}", due)
         return ()
 
     @staticmethod
-    def _alone(side: str, value: Any) -> Joined[Any, Any]:
+    def _released(side: str, value: Any) -> Joined[Any, Any]:
+        if side == "pair":
+            return Joined(*value)
         return Joined(value, None) if side == "left" else Joined(None, value)
 
     def _expire(self, store: StateStore, upto_ms: int) -> list[tuple[str, Joined[Any, Any]]]:
@@ -135,7 +145,7 @@ class _IntervalJoin:
             side, _, key = row.partition(_SEP)
             waiting = store.get(row)
             store.delete(row)
-            out.append((key, self._alone(side, waiting["value"])))
+            out.append((key, self._released(side, waiting["value"])))
         return out
 
     def on_timer(self, store: StateStore) -> Iterable[tuple[str, Joined[Any, Any]]]:
@@ -161,10 +171,15 @@ def join_within(
     within_ms: int,
     state: StateConfig,
     allowed_lateness_ms: int = 0,
+    hold_pairs: bool = False,
 ) -> KeyedStream[Joined[L, R]]:
     """Join each item with the first item of the other stream with its key within ``within_ms``
-    of event time (``left_ms``, ``right_ms``); see the module docstring."""
+    of event time (``left_ms``, ``right_ms``); see the module docstring. With ``hold_pairs`` a
+    pair too waits until the left item's bound: every left item leaves when its bound passes,
+    matched or not (labels that mature together, whatever their outcome)."""
     tagged_left = op.map("tag_left", left, lambda kv: (kv[0], _Tagged("left", kv[1], left_ms(kv[1]))))
     tagged_right = op.map("tag_right", right, lambda kv: (kv[0], _Tagged("right", kv[1], right_ms(kv[1]))))
     both: KeyedStream[_Tagged] = op.merge("both", tagged_left, tagged_right)
-    return keyed_state("state", both, lambda: _IntervalJoin(within_ms, allowed_lateness_ms, state.now_ms), state)
+    return keyed_state(
+        "state", both, lambda: _IntervalJoin(within_ms, allowed_lateness_ms, state.now_ms, hold_pairs=hold_pairs), state
+    )

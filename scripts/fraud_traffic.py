@@ -48,7 +48,7 @@ def generate(
     seed: int = 7,
     cards: int = 2_000,
     merchants: int = 200,
-    interval_ms: int = 200,
+    interval_ms: int = 2_000,
     drift_at: float = 0.5,
     label_rate: float = 0.9,
     label_delay_ms: tuple[int, int] = (60_000, 600_000),
