@@ -78,6 +78,8 @@ class Settings:
     partitions: int = 3
     threshold: float = 0.5
     label_window_ms: int = 7 * DAY_MS
+    # How far event time may run backwards: in a replay at full speed a poll spans hours of event
+    # time, and keyed steps emit a poll's items grouped by shard, so replays need hours here.
     allowed_lateness_ms: int = 60_000
     card_ttl_s: int = 30 * 24 * 3600
     model_shards: int = 2
@@ -315,6 +317,7 @@ def build(settings: Settings | None = None) -> Dataflow:
         right_ms=lambda c: c["ts_ms"],
         within_ms=s.label_window_ms,
         state=state,
+        allowed_lateness_ms=s.allowed_lateness_ms,
         # Every payment is learned when its label window closes, fraud or not: learning
         # chargebacks at once and legitimate payments a window later would skew the model to fraud.
         hold_pairs=True,
@@ -345,6 +348,7 @@ def build(settings: Settings | None = None) -> Dataflow:
         right_ms=lambda c: c["ts_ms"],
         within_ms=s.label_window_ms,
         state=state,
+        allowed_lateness_ms=s.allowed_lateness_ms,
     )
     outcome_msgs = op.flat_map("outcomes", op.key_rm("unkey_outcome", outcomes), lambda j: quality.outcome(s, j))
     late = op.map(

@@ -351,6 +351,7 @@ def fraud_demo(workdir: Path) -> None:
         "FRAUD_START": f"timestamp:{started_ms}",
         "FRAUD_BOUNDED": "true",
         "FRAUD_LABEL_WINDOW_MS": "900000",  # the demo's chargebacks come within 10 minutes of event time
+        "FRAUD_ALLOWED_LATENESS_MS": "21600000",  # a replay at full speed: a poll spans hours of event time
         "FRAUD_STATE_DIR": str(workdir / "fraud-state"),
     }
     subprocess.run(

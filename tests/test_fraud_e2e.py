@@ -56,6 +56,7 @@ class Fraud:
             "FRAUD_DECISIONS_TOPIC": decisions or self.topics["decisions"],
             "FRAUD_BOUNDED": "true",
             "FRAUD_LABEL_WINDOW_MS": "900000",
+            "FRAUD_ALLOWED_LATENESS_MS": "21600000",  # a replay at full speed
             "FRAUD_STATE_DIR": str(self.tmp / run / "state"),
             "FRAUD_METRICS_PORT": "0",
         }
