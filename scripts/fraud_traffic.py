@@ -21,10 +21,15 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import time
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Traffic", "generate"]
+import orjson
+
+from operators.kafka import KafkaMessage, produce
+
+__all__ = ["Traffic", "generate", "replay"]
 
 START_MS = 1_767_225_600_000  # 2026-01-01T00:00Z
 COUNTRIES = ["US", "GB", "DE", "FR", "BR", "IN", "NG", "RU"]
@@ -115,6 +120,30 @@ def generate(
             chargebacks.append({"payment_id": payment_id, "ts_ms": ts + rng.randint(*label_delay_ms)})
     chargebacks.sort(key=lambda c: c["ts_ms"])
     return Traffic(payments, chargebacks, table + updates)
+
+
+def replay(brokers: str, traffic: Traffic, *, payments: str, chargebacks: str, merchants: str, seconds: float) -> None:
+    """Produce the merchant table, then payments and chargebacks merged in event-time order,
+    paced to take ``seconds``: arrivals follow event time, as live traffic does, compressed."""
+    produce(
+        brokers, [KafkaMessage(orjson.dumps(m), key=m["merchant"].encode(), topic=merchants) for m in traffic.merchants]
+    )
+    events = [
+        (p["ts_ms"], KafkaMessage(orjson.dumps(p), key=p["card"].encode(), topic=payments)) for p in traffic.payments
+    ]
+    events += [
+        (c["ts_ms"], KafkaMessage(orjson.dumps(c), key=c["payment_id"].encode(), topic=chargebacks))
+        for c in traffic.chargebacks
+    ]
+    events.sort(key=lambda e: e[0])
+    first, span = events[0][0], max(1, events[-1][0] - events[0][0])
+    start = time.monotonic()
+    for at in range(0, len(events), 200):
+        chunk = events[at : at + 200]
+        delay = start + (chunk[0][0] - first) / span * seconds - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        produce(brokers, [msg for _, msg in chunk])
 
 
 def main() -> None:
