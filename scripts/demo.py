@@ -22,8 +22,9 @@
    generated card payments (20,000: stolen-card bursts, then a card-testing
    ring after a drift point, delayed chargebacks, merchant updates, two
    malformed payments) are replayed in 40 s; prints the decisions, their
-   latency, the prequential ROC-AUC and PR-AUC from the outcomes, and plots the
-   score distributions.
+   latency, the prequential ROC-AUC and PR-AUC from the outcomes, the online
+   model against the same model frozen before the drift, and plots the score
+   distributions.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from dataflows.online_inference import Settings as OnlineSettings
 from models.tabular import make_data
 from operators.kafka import KafkaMessage, TopicSpec, ensure_topics, produce, read_topic
 from scripts.evaluate_anomalies import evaluate, pr_auc, roc_auc, shuttle
+from scripts.evaluate_fraud import online_vs_frozen
 from scripts.fraud_traffic import generate as generate_payments
 from scripts.fraud_traffic import replay
 
@@ -377,6 +379,12 @@ def fraud_demo(workdir: Path) -> None:
     print(
         f"    prequential quality ({len(outcomes):,} outcomes, {labels.sum()} chargebacks): "
         f"ROC-AUC {roc_auc(labels, scores):.3f}, PR-AUC {pr_auc(labels, scores):.3f}"
+    )
+    drift = online_vs_frozen(decisions, outcomes, traffic.drift_ms)
+    print(
+        f"    after the drift ({drift['payments_after_drift']:,} payments, {drift['frauds_after_drift']} chargebacks): "
+        f"online ROC-AUC {drift['online_roc_auc']}, PR-AUC {drift['online_pr_auc']}; the same model trained "
+        f"before the drift and frozen: ROC-AUC {drift['frozen_roc_auc']}, PR-AUC {drift['frozen_pr_auc']}"
     )
     dead = [m for m in read_topic(BROKERS, settings.payments_topic + ".dlq") if (m.timestamp_ms or 0) >= started_ms]
     for m in dead:

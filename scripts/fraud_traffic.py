@@ -41,6 +41,7 @@ class Traffic:
     payments: list[dict[str, Any]]
     chargebacks: list[dict[str, Any]]
     merchants: list[dict[str, Any]]  # table rows in event-time order; later rows update earlier ones
+    drift_ms: int  # when the fraud pattern changes
 
     @property
     def frauds(self) -> set[str]:
@@ -119,7 +120,7 @@ def generate(
         if fraud and rng.random() < label_rate:
             chargebacks.append({"payment_id": payment_id, "ts_ms": ts + rng.randint(*label_delay_ms)})
     chargebacks.sort(key=lambda c: c["ts_ms"])
-    return Traffic(payments, chargebacks, table + updates)
+    return Traffic(payments, chargebacks, table + updates, drift_ms)
 
 
 def replay(brokers: str, traffic: Traffic, *, payments: str, chargebacks: str, merchants: str, seconds: float) -> None:
