@@ -18,7 +18,7 @@ import bytewax.operators as op
 import torch
 from bytewax.dataflow import Dataflow
 
-from models.registry import get_spec
+from models.registry import load, specs
 from operators import metrics
 from operators.dlq import DLQ_SUFFIX, to_dlq_message
 from operators.jobs import JobTable, parse_jobs, run_jobs
@@ -50,14 +50,9 @@ class Settings:
     metrics_port: int = 9103
 
     def __post_init__(self) -> None:
-        for name in self.model_names:
-            get_spec(name)
+        specs(self.models)  # fails early, naming an unknown model
         if not 1 <= self.max_inputs <= 10_000:
             raise ValueError(f"JOBS_MAX_INPUTS must be 1 to 10000, got {self.max_inputs}")
-
-    @property
-    def model_names(self) -> list[str]:
-        return [name.strip() for name in self.models.split(",") if name.strip()]
 
     @property
     def max_message_bytes(self) -> int:
@@ -79,7 +74,7 @@ def build(settings: Settings | None = None) -> Dataflow:
     ensure_topics(brokers, s.topics(), outage_limit_s=outage_limit_s)
     if s.torch_threads:
         torch.set_num_threads(s.torch_threads)
-    models = {name: get_spec(name).load() for name in s.model_names}
+    models = load(s.models)
     metrics.serve(s.metrics_port)
 
     flow = Dataflow("async_jobs")

@@ -62,6 +62,7 @@ from operators.windowing import EventClock
 __all__ = ["FRAUD_MODEL", "Settings", "build", "parse_chargeback", "parse_merchant", "parse_payment"]
 
 MINUTE_MS, HOUR_MS, DAY_MS = 60_000, 3_600_000, 86_400_000
+_decode = decode_json()
 LOOKBACKS_MS = (MINUTE_MS, HOUR_MS, DAY_MS)
 
 
@@ -125,7 +126,7 @@ def _object(doc: object) -> dict[str, Any]:
 
 
 def parse_payment(msg: KafkaMessage, now_ms: int, max_future_ms: int) -> dict[str, Any]:
-    doc = _object(decode_json()(msg))
+    doc = _object(_decode(msg))
     amount = doc.get("amount")
     if not isinstance(amount, int | float) or isinstance(amount, bool) or not 0 < amount < 1e9:
         raise InvalidMessage(f"amount must be a number above 0, got {amount!r:.80}")
@@ -146,7 +147,7 @@ def parse_payment(msg: KafkaMessage, now_ms: int, max_future_ms: int) -> dict[st
 
 
 def parse_chargeback(msg: KafkaMessage, now_ms: int, max_future_ms: int) -> dict[str, Any]:
-    doc = _object(decode_json()(msg))
+    doc = _object(_decode(msg))
     return {"payment_id": _text(doc, "payment_id"), "ts_ms": _time(doc, now_ms, max_future_ms)}
 
 
@@ -156,7 +157,7 @@ def parse_merchant(msg: KafkaMessage) -> tuple[str, dict[str, Any] | None]:
         if not msg.key:
             raise InvalidMessage("a merchant tombstone must be keyed by the merchant")
         return msg.key.decode(errors="replace"), None
-    doc = _object(decode_json()(msg))
+    doc = _object(_decode(msg))
     risk = doc.get("risk")
     if not isinstance(risk, int | float) or isinstance(risk, bool) or not 0 <= risk <= 1:
         raise InvalidMessage(f"risk must be a number from 0 to 1, got {risk!r:.80}")
@@ -308,20 +309,26 @@ def build(settings: Settings | None = None) -> Dataflow:
     def model_shard(card: str) -> str:
         return f"model-{hash_key(card) % s.model_shards}"
 
+    labels_by_id = op.key_on("cb_by_id", chargebacks.oks, lambda c: c["payment_id"])
+
+    def with_label(step_id: str, payments: Any, *, hold_pairs: bool = False) -> Any:
+        """Each payment (a dict with payment_id and ts_ms) with its chargeback, if one comes within the window."""
+        return join_within(
+            step_id,
+            op.key_on(f"{step_id}_by_id", payments, lambda d: d["payment_id"]),
+            labels_by_id,
+            left_ms=lambda d: d["ts_ms"],
+            right_ms=lambda c: c["ts_ms"],
+            within_ms=s.label_window_ms,
+            state=state,
+            allowed_lateness_ms=s.allowed_lateness_ms,
+            hold_pairs=hold_pairs,
+        )
+
     scores = op.map("to_score", decided, lambda d: (model_shard(d["card"]), Score(d["x"], d)))
-    labelled = join_within(
-        "label",
-        op.key_on("pay_by_id", decided, lambda d: d["payment_id"]),
-        op.key_on("cb_by_id", chargebacks.oks, lambda c: c["payment_id"]),
-        left_ms=lambda d: d["ts_ms"],
-        right_ms=lambda c: c["ts_ms"],
-        within_ms=s.label_window_ms,
-        state=state,
-        allowed_lateness_ms=s.allowed_lateness_ms,
-        # Every payment is learned when its label window closes, fraud or not: learning
-        # chargebacks at once and legitimate payments a window later would skew the model to fraud.
-        hold_pairs=True,
-    )
+    # Every payment is learned when its label window closes, fraud or not: learning chargebacks
+    # at once and legitimate payments a window later would skew the model to fraud.
+    labelled = with_label("label", decided, hold_pairs=True)
     # (payment_id, Joined(decision context | None, chargeback | None)), at the end of the label window
     learns = op.flat_map(
         "to_learn",
@@ -340,16 +347,7 @@ def build(settings: Settings | None = None) -> Dataflow:
     )
 
     quality = _Quality()
-    outcomes = join_within(
-        "outcome",
-        op.key_on("decision_by_id", decisions, lambda d: d["payment_id"]),
-        op.key_on("cb_by_id_2", chargebacks.oks, lambda c: c["payment_id"]),
-        left_ms=lambda d: d["ts_ms"],
-        right_ms=lambda c: c["ts_ms"],
-        within_ms=s.label_window_ms,
-        state=state,
-        allowed_lateness_ms=s.allowed_lateness_ms,
-    )
+    outcomes = with_label("outcome", decisions)
     outcome_msgs = op.flat_map("outcomes", op.key_rm("unkey_outcome", outcomes), lambda j: quality.outcome(s, j))
     late = op.map(
         "late",

@@ -22,7 +22,7 @@ import bytewax.operators as op
 import torch
 from bytewax.dataflow import Dataflow
 
-from models.registry import get_spec
+from models.registry import load, specs
 from operators import metrics
 from operators.dlq import DLQ_SUFFIX
 from operators.kafka import Position, TopicCache, TopicSpec, ensure_topics
@@ -54,12 +54,7 @@ class Settings:
 
     def __post_init__(self) -> None:
         BatchConfig(self.max_batch_size, self.max_wait_ms, self.max_queue)  # fails early, naming the bad value
-        for name in self.model_names:
-            get_spec(name)
-
-    @property
-    def model_names(self) -> list[str]:
-        return [name.strip() for name in self.models.split(",") if name.strip()]
+        specs(self.models)  # fails early, naming an unknown model
 
     @property
     def dlq_topic(self) -> str:
@@ -80,7 +75,7 @@ def build(settings: Settings | None = None) -> Dataflow:
     if s.torch_threads:
         torch.set_num_threads(s.torch_threads)
     # Loaded and warmed up once per process, before any request is read; workers share them.
-    models = {name: get_spec(name).load() for name in s.model_names}
+    models = load(s.models)
     metrics.serve(s.metrics_port)
     # A reply goes only to a topic and partition the broker has, and never to the server's own topics.
     rules = ReplyRules(TopicCache(brokers).partitions, frozenset({s.request_topic, s.dlq_topic}))

@@ -31,7 +31,7 @@ import torch
 from models import tabular
 from models.schema import InvalidInput, Text, Vector
 
-__all__ = ["REGISTRY", "Model", "ModelSpec", "UnknownModel", "default_device", "get_spec"]
+__all__ = ["REGISTRY", "Model", "ModelSpec", "UnknownModel", "default_device", "get_spec", "load", "specs"]
 
 
 class UnknownModel(InvalidInput):
@@ -121,6 +121,16 @@ REGISTRY: dict[str, ModelSpec] = {
         ModelSpec("minilm-embeddings", "1", Text(2_000), "warm-up", 64, MiniLMEmbeddings),
     )
 }
+
+
+def specs(names: str) -> list[ModelSpec]:
+    """The specs of a comma-separated list of model names (a dataflow's ``*_MODELS`` setting)."""
+    return [get_spec(name.strip()) for name in names.split(",") if name.strip()]
+
+
+def load(names: str) -> dict[str, Model]:
+    """Each named model loaded and warmed up, by name: once per process, before any input is read."""
+    return {spec.name: spec.load() for spec in specs(names)}
 
 
 def get_spec(name: str) -> ModelSpec:

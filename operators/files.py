@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import IO, Any, Literal, NamedTuple
 
@@ -57,7 +58,6 @@ __all__ = [
 ]
 
 Format = Literal["parquet", "jsonl"]
-_READ_BYTES = 1 << 20
 
 
 class _RowGroup(StatefulSourcePartition[Table, int]):
@@ -111,17 +111,9 @@ class _JsonlFile(StatefulSourcePartition[Lines, tuple[int, int]]):
         self._batch_size = batch_size
 
     def next_batch(self) -> list[Lines]:
-        lines: list[bytes] = []
-        while len(lines) < self._batch_size:
-            chunk = self._file.readlines(_READ_BYTES)
-            if not chunk:
-                break
-            lines.extend(chunk)
+        lines = list(islice(self._file, self._batch_size))
         if not lines:
             raise StopIteration()
-        if len(lines) > self._batch_size:
-            self._file.seek(self._offset + sum(map(len, lines[: self._batch_size])))
-            lines = lines[: self._batch_size]
         self._offset += sum(map(len, lines))
         first = self._line + 1
         self._line += len(lines)

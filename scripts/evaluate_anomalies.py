@@ -27,6 +27,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import orjson
+from scipy.stats import rankdata
 
 from common import default_brokers
 from dataflows.launch import run_command
@@ -55,11 +56,7 @@ def jsonl(path: Path, limit: int | None) -> Iterator[dict[str, object]]:
 
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     """The probability that an anomaly outscores a normal event (ties count half)."""
-    ranks = np.empty(len(scores))
-    order = np.argsort(scores, kind="mergesort")
-    ranks[order] = np.arange(1, len(scores) + 1)
-    for value in np.unique(scores[np.diff(np.sort(scores), prepend=np.nan) == 0]):  # average the ranks of ties
-        ranks[scores == value] = ranks[scores == value].mean()
+    ranks = rankdata(scores)  # ties share their average rank
     positives = labels == 1
     n_pos, n_neg = positives.sum(), (~positives).sum()
     return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
