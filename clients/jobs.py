@@ -24,12 +24,13 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from functools import partial
 from typing import Any
 
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
-from operators.kafka import consumer_config, partition_count, producer_config, wait_for_topics
+from operators.kafka import Outage, consumer_config, partition_count, producer_config, wait_for_topics
 from operators.protocol import JOBS_RESULTS_TOPIC, JOBS_SUBMIT_TOPIC, MAX_JOB_ID_BYTES
 
 __all__ = ["JobSubmitError", "JobsClient"]
@@ -61,7 +62,8 @@ class JobsClient:
         self._consumer = Consumer(consumer_config(brokers, {"fetch.wait.max.ms": 50}))
         parts = [TopicPartition(topic, p) for topic in topics for p in range(partition_count(brokers, topic))]
         # Where the topics end now: the constructor returns once the view has read that far.
-        ends = {tp: self._consumer.get_watermark_offsets(tp, timeout=10) for tp in parts}
+        outage = Outage(f"reading where {topics} end at {brokers}")  # a just-created topic may have no leader yet
+        ends = {tp: outage.call(partial(self._consumer.get_watermark_offsets, tp, timeout=10)) for tp in parts}
         self._behind = [TopicPartition(tp.topic, tp.partition, high) for tp, (low, high) in ends.items() if high > low]
         self._consumer.assign([TopicPartition(tp.topic, tp.partition, OFFSET_BEGINNING) for tp in parts])
         self._jobs: dict[str, dict[str, Any]] = {}
