@@ -34,7 +34,7 @@ from operators.streams import split
 from operators.windowing import EventClock, Late, Watermark
 from state import StateStore
 
-__all__ = ["Features", "FeaturesOut", "lookback_features"]
+__all__ = ["Features", "FeaturesOut", "lookback_features", "new_history", "observe"]
 
 V = TypeVar("V")
 
@@ -56,6 +56,47 @@ class FeaturesOut(Generic[V]):
     late: Stream[Late[V]]
 
 
+def new_history(first_ms: int) -> dict[str, Any]:
+    """A key's history before its first event (a plain dict: it pickles and serialises as JSON)."""
+    return {"times": [], "values": [], "first_ms": first_ms, "n": 0, "mean": 0.0, "m2": 0.0}
+
+
+def observe(doc: dict[str, Any], ts: int, x: float, watermark: int | None, lookbacks_ms: Sequence[int]) -> Features:
+    """Add the event ``(ts, x)`` to a key's history (updated in place) and return its features as of
+    the event; events older than any lookback of any event still to come (the watermark bounds how
+    early) are dropped from the history."""
+    longest = max(lookbacks_ms)
+    times, values = doc["times"], doc["values"]
+    at = bisect_right(times, ts)
+    previous = times[at - 1] if at else None
+    insort(times, ts)
+    values.insert(at, x)
+    horizon = min(ts, watermark if watermark is not None else ts) - longest
+    cut = bisect_right(times, horizon)
+    del times[:cut], values[:cut]
+    n = doc["n"] + 1
+    delta = x - doc["mean"]
+    mean = doc["mean"] + delta / n
+    m2 = doc["m2"] + delta * (x - mean)
+    doc.update(n=n, mean=mean, m2=m2, first_ms=min(doc["first_ms"], ts))
+
+    upto = bisect_right(times, ts)
+    counts, sums = {}, {}
+    for lookback in lookbacks_ms:
+        since = bisect_right(times, ts - lookback)
+        counts[lookback] = upto - since
+        sums[lookback] = math.fsum(values[since:upto])
+    return Features(
+        counts=counts,
+        sums=sums,
+        n=n,
+        mean=mean,
+        std=math.sqrt(m2 / n),
+        since_previous_ms=None if previous is None or previous <= ts - longest else ts - previous,
+        complete=doc["first_ms"] <= ts - longest,
+    )
+
+
 class _Lookback(Expiring[Any], Generic[V]):
     def __init__(
         self,
@@ -67,7 +108,6 @@ class _Lookback(Expiring[Any], Generic[V]):
     ) -> None:
         self._ts_of, self._value_of = clock.timestamp_ms, value_of
         self._lookbacks = sorted(lookbacks_ms)
-        self._longest = self._lookbacks[-1]
         self._ttl_ms = ttl_ms
         self._watermark = Watermark(clock, now_ms)
 
@@ -77,38 +117,9 @@ class _Lookback(Expiring[Any], Generic[V]):
         if watermark is not None and ts < watermark:
             return ((key, Late(key, value)),)
         self._watermark.observe(store, value)
-        doc = store.get(key) or {"times": [], "values": [], "first_ms": ts, "n": 0, "mean": 0.0, "m2": 0.0}
-        times, values = doc["times"], doc["values"]
-        at = bisect_right(times, ts)
-        previous = times[at - 1] if at else None
-        insort(times, ts)
-        values.insert(at, x)
-        # Events older than any lookback of any event still to come (the watermark bounds how early) go.
-        horizon = min(ts, watermark if watermark is not None else ts) - self._longest
-        cut = bisect_right(times, horizon)
-        del times[:cut], values[:cut]
-        n = doc["n"] + 1
-        delta = x - doc["mean"]
-        mean = doc["mean"] + delta / n
-        m2 = doc["m2"] + delta * (x - mean)
-        doc.update(n=n, mean=mean, m2=m2, first_ms=min(doc["first_ms"], ts))
+        doc = store.get(key) or new_history(ts)
+        features = observe(doc, ts, x, watermark, self._lookbacks)
         store.put(key, doc, ttl_ms=self._ttl_ms)
-
-        upto = bisect_right(times, ts)
-        counts, sums = {}, {}
-        for lookback in self._lookbacks:
-            since = bisect_right(times, ts - lookback)
-            counts[lookback] = upto - since
-            sums[lookback] = math.fsum(values[since:upto])
-        features = Features(
-            counts=counts,
-            sums=sums,
-            n=n,
-            mean=mean,
-            std=math.sqrt(m2 / n),
-            since_previous_ms=None if previous is None or previous <= ts - self._longest else ts - previous,
-            complete=doc["first_ms"] <= ts - self._longest,
-        )
         return ((key, (value, features)),)
 
 

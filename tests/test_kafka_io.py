@@ -19,6 +19,7 @@ from operators.kafka import (
     Position,
     TopicSpec,
     ensure_topics,
+    partition_count,
     produce,
     read_topic,
 )
@@ -278,3 +279,11 @@ def test_metrics_endpoint_counts_items_errors_and_lag(brokers: str, topic: str) 
     assert f'patternflow_errors_total{{error="InvalidMessage",step="{step}"}} 10.0' in text
     assert f'patternflow_step_seconds_count{{step="{step}"}}' in text
     assert f'patternflow_consumer_lag_messages{{partition="0",step="metered.in",topic="{topic}"}} 0.0' in text
+
+
+def test_a_topic_declared_twice_is_created_once_or_refused_when_the_specs_differ(brokers: str, topic: str) -> None:
+    # One create request naming a topic twice crashed the process inside librdkafka.
+    ensure_topics(brokers, [TopicSpec(topic, partitions=2), TopicSpec(topic, partitions=2)])
+    assert partition_count(brokers, topic) == 2
+    with pytest.raises(ValueError, match="declared twice"):
+        ensure_topics(brokers, [TopicSpec(topic + "-x", partitions=2), TopicSpec(topic + "-x", partitions=3)])

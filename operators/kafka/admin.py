@@ -79,11 +79,16 @@ def ensure_topics(brokers: str, specs: Iterable[TopicSpec], *, outage_limit_s: f
     """Create the topics that do not exist yet; existing ones are left as they are.
 
     Returns once every topic has a leader for each partition, so a reader
-    started next finds them ready.
+    started next finds them ready. A name given twice with different specs is a
+    ``ValueError`` (librdkafka crashes on one request naming a topic twice).
     """
+    by_name: dict[str, TopicSpec] = {}
+    for spec in specs:
+        if by_name.setdefault(spec.name, spec) != spec:
+            raise ValueError(f"topic {spec.name!r} is declared twice, differently: {by_name[spec.name]} and {spec}")
+    specs = list(by_name.values())
     admin = _admin(brokers)
     outage = _outage("creating topics", brokers, outage_limit_s)
-    specs = list(specs)
     while not _create_missing(admin, specs, outage, brokers):
         time.sleep(0.5)
     _wait_ready(admin, [s.name for s in specs], outage, timeout_s=60, brokers=brokers)
