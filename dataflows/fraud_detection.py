@@ -23,8 +23,9 @@ had arrived: ``complete`` says which features were::
      "complete": {"merchant": true, "card_history": false}, "features": {...}, "latency_ms": 12}
 
 Each decision, once its label is known, goes to ``payments.outcomes``
-(``{"payment_id", "score", "label"}``) and updates the prequential ROC-AUC
-(``patternflow_model_roc_auc{step="fraud"}``). Payments behind the watermark go
+(``{"payment_id", "score", "label"}``) and updates the prequential ROC-AUC and
+PR-AUC over the last 10,000 outcomes (``patternflow_model_roc_auc{step="fraud"}``,
+``patternflow_model_pr_auc{step="fraud"}``). Payments behind the watermark go
 to ``payments.late``; malformed inputs to ``<topic>.dlq`` with the reason. Run::
 
     python -m bytewax.run "dataflows.fraud_detection:build()" -r var/recovery/fraud -s 2 -b 0
@@ -43,9 +44,9 @@ import orjson
 import torch
 from bytewax.dataflow import Dataflow
 from river import compose, linear_model, optim, preprocessing
-from river import metrics as river_metrics
 
 from common import InvalidMessage, hash_key, wall_ms
+from models.quality import Prequential
 from models.registry import get_spec
 from operators import metrics
 from operators.dlq import DLQ_SUFFIX, decode_json, to_dlq_message, try_map
@@ -59,7 +60,18 @@ from operators.settings import brokers_field, from_env, outage_limit_field
 from operators.stateful import StateConfig
 from operators.windowing import EventClock
 
-__all__ = ["FRAUD_MODEL", "Settings", "build", "parse_chargeback", "parse_merchant", "parse_payment"]
+__all__ = [
+    "FRAUD_MODEL",
+    "LOOKBACKS_MS",
+    "Settings",
+    "build",
+    "decision",
+    "features",
+    "parse_chargeback",
+    "parse_merchant",
+    "parse_payment",
+    "tabular_inputs",
+]
 
 MINUTE_MS, HOUR_MS, DAY_MS = 60_000, 3_600_000, 86_400_000
 _decode = decode_json()
@@ -196,30 +208,30 @@ FRAUD_MODEL = ModelSpec(
 )
 
 
+def tabular_inputs(d: dict[str, Any]) -> list[float]:
+    """The torch tabular model's eight inputs (amount, hour, merchant risk, distance, velocity,
+    account age, foreign, card present) from a decision's features, roughly standardised."""
+    x, hour = d["x"], (d["ts_ms"] // HOUR_MS) % 24
+    return [
+        x["amount_z"],
+        hour / 12 - 1,
+        x["merchant_risk"] * 4 - 2,
+        x["foreign"] * 2,
+        x["count_1h"] - 1,
+        x["log_history"] - 2,
+        x["foreign"],
+        x["card_present"],
+    ]
+
+
 def _torch_batch(model: Any, scored: list[tuple[str, Scored[dict[str, Any]]]]) -> list[dict[str, Any]]:
-    """The torch model over the whole micro-batch in one forward pass; the tabular model's
-    eight inputs (amount, hour, merchant risk, distance, velocity, account age, foreign,
-    card present) from the decision's features, roughly standardised."""
-    rows = []
-    for _, s in scored:
-        x, hour = s.item["x"], (s.item["ts_ms"] // HOUR_MS) % 24
-        rows.append(
-            [
-                x["amount_z"],
-                hour / 12 - 1,
-                x["merchant_risk"] * 4 - 2,
-                x["foreign"] * 2,
-                x["count_1h"] - 1,
-                x["log_history"] - 2,
-                x["foreign"],
-                x["card_present"],
-            ]
-        )
+    """The torch model over the whole micro-batch in one forward pass."""
+    rows = [tabular_inputs(s.item) for _, s in scored]
     risk = model.forward(np.asarray(rows, dtype=np.float32))["risk"].tolist() if rows else []
     return [{**s.item, "river_score": s.score, "torch_score": r} for (_, s), r in zip(scored, risk, strict=True)]
 
 
-def _decision(s: Settings, d: dict[str, Any]) -> dict[str, Any]:
+def decision(s: Settings, d: dict[str, Any]) -> dict[str, Any]:
     score = d["river_score"]
     return {
         "payment_id": d["payment_id"],
@@ -236,18 +248,18 @@ def _decision(s: Settings, d: dict[str, Any]) -> dict[str, Any]:
 
 
 class _Quality:
-    """Prequential ROC-AUC of the decisions whose labels are known (monitoring: per process)."""
+    """Prequential ROC-AUC and PR-AUC of the decisions whose labels are known (monitoring: per process)."""
 
     def __init__(self) -> None:
-        self._auc = river_metrics.ROCAUC(n_thresholds=100)
+        self._quality = Prequential()
 
     def outcome(self, s: Settings, joined: Joined[dict[str, Any], dict[str, Any]]) -> list[KafkaMessage]:
         decision = joined.left
         if decision is None:  # a chargeback for a payment this run never decided
             return []
         label = int(joined.right is not None)
-        self._auc.update(bool(label), decision["score"])
-        metrics.MODEL_ROC_AUC.labels("fraud", "all").set(self._auc.get())
+        if self._quality.add(bool(label), decision["score"]):
+            metrics.model_quality("fraud", "all", self._quality)
         doc = {"payment_id": decision["payment_id"], "score": decision["score"], "label": label}
         return [KafkaMessage(orjson.dumps(doc), key=decision["payment_id"].encode(), topic=s.outcomes_topic)]
 
@@ -338,7 +350,7 @@ def build(settings: Settings | None = None) -> Dataflow:
     scored = online_model("river", op.merge("commands", scores, learns), FRAUD_MODEL, shards=s.model_shards)
     # (model shard, Scored(decision context, river score))
     with_torch = op.flat_map_batch("torch", scored, lambda batch: _torch_batch(scorer, batch))
-    decisions = op.map("decide", with_torch, lambda d: _decision(s, d))
+    decisions = op.map("decide", with_torch, lambda d: decision(s, d))
     # dict: the decision
     decision_msgs = op.map(
         "decision_msgs",

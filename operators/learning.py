@@ -17,7 +17,8 @@ so no shard resumes from a dead run's snapshot. A key idle for ``ttl_ms`` of
 system time is forgotten at the next snapshot.
 
 With ``label_of``, each scored item whose label is known updates the key's
-prequential ROC-AUC, exported as ``patternflow_model_roc_auc{step,key}``.
+prequential ROC-AUC and PR-AUC over its last 10,000 labels, exported as
+``patternflow_model_roc_auc{step,key}`` and ``patternflow_model_pr_auc{step,key}``.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ from typing import Any, Generic, NamedTuple, TypeVar
 import bytewax.operators as op
 from bytewax.dataflow import operator
 from bytewax.operators import KeyedStream, StatefulBatchLogic
-from river import metrics as river_metrics
 
 from common import hash_key, wall_ms
+from models.quality import Prequential
 from operators import metrics
 from operators.stateful import Wake, woken
 
@@ -72,7 +73,7 @@ class ModelSpec:
 class _Keyed:
     model: Any
     seen_ms: int
-    auc: Any = None
+    quality: Prequential | None = None
 
 
 class _Shard(StatefulBatchLogic[Any, tuple[str, Scored[Any]], bytes]):
@@ -107,9 +108,9 @@ class _Shard(StatefulBatchLogic[Any, tuple[str, Scored[Any]], bytes]):
             out.append((key, Scored(command.item, score)))
             label = self._label_of(command.item) if self._label_of else None
             if label is not None:
-                keyed.auc = keyed.auc or river_metrics.ROCAUC(n_thresholds=50)
-                keyed.auc.update(bool(label), score)
-                metrics.MODEL_ROC_AUC.labels(self._step_id, key).set(keyed.auc.get())
+                keyed.quality = keyed.quality or Prequential()
+                if keyed.quality.add(bool(label), score):
+                    metrics.model_quality(self._step_id, key, keyed.quality)
         return out, StatefulBatchLogic.RETAIN
 
     def snapshot(self) -> bytes:

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+if TYPE_CHECKING:
+    from models.quality import Prequential
 
 __all__ = [
     "BATCH_EXPECTED",
@@ -18,8 +22,10 @@ __all__ = [
     "ERRORS",
     "INFERENCE_SECONDS",
     "ITEMS",
+    "MODEL_PR_AUC",
     "MODEL_ROC_AUC",
     "STEP_SECONDS",
+    "model_quality",
     "serve",
 ]
 
@@ -50,9 +56,20 @@ BATCH_EXPECTED = Gauge("patternflow_batch_rows_expected", "Rows in a batch job's
 MODEL_ROC_AUC = Gauge(
     "patternflow_model_roc_auc", "Prequential ROC-AUC of an online model, by step and key", ["step", "key"]
 )
+MODEL_PR_AUC = Gauge(
+    "patternflow_model_pr_auc",
+    "Prequential PR-AUC (average precision) of an online model, by step and key",
+    ["step", "key"],
+)
 
 _served: set[int] = set()
 _lock = threading.Lock()
+
+
+def model_quality(step: str, key: str, quality: Prequential) -> None:
+    """Export a model's prequential ROC-AUC and PR-AUC."""
+    MODEL_ROC_AUC.labels(step, key).set(quality.roc_auc)
+    MODEL_PR_AUC.labels(step, key).set(quality.pr_auc)
 
 
 def serve(port: int) -> None:

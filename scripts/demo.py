@@ -53,9 +53,10 @@ from dataflows.event_counts import Settings
 from dataflows.fraud_detection import Settings as FraudSettings
 from dataflows.launch import exited, run_command
 from dataflows.online_inference import Settings as OnlineSettings
+from models.quality import pr_auc, roc_auc
 from models.tabular import make_data
 from operators.kafka import KafkaMessage, TopicSpec, ensure_topics, produce, read_topic
-from scripts.evaluate_anomalies import evaluate, pr_auc, roc_auc, shuttle
+from scripts.evaluate_anomalies import evaluate, shuttle
 from scripts.evaluate_fraud import online_vs_frozen
 from scripts.fraud_traffic import generate as generate_payments
 from scripts.fraud_traffic import replay

@@ -27,14 +27,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import orjson
-from scipy.stats import rankdata
 
 from common import default_brokers
 from dataflows.launch import run_command
 from dataflows.telemetry_anomalies import Settings
+from models.quality import pr_auc, roc_auc
 from operators.kafka import KafkaMessage, ensure_topics, produce, read_topic
 
-__all__ = ["evaluate", "roc_auc"]
+__all__ = ["evaluate", "shuttle"]
 
 
 def shuttle(limit: int | None) -> Iterator[dict[str, object]]:
@@ -52,21 +52,6 @@ def jsonl(path: Path, limit: int | None) -> Iterator[dict[str, object]]:
                 return
             if line.strip():
                 yield orjson.loads(line)
-
-
-def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """The probability that an anomaly outscores a normal event (ties count half)."""
-    ranks = rankdata(scores)  # ties share their average rank
-    positives = labels == 1
-    n_pos, n_neg = positives.sum(), (~positives).sum()
-    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def pr_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Average precision: precision at each anomaly, over the anomalies, highest scores first."""
-    hits = labels[np.argsort(-scores, kind="mergesort")] == 1
-    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
-    return float(precision[hits].mean())
 
 
 def evaluate(events: list[dict[str, object]], name: str, brokers: str, workdir: Path) -> dict[str, float | None]:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from dataflows.fraud_detection import FRAUD_MODEL
-from scripts.evaluate_anomalies import pr_auc, roc_auc
+from models.quality import pr_auc, roc_auc
 
 __all__ = ["online_vs_frozen"]
 

@@ -22,6 +22,7 @@ import argparse
 import math
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +30,7 @@ import orjson
 
 from operators.kafka import KafkaMessage, produce
 
-__all__ = ["Traffic", "generate", "replay"]
+__all__ = ["START_MS", "Traffic", "event_messages", "generate", "paced", "replay"]
 
 START_MS = 1_767_225_600_000  # 2026-01-01T00:00Z
 COUNTRIES = ["US", "GB", "DE", "FR", "BR", "IN", "NG", "RU"]
@@ -58,25 +59,26 @@ def generate(
     drift_at: float = 0.5,
     label_rate: float = 0.9,
     label_delay_ms: tuple[int, int] = (60_000, 600_000),
+    start_ms: int = START_MS,
 ) -> Traffic:
     rng = random.Random(seed)
     homes = [rng.choice(COUNTRIES[:4]) for _ in range(cards)]
     spend = [math.exp(rng.gauss(3.2, 0.6)) for _ in range(cards)]
     categories = list(CATEGORIES)
     table = [
-        {"merchant": f"m{i:04d}", "category": (c := rng.choice(categories)), "risk": CATEGORIES[c], "ts_ms": START_MS}
+        {"merchant": f"m{i:04d}", "category": (c := rng.choice(categories)), "risk": CATEGORIES[c], "ts_ms": start_ms}
         for i in range(merchants)
     ]
     risky = [str(m["merchant"]) for m in table if CATEGORIES[str(m["category"])] >= 0.8]
     weights = [1 / (i + 1) for i in range(merchants)]  # Zipf: a few merchants take most payments
     ring_merchants = [f"m{i:04d}" for i in range(merchants - 3, merchants)]
-    drift_ms = START_MS + int(n_payments * drift_at) * interval_ms
+    drift_ms = start_ms + int(n_payments * drift_at) * interval_ms
     updates = [
         {"merchant": m, "category": "gift_cards", "risk": 0.95, "ts_ms": drift_ms + 3_600_000} for m in ring_merchants
     ]
     payments: list[dict[str, Any]] = []
     chargebacks: list[dict[str, Any]] = []
-    ts = START_MS
+    ts = start_ms
     stolen: list[tuple[int, int]] = []  # (card, payments left in its burst)
     while len(payments) < n_payments:
         ts += int(rng.expovariate(1 / interval_ms)) if rng.random() > 0.2 else rng.randrange(5)  # bursts
@@ -123,12 +125,9 @@ def generate(
     return Traffic(payments, chargebacks, table + updates, drift_ms)
 
 
-def replay(brokers: str, traffic: Traffic, *, payments: str, chargebacks: str, merchants: str, seconds: float) -> None:
-    """Produce the merchant table, then payments and chargebacks merged in event-time order,
-    paced to take ``seconds``: arrivals follow event time, as live traffic does, compressed."""
-    produce(
-        brokers, [KafkaMessage(orjson.dumps(m), key=m["merchant"].encode(), topic=merchants) for m in traffic.merchants]
-    )
+def event_messages(traffic: Traffic, *, payments: str, chargebacks: str) -> list[tuple[int, KafkaMessage]]:
+    """Payments (keyed by card) and chargebacks (keyed by payment id) merged in event-time order,
+    each with its event time."""
     events = [
         (p["ts_ms"], KafkaMessage(orjson.dumps(p), key=p["card"].encode(), topic=payments)) for p in traffic.payments
     ]
@@ -137,14 +136,29 @@ def replay(brokers: str, traffic: Traffic, *, payments: str, chargebacks: str, m
         for c in traffic.chargebacks
     ]
     events.sort(key=lambda e: e[0])
+    return events
+
+
+def replay(brokers: str, traffic: Traffic, *, payments: str, chargebacks: str, merchants: str, seconds: float) -> None:
+    """Produce the merchant table, then payments and chargebacks in event-time order, each at its
+    event time compressed into ``seconds``: arrivals follow event time, bursts included, as live
+    traffic does."""
+    produce(
+        brokers, [KafkaMessage(orjson.dumps(m), key=m["merchant"].encode(), topic=merchants) for m in traffic.merchants]
+    )
+    events = event_messages(traffic, payments=payments, chargebacks=chargebacks)
+    produce(brokers, paced(events, seconds))
+
+
+def paced(events: list[tuple[int, KafkaMessage]], seconds: float) -> Iterator[KafkaMessage]:
+    """The messages, each yielded at its event time compressed into ``seconds`` from the first."""
     first, span = events[0][0], max(1, events[-1][0] - events[0][0])
     start = time.monotonic()
-    for at in range(0, len(events), 200):
-        chunk = events[at : at + 200]
-        delay = start + (chunk[0][0] - first) / span * seconds - time.monotonic()
+    for ts, msg in events:
+        delay = start + (ts - first) / span * seconds - time.monotonic()
         if delay > 0:
             time.sleep(delay)
-        produce(brokers, [msg for _, msg in chunk])
+        yield msg
 
 
 def main() -> None:

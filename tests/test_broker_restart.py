@@ -7,11 +7,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import pytest
 from conftest import Broker, Logged, free_port_pair, wait_for
 from test_batch_e2e import JOB, committed_more, fill, job_env, output_ids
 from test_event_counts_e2e import counts_by_id, events, expected_counts, prepare, run_to_end, start_dataflow
+from test_fraud_e2e import Fraud
 from test_online_e2e import Load, Server
+
+from operators.kafka import read_topic
 
 OUTAGE_S = 8  # the broker stays down this long, under load
 
@@ -94,3 +98,19 @@ def test_a_batch_job_rides_out_a_restart_and_writes_every_row_once(broker: Broke
     assert proc.wait(timeout=300) == 0, proc.output()
     ids = output_ids(tmp_path / "restart" / "output")
     assert len(ids) == n and set(ids) == {f"c{i}" for i in range(n)}
+
+
+def test_fraud_detection_decides_every_payment_and_labels_every_chargeback_through_a_restart(
+    broker: Broker, tmp_path: Path
+) -> None:
+    fraud = Fraud(broker.address, "restart-fraud", tmp_path)
+    traffic = fraud.feed(60_000)
+    run = fraud.start("run")
+    decisions = fraud.topics["decisions"]
+    wait_for(lambda: run.poll() is not None or read_topic(broker.address, decisions), "the first decisions")
+    assert run.poll() is None, "the dataflow finished before the restart; give it more payments"
+    restart(broker)
+    assert run.wait(timeout=600) == 0, run.output()
+    assert set(fraud.decisions()) == {p["payment_id"] for p in traffic.payments}
+    outcomes = [orjson.loads(m.value or b"") for m in read_topic(broker.address, fraud.topics["outcomes"])]
+    assert {o["payment_id"] for o in outcomes if o["label"]} == {c["payment_id"] for c in traffic.chargebacks}

@@ -13,8 +13,9 @@ from conftest import Logged, wait_for
 
 from dataflows.launch import run_command
 from dataflows.telemetry_anomalies import Settings, parse_metric
+from models.quality import roc_auc
 from operators.kafka import KafkaMessage, ensure_topics, produce, read_topic
-from scripts.evaluate_anomalies import evaluate, roc_auc, shuttle
+from scripts.evaluate_anomalies import evaluate, shuttle
 
 NOW = 1_767_225_600_000
 
