@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import heapq
 import secrets
+from bisect import bisect_left, insort
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -100,9 +101,11 @@ class StateStore:
         self.undo_retain = undo_retain
         self._now_ms = now_ms
         self._pending: dict[bytes, bytes | None] = {}
-        # Pending keys by namespace (b"d", b"t"): a timer scan on the hot path
-        # then looks at pending timers only, not at every pending data write.
-        self._pending_keys: dict[bytes, set[bytes]] = {}
+        # Pending keys by namespace. Timers are scanned on the hot path (the next
+        # due, the due ones), so their keys are kept sorted: a scan is a bisect,
+        # not a sort of every timer set in the epoch.
+        self._pending_timers: list[bytes] = []
+        self._pending_data: set[bytes] = set()
         self._load_meta()
 
     def _load_meta(self) -> None:
@@ -127,12 +130,16 @@ class StateStore:
 
     def _raw_put(self, key: bytes, value: bytes | None) -> None:
         if key not in self._pending:
-            self._pending_keys.setdefault(key[:1], set()).add(key)
+            if key[:1] == b"t":
+                insort(self._pending_timers, key)
+            else:
+                self._pending_data.add(key)
         self._pending[key] = value
 
     def _clear_pending(self) -> None:
         self._pending.clear()
-        self._pending_keys.clear()
+        self._pending_timers.clear()
+        self._pending_data.clear()
 
     def get(self, key: str, default: Any = None) -> Any:
         raw = self._raw_get(_data_key(key))
@@ -214,8 +221,12 @@ class StateStore:
         return expired
 
     def _scan(self, start: bytes, stop: bytes) -> Iterator[tuple[bytes, bytes]]:
-        candidates = self._pending_keys.get(start[:1], ())
-        pending = sorted((k, self._pending[k]) for k in candidates if start <= k < stop)
+        if start[:1] == b"t":  # a scan stays within one namespace
+            timers = self._pending_timers
+            keys = timers[bisect_left(timers, start) : bisect_left(timers, stop)]
+        else:
+            keys = sorted(k for k in self._pending_data if start <= k < stop)
+        pending = [(k, self._pending[k]) for k in keys]
         stored = ((k, v) for k, v in self.backend.scan(start, stop) if k not in self._pending)
         for key, value in heapq.merge(pending, stored, key=lambda kv: kv[0]):
             if value is not None:
