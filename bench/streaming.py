@@ -41,7 +41,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from bench.report import parse_args, progress, write_report
 from common import default_brokers
-from dataflows.fraud_detection import DAY_MS, Settings
+from dataflows.fraud_detection import Settings
 from dataflows.launch import exited, run_command
 from models.quality import pr_auc, roc_auc
 from operators.kafka import (
@@ -52,7 +52,7 @@ from operators.kafka import (
     produce,
     read_topic,
 )
-from scripts.fraud_traffic import START_MS, Traffic, event_messages, generate, paced
+from scripts.fraud_traffic import Traffic, event_messages, generate, paced, table_messages, warm_up
 
 BROKERS = default_brokers()
 ROOT = Path(__file__).parent.parent
@@ -65,13 +65,7 @@ LATENESS_MS = {"throughput": 3_600_000, "latency": 60_000}
 OFFERED_RATE = 500  # messages/s in the latency runs
 
 
-# A few payments of another seed, a day before the measured traffic: each system's first decisions.
-WARM_UP = Traffic(
-    [{**p, "payment_id": f"warm-{p['payment_id']}"} for p in generate(20, seed=1, start_ms=START_MS - DAY_MS).payments],
-    [],
-    [],
-    0,
-)
+WARM_UP = warm_up()
 
 
 def quix_python() -> Path:
@@ -182,10 +176,7 @@ def events(s: Settings, traffic: Traffic) -> list[tuple[int, KafkaMessage]]:
 @contextmanager
 def running(system: str, s: Settings, traffic: Traffic, workdir: Path) -> Iterator[subprocess.Popen[bytes]]:
     """The system started on the merchant table and warmed up: its first payments decided."""
-    table = [
-        KafkaMessage(orjson.dumps(m), key=m["merchant"].encode(), topic=s.merchants_topic) for m in traffic.merchants
-    ]
-    produce(BROKERS, table)
+    produce(BROKERS, table_messages(traffic, s.merchants_topic))
     process = start(system, s, workdir)
     try:
         produce(BROKERS, [m for _, m in events(s, WARM_UP)])

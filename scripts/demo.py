@@ -59,7 +59,7 @@ from operators.kafka import KafkaMessage, TopicSpec, ensure_topics, produce, rea
 from scripts.evaluate_anomalies import evaluate, shuttle
 from scripts.evaluate_fraud import online_vs_frozen
 from scripts.fraud_traffic import generate as generate_payments
-from scripts.fraud_traffic import replay
+from scripts.fraud_traffic import replay, table_messages, warm_up
 
 BROKERS = default_brokers()
 TOPIC = "demo.events"
@@ -299,6 +299,16 @@ def telemetry_demo(workdir: Path) -> None:
     print(f"    {result['dead_letters']} dead letter(s); {result['seconds']} s for the bounded run")
 
 
+def _wait_decided(
+    settings: FraudSettings, n: int, since_ms: int, dataflow: subprocess.Popen[bytes], *, timeout_s: float
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while len(_since(settings.decisions_topic, since_ms)) < n:
+        if exited(dataflow) or time.monotonic() > deadline:
+            raise SystemExit(f"demo failed: not every payment was decided; dataflow: {exited(dataflow)}")
+        time.sleep(1)
+
+
 def fraud_demo(workdir: Path) -> None:
     print("\n== streaming fraud detection: dataflows.fraud_detection", flush=True)
     settings = FraudSettings(
@@ -330,10 +340,14 @@ def fraud_demo(workdir: Path) -> None:
         "FRAUD_ALLOWED_LATENESS_MS": "600000",  # 11 hours of traffic in 40 s: a poll spans minutes of event time
         "FRAUD_STATE_DIR": str(workdir / "fraud-state"),
     }
-    print("1/3 starting the dataflow ...", flush=True)
+    print("1/3 starting the dataflow on the merchant table, and waiting for its first decisions ...", flush=True)
+    produce(BROKERS, table_messages(traffic, settings.merchants_topic))
     cmd = run_command("dataflows.fraud_detection:build()", workdir / "fraud-recovery", snapshot_s=2)
     dataflow = subprocess.Popen(cmd, env=env)
+    first = warm_up()
     try:
+        replay(BROKERS, first, payments=settings.payments_topic, chargebacks=settings.chargebacks_topic, seconds=0)
+        _wait_decided(settings, len(first.payments), started_ms, dataflow, timeout_s=300)
         print(
             f"2/3 replaying 11 hours of traffic in 40 s: {len(traffic.payments):,} payments "
             f"({len(traffic.frauds)} fraudulent), {len(traffic.chargebacks)} chargebacks, "
@@ -342,26 +356,17 @@ def fraud_demo(workdir: Path) -> None:
         )
         bad = [b'{"payment_id": "x", "amount": "lots"}', b"\x00\x01"]
         produce(BROKERS, [KafkaMessage(value, topic=settings.payments_topic) for value in bad])
-        replay(
-            BROKERS,
-            traffic,
-            payments=settings.payments_topic,
-            chargebacks=settings.chargebacks_topic,
-            merchants=settings.merchants_topic,
-            seconds=40,
-        )
-        deadline = time.monotonic() + 120
-        while len(_since(settings.decisions_topic, started_ms)) < len(traffic.payments):
-            if exited(dataflow) or time.monotonic() > deadline:
-                raise SystemExit(f"demo failed: not every payment was decided; dataflow: {exited(dataflow)}")
-            time.sleep(1)
+        replay(BROKERS, traffic, payments=settings.payments_topic, chargebacks=settings.chargebacks_topic, seconds=40)
+        _wait_decided(settings, len(first.payments) + len(traffic.payments), started_ms, dataflow, timeout_s=120)
     finally:
         dataflow.terminate()
         dataflow.wait(timeout=30)
 
     print("3/3 results", flush=True)
-    decisions = _since(settings.decisions_topic, started_ms)
-    outcomes = _since(settings.outcomes_topic, started_ms)  # those whose label window had closed
+    warm = {p["payment_id"] for p in first.payments}
+    decisions = [d for d in _since(settings.decisions_topic, started_ms) if d["payment_id"] not in warm]
+    # the outcomes of those whose label window had closed
+    outcomes = [o for o in _since(settings.outcomes_topic, started_ms) if o["payment_id"] not in warm]
     if len(decisions) < len(traffic.payments):
         raise SystemExit(f"demo failed: {len(decisions)} decisions for {len(traffic.payments)} payments")
     blocked = [d for d in decisions if d["decision"] == "block"]

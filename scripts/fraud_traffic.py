@@ -30,7 +30,16 @@ import orjson
 
 from operators.kafka import KafkaMessage, produce
 
-__all__ = ["START_MS", "Traffic", "event_messages", "generate", "paced", "replay"]
+__all__ = [
+    "START_MS",
+    "Traffic",
+    "event_messages",
+    "generate",
+    "paced",
+    "replay",
+    "table_messages",
+    "warm_up",
+]
 
 START_MS = 1_767_225_600_000  # 2026-01-01T00:00Z
 COUNTRIES = ["US", "GB", "DE", "FR", "BR", "IN", "NG", "RU"]
@@ -139,15 +148,22 @@ def event_messages(traffic: Traffic, *, payments: str, chargebacks: str) -> list
     return events
 
 
-def replay(brokers: str, traffic: Traffic, *, payments: str, chargebacks: str, merchants: str, seconds: float) -> None:
-    """Produce the merchant table, then payments and chargebacks in event-time order, each at its
-    event time compressed into ``seconds``: arrivals follow event time, bursts included, as live
-    traffic does."""
-    produce(
-        brokers, [KafkaMessage(orjson.dumps(m), key=m["merchant"].encode(), topic=merchants) for m in traffic.merchants]
-    )
-    events = event_messages(traffic, payments=payments, chargebacks=chargebacks)
-    produce(brokers, paced(events, seconds))
+def table_messages(traffic: Traffic, topic: str) -> list[KafkaMessage]:
+    """The merchant table's rows (keyed by merchant), in order: produce them before the payments."""
+    return [KafkaMessage(orjson.dumps(m), key=m["merchant"].encode(), topic=topic) for m in traffic.merchants]
+
+
+def warm_up(n: int = 20) -> Traffic:
+    """``n`` payments (ids ``warm-...``, no chargebacks) a day before :func:`generate`'s: a dataflow's
+    first decisions, to wait for before measuring it. Their merchants are in every generated table."""
+    payments = generate(n, seed=1, start_ms=START_MS - 86_400_000).payments
+    return Traffic([{**p, "payment_id": f"warm-{p['payment_id']}"} for p in payments], [], [], 0)
+
+
+def replay(brokers: str, traffic: Traffic, *, payments: str, chargebacks: str, seconds: float) -> None:
+    """Produce payments and chargebacks in event-time order, each at its event time compressed
+    into ``seconds``: arrivals follow event time, bursts included, as live traffic does."""
+    produce(brokers, paced(event_messages(traffic, payments=payments, chargebacks=chargebacks), seconds))
 
 
 def paced(events: list[tuple[int, KafkaMessage]], seconds: float) -> Iterator[KafkaMessage]:
