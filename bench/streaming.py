@@ -26,6 +26,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import uuid
@@ -76,19 +77,12 @@ def quix_python() -> Path:
         progress(f"making the Quix Streams {QUIX_VERSION} environment in {QUIX_ENV} (once) ...")
         subprocess.run([sys.executable, "-m", "venv", str(QUIX_ENV)], check=True)
         subprocess.run([str(python), "-m", "pip", "install", "-q", f"quixstreams=={QUIX_VERSION}"], check=True)
-        site = subprocess.run(
-            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        ours = subprocess.run(
-            [sys.executable, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        (Path(site) / "zz-patternflow.pth").write_text(ours + "\n")
+        where = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+        site = subprocess.run([str(python), "-c", where], check=True, capture_output=True, text=True).stdout
+        # Read after its own packages: a .pth file's paths go to the end of sys.path.
+        (Path(site.strip()) / "zz-patternflow.pth").write_text(
+            os.path.realpath(sysconfig.get_paths()["purelib"]) + "\n"
+        )
     return python
 
 
