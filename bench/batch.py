@@ -19,7 +19,6 @@ setting; the sweep of forward-pass rates by batch size that chose it is in the r
 from __future__ import annotations
 
 import asyncio
-import gzip
 import multiprocessing
 import os
 import subprocess
@@ -46,10 +45,10 @@ from common import default_brokers
 from models.registry import REGISTRY, Model
 from models.tabular import make_data
 from operators.kafka import KafkaMessage, TopicSpec, consumer_config, ensure_topics, produce
+from scripts import beir
 
 BROKERS = default_brokers()
 ROOT = Path(__file__).parent.parent
-SCIFACT = ROOT.parent / "shared" / "data" / "scifact" / "corpus.jsonl.gz"
 PARTITIONS = 4
 
 
@@ -59,9 +58,8 @@ def tabular_rows(n: int) -> tuple[list[str], np.ndarray]:
 
 
 def titles(n: int) -> list[str]:
-    if SCIFACT.exists():
-        with gzip.open(SCIFACT) as f:
-            found = [orjson.loads(line)["title"] for line in f]
+    if beir.SCIFACT.exists():
+        found = [doc["title"] for doc in beir.load().corpus.values()]
     else:  # outside the repository's workspace: sentences of the same length
         found = [f"effect {i} of treatment on outcome in a cohort of patients" for i in range(n)]
     return (found * (n // len(found) + 1))[:n]

@@ -1,16 +1,27 @@
-"""Quality of a model's scores against labels: ROC-AUC and PR-AUC (average precision), over a
-labelled set or prequentially (:class:`Prequential`)."""
+"""Quality of a model's outputs against labels: ROC-AUC and PR-AUC (average precision) of scores,
+over a labelled set or prequentially (:class:`Prequential`); ranking metrics of retrieval runs
+against relevance judgements (:func:`retrieval_metrics`)."""
 
 from __future__ import annotations
 
 import math
 import time
 from collections import deque
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from scipy.stats import rankdata
 
-__all__ = ["Prequential", "pr_auc", "roc_auc"]
+__all__ = [
+    "Prequential",
+    "hit_rate_at_k",
+    "mrr_at_k",
+    "ndcg_at_k",
+    "pr_auc",
+    "recall_at_k",
+    "retrieval_metrics",
+    "roc_auc",
+]
 
 
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -55,3 +66,49 @@ class Prequential:
             scores = np.fromiter((s for _, s in self._recent), dtype=np.float64, count=len(self._recent))
             self.roc_auc, self.pr_auc = roc_auc(labels, scores), pr_auc(labels, scores)
         return True
+
+
+# -- retrieval: one query's ranking against its relevance judgements (BEIR's qrels) ---------------
+# ``ranked`` is the retrieved document ids, best first; ``relevant`` maps document ids to graded
+# relevance (> 0 is relevant). Gains are linear in the grade, as in BEIR's pytrec_eval.
+
+
+def ndcg_at_k(ranked: Sequence[str], relevant: Mapping[str, int], k: int) -> float:
+    """Discounted cumulative gain of the top ``k`` over that of the ideal ranking."""
+    dcg = sum(relevant.get(doc, 0) / math.log2(i + 2) for i, doc in enumerate(ranked[:k]))
+    ideal = sorted((g for g in relevant.values() if g > 0), reverse=True)[:k]
+    idcg = sum(g / math.log2(i + 2) for i, g in enumerate(ideal))
+    return dcg / idcg if idcg else 0.0
+
+
+def mrr_at_k(ranked: Sequence[str], relevant: Mapping[str, int], k: int) -> float:
+    """The reciprocal rank of the first relevant document in the top ``k`` (0 if none)."""
+    return next((1 / (i + 1) for i, doc in enumerate(ranked[:k]) if relevant.get(doc, 0) > 0), 0.0)
+
+
+def recall_at_k(ranked: Sequence[str], relevant: Mapping[str, int], k: int) -> float:
+    """The share of the relevant documents found in the top ``k``."""
+    wanted = {doc for doc, g in relevant.items() if g > 0}
+    return len(wanted.intersection(ranked[:k])) / len(wanted) if wanted else 0.0
+
+
+def hit_rate_at_k(ranked: Sequence[str], relevant: Mapping[str, int], k: int) -> float:
+    """1 if any relevant document is in the top ``k``, else 0."""
+    return float(any(relevant.get(doc, 0) > 0 for doc in ranked[:k]))
+
+
+def retrieval_metrics(runs: Mapping[str, Sequence[str]], qrels: Mapping[str, Mapping[str, int]]) -> dict[str, float]:
+    """The retrieval eval suite's figures, averaged over the judged queries (a judged query with
+    no ranking counts as retrieving nothing): hit rate@1/@10, MRR@10, nDCG@10, recall@10/@100."""
+    figures = {
+        "hit_rate@1": lambda r, q: hit_rate_at_k(r, q, 1),
+        "hit_rate@10": lambda r, q: hit_rate_at_k(r, q, 10),
+        "mrr@10": lambda r, q: mrr_at_k(r, q, 10),
+        "ndcg@10": lambda r, q: ndcg_at_k(r, q, 10),
+        "recall@10": lambda r, q: recall_at_k(r, q, 10),
+        "recall@100": lambda r, q: recall_at_k(r, q, 100),
+    }
+    judged = [qid for qid, rel in qrels.items() if any(g > 0 for g in rel.values())]
+    if not judged:
+        raise ValueError("no query has a relevant document in the judgements")
+    return {name: sum(f(runs.get(qid, ()), qrels[qid]) for qid in judged) / len(judged) for name, f in figures.items()}
