@@ -57,7 +57,7 @@ from models.quality import pr_auc, roc_auc
 from models.tabular import make_data
 from operators.kafka import KafkaMessage, TopicSpec, ensure_topics, produce, read_topic
 from scripts.evaluate_anomalies import evaluate, shuttle
-from scripts.evaluate_fraud import online_vs_frozen
+from scripts.evaluate_fraud import online_vs_frozen, threshold_for_precision
 from scripts.fraud_traffic import generate as generate_payments
 from scripts.fraud_traffic import replay, table_messages, warm_up
 
@@ -392,6 +392,14 @@ def fraud_demo(workdir: Path) -> None:
         f"online ROC-AUC {drift['online_roc_auc']}, PR-AUC {drift['online_pr_auc']}; the same model trained "
         f"before the drift and frozen: ROC-AUC {drift['frozen_roc_auc']}, PR-AUC {drift['frozen_pr_auc']}"
     )
+    point = threshold_for_precision(outcomes, 0.5)
+    if point is not None:
+        print(
+            f"    to block payments that are fraud at least half the time: FRAUD_THRESHOLD={point['threshold']:.3f} "
+            f"blocks {point['blocked_share']:.2%} of payments and catches {point['recall']:.0%} of the chargebacks "
+            f"(scripts.evaluate_fraud.threshold_for_precision; the default {settings.threshold} blocked "
+            f"{len(blocked) / len(decisions):.1%})"
+        )
     dead = [m for m in read_topic(BROKERS, settings.payments_topic + ".dlq") if (m.timestamp_ms or 0) >= started_ms]
     for m in dead:
         print(f"    dead letter: {(m.header('dlq.reason') or b'').decode()}")

@@ -21,6 +21,7 @@ from models.quality import (
     roc_auc,
 )
 from scripts import beir
+from scripts.evaluate_fraud import threshold_for_precision
 
 
 def test_roc_and_pr_auc_on_known_rankings() -> None:
@@ -101,3 +102,23 @@ def test_scifact_is_whole_and_a_perfect_run_scores_one() -> None:
     assert all(doc in data.corpus for rel in judged.values() for doc in rel)
     perfect = {qid: sorted(rel, key=lambda d: -rel[d]) for qid, rel in judged.items()}
     assert retrieval_metrics(perfect, judged)["ndcg@10"] == pytest.approx(1.0)
+
+
+def test_the_threshold_for_a_precision_is_the_lowest_that_keeps_it() -> None:
+    scores = [0.9, 0.8, 0.8, 0.7, 0.6, 0.5, 0.4]
+    labels = [1, 1, 0, 1, 0, 0, 1]
+    outcomes = [{"score": s, "label": y} for s, y in zip(scores, labels, strict=True)]
+    # blocking at 0.9: 1/1; at 0.8: 2/3 (the tie counts whole); at 0.7: 3/4; at 0.6: 3/5; at 0.4: 4/7
+    assert threshold_for_precision(outcomes, 0.75) == {
+        "threshold": 0.7,
+        "precision": 0.75,
+        "recall": 0.75,
+        "blocked_share": round(4 / 7, 4),
+    }
+    assert threshold_for_precision(outcomes, 1.0) == {
+        "threshold": 0.9,
+        "precision": 1.0,
+        "recall": 0.25,
+        "blocked_share": round(1 / 7, 4),
+    }
+    assert threshold_for_precision([{"score": 0.5, "label": 0}], 0.5) is None
