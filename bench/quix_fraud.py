@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from quixstreams import Application
 
-from common import hash_key, wall_ms
+from common import wall_ms
 from dataflows import fraud_detection as fraud
 from models.registry import get_spec
 from operators.features import Features, new_history, observe
@@ -65,7 +65,7 @@ def main() -> None:
     models: dict[str, Any] = {}
 
     def model(card: str) -> Any:
-        shard = f"model-{hash_key(card) % s.model_shards}"
+        shard = fraud.model_shard(card, s.model_shards)
         if shard not in models:
             models[shard] = fraud.FRAUD_MODEL.make()
         return models[shard]

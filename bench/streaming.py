@@ -153,14 +153,16 @@ def wait_decided(s: Settings, n: int, process: subprocess.Popen[bytes], timeout_
     consumer = Consumer(consumer_config(BROKERS))
     parts = [TopicPartition(s.decisions_topic, p) for p in range(s.partitions)]
     deadline = time.monotonic() + timeout_s
-    while (done := sum(consumer.get_watermark_offsets(tp, timeout=10)[1] for tp in parts)) < n:
-        if why := exited(process):
-            raise RuntimeError(f"{s.payments_topic}: the system stopped: {why}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{s.payments_topic}: {done:,} of {n:,} payments decided after {timeout_s:.0f} s")
-        progress(f"  {done:,}/{n:,} decided")
-        time.sleep(2)
-    consumer.close()
+    try:
+        while (done := sum(consumer.get_watermark_offsets(tp, timeout=10)[1] for tp in parts)) < n:
+            if why := exited(process):
+                raise RuntimeError(f"{s.payments_topic}: the system stopped: {why}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{s.payments_topic}: {done:,} of {n:,} payments decided after {timeout_s:.0f} s")
+            progress(f"  {done:,}/{n:,} decided")
+            time.sleep(2)
+    finally:
+        consumer.close()
 
 
 def events(s: Settings, traffic: Traffic) -> list[tuple[int, KafkaMessage]]:

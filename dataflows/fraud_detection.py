@@ -67,6 +67,7 @@ __all__ = [
     "build",
     "decision",
     "features",
+    "model_shard",
     "parse_chargeback",
     "parse_merchant",
     "parse_payment",
@@ -208,6 +209,11 @@ FRAUD_MODEL = ModelSpec(
 )
 
 
+def model_shard(card: str, shards: int) -> str:
+    """The river model a card's payments are scored and learned by."""
+    return f"model-{hash_key(card) % shards}"
+
+
 def tabular_inputs(d: dict[str, Any]) -> list[float]:
     """The torch tabular model's eight inputs (amount, hour, merchant risk, distance, velocity,
     account age, foreign, card present) from a decision's features, roughly standardised."""
@@ -318,9 +324,6 @@ def build(settings: Settings | None = None) -> Dataflow:
     decided = op.map("features", op.key_rm("unkey_merchant", enriched), features)
     # dict: payment_id, card, ts_ms, produced_ms, x (features), complete
 
-    def model_shard(card: str) -> str:
-        return f"model-{hash_key(card) % s.model_shards}"
-
     labels_by_id = op.key_on("cb_by_id", chargebacks.oks, lambda c: c["payment_id"])
 
     def with_label(step_id: str, payments: Any, *, hold_pairs: bool = False) -> Any:
@@ -337,7 +340,7 @@ def build(settings: Settings | None = None) -> Dataflow:
             hold_pairs=hold_pairs,
         )
 
-    scores = op.map("to_score", decided, lambda d: (model_shard(d["card"]), Score(d["x"], d)))
+    scores = op.map("to_score", decided, lambda d: (model_shard(d["card"], s.model_shards), Score(d["x"], d)))
     # Every payment is learned when its label window closes, fraud or not: learning chargebacks
     # at once and legitimate payments a window later would skew the model to fraud.
     labelled = with_label("label", decided, hold_pairs=True)
@@ -345,7 +348,11 @@ def build(settings: Settings | None = None) -> Dataflow:
     learns = op.flat_map(
         "to_learn",
         op.key_rm("unkey_label", labelled),
-        lambda j: [] if j.left is None else [(model_shard(j.left["card"]), Learn(j.left["x"], j.right is not None))],
+        lambda j: (
+            []
+            if j.left is None
+            else [(model_shard(j.left["card"], s.model_shards), Learn(j.left["x"], j.right is not None))]
+        ),
     )
     scored = online_model("river", op.merge("commands", scores, learns), FRAUD_MODEL, shards=s.model_shards)
     # (model shard, Scored(decision context, river score))

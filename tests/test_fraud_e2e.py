@@ -15,7 +15,7 @@ from dataflows.fraud_detection import Settings
 from dataflows.launch import run_command
 from operators.kafka import KafkaMessage, ensure_topics, produce, read_topic
 from operators.settings import from_env
-from scripts.fraud_traffic import Traffic, generate
+from scripts.fraud_traffic import Traffic, generate, table_messages
 
 VELOCITY = ("count_1m", "count_1h", "count_24h", "log_sum_1h", "amount_z", "log_history", "log_since_previous_s")
 
@@ -35,10 +35,7 @@ class Fraud:
     def feed(self, n: int, extra: tuple[KafkaMessage, ...] = ()) -> Traffic:
         traffic = generate(n, seed=3)
         t = self.topics
-        rows = [
-            KafkaMessage(orjson.dumps(m), key=m["merchant"].encode(), topic=t["merchants"]) for m in traffic.merchants
-        ]
-        produce(self.brokers, rows)
+        produce(self.brokers, table_messages(traffic, t["merchants"]))
         pays = [KafkaMessage(orjson.dumps(p), key=p["card"].encode(), topic=t["payments"]) for p in traffic.payments]
         produce(self.brokers, [*pays, *extra])
         cbs = [
