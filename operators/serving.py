@@ -43,7 +43,7 @@ from operators.metrics import INFERENCE_SECONDS, ITEMS
 from operators.protocol import deadline_ms, reply_to
 from operators.streams import split
 
-__all__ = ["BatchConfig", "Reply", "ReplyRules", "Request", "serve_requests"]
+__all__ = ["BatchConfig", "Reply", "ReplyRules", "Request", "error_and_dead_letter", "serve_requests"]
 
 Status = Literal["ok", "error", "timeout", "rejected"]
 SERVED_BY = f"{socket.gethostname()}:{os.getpid()}"
@@ -255,7 +255,7 @@ def serve_requests(
     # oks: Request | Reply (error, carrying its message); errs: DeadLetter (nowhere to reply)
     valid = split("valid", parsed.oks, Request, Reply)
     parse_step = f"{step_id}.parse"
-    invalid = op.flat_map("answer_invalid", valid.rest, lambda reply: _error_and_dead_letter(parse_step, reply))
+    invalid = op.flat_map("answer_invalid", valid.rest, lambda reply: error_and_dead_letter(parse_step, reply))
     # KafkaMessage: the error reply, and the request for the DLQ
     keyed = op.key_on("by_model", valid.first, lambda r: f"{r.model}:{r.partition}")
     # (model:partition, Request): a queue per model and source partition, so partitions spread over workers
@@ -271,7 +271,8 @@ def serve_requests(
     return op.merge("out", replies, invalid, dead)
 
 
-def _error_and_dead_letter(parse_step: str, reply: Reply) -> list[KafkaMessage]:
+def error_and_dead_letter(parse_step: str, reply: Reply) -> list[KafkaMessage]:
+    """The error reply to a request that failed parsing, and the request as a dead letter."""
     source = reply.request.source
     assert source is not None, "an error reply from parsing carries its message"
     return [reply.to_message(), to_dlq_message(DeadLetter(source, parse_step, reply.error or ""))]

@@ -48,7 +48,17 @@ from common import LATEST_MS, hash_key, wall_ms
 from operators import metrics
 from state import MemoryBackend, RocksDBBackend, StateError, StateStore
 
-__all__ = ["Expiring", "ShardProgram", "StateConfig", "Wake", "keyed_state", "running_aggregate", "woken"]
+__all__ = [
+    "Expiring",
+    "ShardProgram",
+    "StateConfig",
+    "Wake",
+    "keyed_state",
+    "running_aggregate",
+    "shard_of",
+    "sharded_state",
+    "woken",
+]
 
 V = TypeVar("V")
 V_in = TypeVar("V_in", contravariant=True)
@@ -215,6 +225,11 @@ def woken(up: KeyedStream[V], shards: int) -> KeyedStream[V | Wake]:
     return op.merge("woken", up, wakes)
 
 
+def shard_of(key: str, shards: int) -> str:
+    """The shard (``"0"`` to ``str(shards - 1)``) that holds ``key``."""
+    return str(hash_key(key) % shards)
+
+
 @operator
 def keyed_state(
     step_id: str,
@@ -226,14 +241,34 @@ def keyed_state(
 
     def to_shard(key_value: tuple[str, V]) -> tuple[str, tuple[str, str, V]]:
         key, value = key_value
-        shard = str(hash_key(key) % config.shards)
+        shard = shard_of(key, config.shards)
         return shard, (shard, key, value)
 
+    return _run_shards(step_id, op.map("shard", up, to_shard), program_factory, config)
+
+
+@operator
+def sharded_state(
+    step_id: str,
+    up: KeyedStream[tuple[str, str, V]],
+    program_factory: Callable[[], ShardProgram[V, W]],
+    config: StateConfig,
+) -> KeyedStream[W]:
+    """:func:`keyed_state` for items already addressed to a shard: ``(shard, (shard, key,
+    value))``, the shard from :func:`shard_of`, or each shard in turn to reach them all."""
+    return _run_shards(step_id, up, program_factory, config)
+
+
+def _run_shards(
+    step_id: str,
+    up: KeyedStream[tuple[str, str, V]],
+    program_factory: Callable[[], ShardProgram[V, W]],
+    config: StateConfig,
+) -> KeyedStream[W]:
     def build(resume: _Snapshot | None) -> _ShardLogic[V, W]:
         return _ShardLogic(step_id, program_factory(), config, resume)
 
-    sharded = op.map("shard", up, to_shard)
-    outs = op.stateful_batch("logic", woken(sharded, config.shards), build)
+    outs = op.stateful_batch("logic", woken(up, config.shards), build)
     # (shard, (key, out)) -> (key, out)
     return op.map("unshard", outs, lambda shard_out: shard_out[1])
 
