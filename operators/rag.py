@@ -11,7 +11,8 @@ the ``correlation_id``, ``reply_topic``, ``reply_partition`` and ``deadline_ms``
 headers), with the value ``{"model": "rag", "inputs": {"query": str, "k": int,
 "filters": {name: value or [values]}, "answer": bool}}`` (``k``, 1 to 100, defaults
 to 10; a filter keeps the chunks whose metadata value equals the value, or one
-of the values; ``"answer": false`` asks for the hits only). The reply's
+of the values; ``"answer": false`` asks for the hits only; ``"retriever"``:
+``"dense"`` or ``"bm25"`` ranks by one retriever alone, for evaluation). The reply's
 ``outputs`` are ``{"query", "filters", "hits", "answer"}``: the top ``k``
 documents, each with the chunk that ranked it (its id and character offsets in
 the document's text), and the answer, each sentence cited.
@@ -70,6 +71,7 @@ MAX_QUERY_CHARS = 2_000
 MAX_K = 100
 MAX_FILTERS = 16
 MODEL = "rag"  # the "model" a query names, so the inference clients and gateway serve RAG too
+RETRIEVERS = ("hybrid", "dense", "bm25")  # dense and bm25 alone are for evaluation and debugging
 
 Embed = Callable[[list[str]], np.ndarray]
 
@@ -111,6 +113,7 @@ class Query:
     k: int
     filters: Mapping[str, Any]
     answer: bool = True  # False: the hits only
+    retriever: str = "hybrid"
     vector: np.ndarray | None = None
 
 
@@ -185,7 +188,7 @@ def parse_query(msg: KafkaMessage, rules: ReplyRules, now_ms: Callable[[], int] 
         if not isinstance(doc, dict) or doc.get("model") != MODEL or not isinstance(doc.get("inputs"), dict):
             raise InvalidMessage('a query is {"model": "rag", "inputs": {"query": str, "k": int, "filters": {...}}}')
         inputs = doc["inputs"]
-        _fields(inputs, {"query", "k", "filters", "answer"}, "inputs")
+        _fields(inputs, {"query", "k", "filters", "answer", "retriever"}, "inputs")
         text, k = inputs.get("query"), inputs.get("k", 10)
         if not isinstance(text, str) or not text.strip() or len(text) > MAX_QUERY_CHARS:
             raise InvalidMessage(f"query must be a non-empty string of at most {MAX_QUERY_CHARS} characters")
@@ -193,11 +196,15 @@ def parse_query(msg: KafkaMessage, rules: ReplyRules, now_ms: Callable[[], int] 
             raise InvalidMessage(f"k must be an integer from 1 to {MAX_K}, got {k!r:.40}")
         if not isinstance(inputs.get("answer", True), bool):
             raise InvalidMessage("answer must be true or false")
+        retriever = inputs.get("retriever", "hybrid")
+        if retriever not in RETRIEVERS:
+            raise InvalidMessage(f"retriever must be one of {list(RETRIEVERS)}, got {retriever!r:.40}")
         filters = _metadata(inputs.get("filters") or {}, "filter")
         if len(filters) > MAX_FILTERS:
             raise InvalidMessage(f"at most {MAX_FILTERS} filters, got {len(filters)}")
         request = replace(request, inputs=inputs, deadline_ms=deadline_ms(msg))
-        return Query(f"{msg.partition}:{msg.offset}", request, text, k, filters, inputs.get("answer", True))
+        answer = inputs.get("answer", True)
+        return Query(f"{msg.partition}:{msg.offset}", request, text, k, filters, answer, retriever)
     except InvalidMessage as exc:
         return Reply(replace(request, source=msg), "error", error=f"{type(exc).__name__}: {exc}")
 
@@ -226,6 +233,7 @@ def embed_documents(
 ) -> list[tuple[str, tuple[str, str, Indexed | Deletion]]]:
     """Documents chunked and embedded, ``batch_size`` chunks per forward pass, each
     addressed to its document's index shard; deletions pass through."""
+    start = time.perf_counter()
     pieces = [
         (i, doc, chunk, f"{doc.title}\n{chunk.text}" if doc.title else chunk.text)
         for i, (_, doc) in enumerate(changes)
@@ -250,6 +258,9 @@ def embed_documents(
         )
         shard = shard_of(doc_id, shards)
         out.append((shard, (shard, doc_id, update)))
+    # The embedding stage's own rate: documents over these seconds.
+    metrics.ITEMS.labels("rag.embed", "ok").inc(len(changes))
+    metrics.STEP_SECONDS.labels("rag.embed").observe(time.perf_counter() - start)
     return out
 
 
@@ -365,7 +376,10 @@ def answer(gathered: list[list[ShardHits]], how: Answering) -> list[Reply]:
             continue
         dense = best_per_doc(h for part in parts for h in part.dense)[: how.candidates]
         bm25 = best_per_doc(h for part in parts for h in part.bm25)[: how.candidates]
-        fused = fuse(dense, bm25, how.fusion)[: query.k]
+        if query.retriever == "hybrid":
+            fused = fuse(dense, bm25, how.fusion)[: query.k]
+        else:
+            fused = [(hit, hit.score) for hit in (dense if query.retriever == "dense" else bm25)[: query.k]]
         contexts = tuple(hit for hit, _ in fused[: how.context_docs] if hit.text is not None)
         assert query.vector is not None
         if query.answer:

@@ -160,11 +160,11 @@ class ShardIndex:
             scores[slots] += idf * tf / (tf + norm[slots])
         return self._top(np.where(allowed & (scores > 0), scores, -np.inf), k)
 
-    @staticmethod
-    def _top(scores: np.ndarray, k: int) -> list[tuple[int, float]]:
+    def _top(self, scores: np.ndarray, k: int) -> list[tuple[int, float]]:
         candidates = np.argpartition(-scores, k)[:k] if k < len(scores) else np.arange(len(scores))
-        ranked = candidates[np.argsort(-scores[candidates], kind="stable")]
-        return [(int(slot), float(scores[slot])) for slot in ranked if scores[slot] > -np.inf]
+        found = [(int(slot), float(scores[slot])) for slot in candidates if scores[slot] > -np.inf]
+        # Ties go by chunk id, not by slot: slots depend on the order chunks came in.
+        return sorted(found, key=lambda hit: (-hit[1], self._chunks[hit[0]].chunk_id))  # type: ignore[union-attr]
 
     def hit(self, slot: int, score: float, with_text: bool) -> Hit:
         c = self._chunks[slot]

@@ -1,0 +1,149 @@
+"""The RAG eval suite: a labelled query set (BEIR format) asked of a running RAG dataflow.
+
+Retrieval: hit rate@1/@10, MRR@10, nDCG@10, recall@10/@100 over the judged
+queries (:func:`models.quality.retrieval_metrics`), for the hybrid ranking and
+for each retriever alone. Generation: faithfulness (the share of answer
+sentences found, word for word, in the document text their citation points at)
+and answer relevance (cosine similarity of the answer's and the question's
+MiniLM embeddings), the share of questions answered, latency. Fusion is tuned
+on the train split (:func:`tune`) and reported on test.
+
+    python -m scripts.eval_rag --split test     # against the dataflow serving rag.queries
+
+Without SciFact's documents in the index the figures mean nothing: ``python -m
+bench.rag`` loads them into a fresh dataflow and runs this suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+
+from clients.inference import InferenceClient
+from common import default_brokers
+from models.quality import retrieval_metrics
+from operators.retrieval import Fusion, Hit, fuse
+from scripts.beir import SCIFACT, Beir, load
+
+__all__ = ["Asked", "ask", "generation_metrics", "tune"]
+
+
+@dataclass
+class Asked:
+    """What a query set got back: per query, the ranked document ids, the replies, the round trips."""
+
+    runs: dict[str, list[str]] = field(default_factory=dict)
+    replies: dict[str, dict[str, Any]] = field(default_factory=dict)
+    latency_ms: list[float] = field(default_factory=list)
+
+    def metrics(self, qrels: Mapping[str, Mapping[str, int]]) -> dict[str, float]:
+        return retrieval_metrics(self.runs, qrels)
+
+
+def _bar(done: int, total: int, what: str) -> None:
+    width = 30
+    filled = width * done // max(total, 1)
+    end = "\n" if done == total else ""
+    print(f"\r  {what}: [{'#' * filled}{'.' * (width - filled)}] {done}/{total}", end=end, flush=True)
+
+
+def ask(
+    client: InferenceClient,
+    queries: Mapping[str, str],
+    *,
+    retriever: str = "hybrid",
+    k: int = 100,
+    answer: bool = False,
+    what: str = "queries",
+) -> Asked:
+    """Each query in turn (one in flight: the latencies are the dataflow's, not a queue's), with a progress bar."""
+    asked = Asked()
+    for n, (qid, text) in enumerate(queries.items(), 1):
+        start = time.perf_counter()
+        reply = client.predict("rag", {"query": text, "k": k, "answer": answer, "retriever": retriever})
+        asked.latency_ms.append((time.perf_counter() - start) * 1000)
+        if reply.get("status") != "ok":
+            raise RuntimeError(f"query {qid} was answered {reply.get('status')}: {reply.get('error')}")
+        asked.runs[qid] = [hit["doc_id"] for hit in reply["outputs"]["hits"]]
+        asked.replies[qid] = reply
+        if n % 10 == 0 or n == len(queries):
+            _bar(n, len(queries), what)
+    return asked
+
+
+_SPACE = re.compile(r"\s+")
+
+
+def _norm(text: str) -> str:
+    return _SPACE.sub(" ", text).strip()
+
+
+def generation_metrics(asked: Asked, corpus: Mapping[str, Mapping[str, str]], embed: Any) -> dict[str, float]:
+    """Faithfulness, answer relevance and the answered share of replies that carry answers."""
+    sentences = supported = 0
+    relevance: list[float] = []
+    questions, answers = [], []
+    for reply in asked.replies.values():
+        answer = reply["outputs"]["answer"]
+        if not answer["found"]:
+            continue
+        for sentence in answer["sentences"]:
+            sentences += 1
+            cited = (corpus.get(c["doc_id"], {}).get("text", "")[c["start"] : c["end"]] for c in sentence["citations"])
+            supported += any(_norm(sentence["text"]) in _norm(text) for text in cited)
+        questions.append(reply["outputs"]["query"])
+        answers.append(answer["text"])
+    if questions:
+        q, a = embed(questions), embed(answers)
+        relevance = list(np.sum(q * a, axis=1))
+    found = sum(r["outputs"]["answer"]["found"] for r in asked.replies.values())
+    return {
+        "faithfulness": supported / sentences if sentences else 0.0,
+        "answer_relevance": float(np.mean(relevance)) if relevance else 0.0,
+        "answered": found / len(asked.replies) if asked.replies else 0.0,
+    }
+
+
+def _hits(doc_ids: Iterable[str]) -> list[Hit]:
+    return [Hit(doc, doc, 0.0, 0, 0) for doc in doc_ids]
+
+
+def fused_runs(dense: Asked, bm25: Asked, fusion: Fusion, k: int = 100) -> dict[str, list[str]]:
+    """The hybrid ranking the dataflow would give with ``fusion``, from the two retrievers' rankings."""
+    return {
+        qid: [hit.doc_id for hit, _ in fuse(_hits(dense.runs[qid]), _hits(bm25.runs[qid]), fusion)[:k]]
+        for qid in dense.runs
+    }
+
+
+def tune(dense: Asked, bm25: Asked, qrels: Mapping[str, Mapping[str, int]]) -> list[tuple[Fusion, dict[str, float]]]:
+    """Every fusion of a grid, with its figures, best nDCG@10 first."""
+    grid = [Fusion(w, 1.0, k) for w in (0.5, 0.75, 1.0, 1.5, 2.0) for k in (5, 10, 30, 60)]
+    scored = [(f, retrieval_metrics(fused_runs(dense, bm25, f), qrels)) for f in grid]
+    return sorted(scored, key=lambda fs: -fs[1]["ndcg@10"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--limit", type=int, default=0, help="ask only the first N queries")
+    args = parser.parse_args()
+    data: Beir = load(SCIFACT)
+    queries, qrels = data.split(args.split)
+    if args.limit:
+        queries = dict(list(queries.items())[: args.limit])
+    with InferenceClient(default_brokers(), request_topic="rag.queries", reply_topic="rag.answers", timeout_s=30) as c:
+        asked = ask(c, queries)
+    figures = asked.metrics({qid: qrels[qid] for qid in queries})
+    print(orjson.dumps({name: round(value, 4) for name, value in figures.items()}).decode())
+
+
+if __name__ == "__main__":
+    main()
