@@ -159,9 +159,10 @@ def parse_document(msg: KafkaMessage) -> Document | Deletion:
     if msg.value is None:
         return Deletion(doc_id, produced_ms)
     doc = loads_json(msg.value)
+    if isinstance(doc, dict):
+        _fields(doc, {"text", "title", "metadata"}, "a document")  # first: a misspelt field is named
     if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
         raise InvalidMessage('a document is a JSON object {"text": str, "title": str, "metadata": {...}}')
-    _fields(doc, {"text", "title", "metadata"}, "a document")
     title = doc.get("title") or ""
     if not isinstance(title, str):
         raise InvalidMessage(f"title must be a string, got {type(title).__name__}")
