@@ -46,6 +46,7 @@ bench: kafka-up
 	$(PY) -m bench.state --quick
 	$(PY) -m bench.online --quick
 	$(PY) -m bench.batch --quick
+	$(PY) -m bench.rag --quick
 
 clean:
 	rm -rf var bench/results/*.md bench/results/*.png

@@ -1,6 +1,7 @@
-"""HTTP gateway to the online-inference and async-jobs dataflows, for clients that speak HTTP.
+"""HTTP gateway to the online-inference, async-jobs and RAG dataflows, for clients that speak HTTP.
 
     POST /v1/models/{name}:predict   {"inputs": ..., "timeout_ms": 1000}  -> the reply
+    POST /v1/models/rag:predict      {"inputs": {"query": ..., "k": 5}}  -> a RAG answer (dataflows.rag)
     POST /v1/jobs                    {"model": ..., "inputs": [...], "job_id": optional}  -> 202 {"job_id", "status"}
     GET  /v1/jobs/{job_id}           -> the job's record (pending, running, done with outputs, failed with error)
     GET  /healthz                    200 when the broker answers, else 503
@@ -9,9 +10,9 @@ Each predict request becomes a Kafka request/reply through one shared
 :class:`~clients.inference.AsyncInferenceClient`. Status codes: 200 ok, 400 bad
 input (bad JSON body, schema violation, unknown model), 429 rejected (the
 dataflow shed load), 504 timeout (the deadline passed, in the dataflow or here).
-Jobs go through one :class:`~clients.jobs.JobsClient`, started in the
-background: until the async-jobs topics exist the job routes answer 503 and
-say what to start. ``GET`` answers 404 for an id never submitted.
+Jobs go through one :class:`~clients.jobs.JobsClient` and RAG queries through
+a second inference client, each started in the background: until their
+dataflow's topics exist, their routes answer 503 and say what to start. ``GET`` answers 404 for an id never submitted.
 
 Run: ``python -m clients.gateway`` (settings: ``GATEWAY_HOST``, ``GATEWAY_PORT``,
 ``GATEWAY_TIMEOUT_MS``, ``KAFKA_BOOTSTRAP_SERVERS``).
@@ -22,8 +23,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import orjson
 import uvicorn
@@ -37,17 +39,27 @@ from starlette.routing import Route
 from clients.inference import AsyncInferenceClient, InferenceTimeout
 from clients.jobs import JobsClient, JobSubmitError
 from operators.kafka import KafkaError
-from operators.protocol import JOBS_RESULTS_TOPIC, JOBS_SUBMIT_TOPIC, REPLY_TOPIC, REQUEST_TOPIC
+from operators.protocol import (
+    JOBS_RESULTS_TOPIC,
+    JOBS_SUBMIT_TOPIC,
+    RAG_ANSWERS_TOPIC,
+    RAG_MODEL,
+    RAG_QUERIES_TOPIC,
+    REPLY_TOPIC,
+    REQUEST_TOPIC,
+)
 from operators.settings import brokers_field, from_env
 
 __all__ = ["Settings", "create_app"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 NO_JOB_WORKERS = {
     "status": "unavailable",
     "error": "the async-jobs topics do not exist yet: start dataflows.async_jobs",
 }
+NO_RAG = {"status": "unavailable", "error": "the RAG topics do not exist yet: start dataflows.rag"}
 STATUS_CODES = {"ok": 200, "error": 400, "rejected": 429, "timeout": 504}
 
 
@@ -61,6 +73,8 @@ class Settings:
     reply_topic: str = REPLY_TOPIC
     jobs_submit_topic: str = JOBS_SUBMIT_TOPIC
     jobs_results_topic: str = JOBS_RESULTS_TOPIC
+    rag_queries_topic: str = RAG_QUERIES_TOPIC
+    rag_answers_topic: str = RAG_ANSWERS_TOPIC
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -68,24 +82,34 @@ def create_app(settings: Settings) -> Starlette:
     jobs: list[JobsClient] = []
     admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
 
-    async def start_jobs_client() -> None:
-        # Polls here, quietly and cancellably, rather than in JobsClient: the gateway may serve
-        # predictions for days without async-jobs workers.
-        wanted = {settings.jobs_submit_topic, settings.jobs_results_topic}
+    rag: list[AsyncInferenceClient] = []
+
+    async def start_when_topics_exist(wanted: set[str], start: Callable[[], T], into: list[T]) -> None:
+        # Polls here, quietly and cancellably, rather than in the client: the gateway may serve
+        # predictions for days without the other dataflows.
         while True:
             try:
                 if wanted <= set((await asyncio.to_thread(admin.list_topics, timeout=5)).topics):
-                    client = await asyncio.to_thread(
-                        JobsClient,
-                        settings.kafka_bootstrap_servers,
-                        submit_topic=settings.jobs_submit_topic,
-                        results_topic=settings.jobs_results_topic,
-                    )
-                    jobs.append(client)
+                    into.append(await asyncio.to_thread(start))
                     return
             except (KafkaException, KafkaError) as exc:  # the broker is down or restarting: try again
-                log.warning("the job routes wait for the broker: %s", exc)
+                log.warning("routes wait for the broker: %s", exc)
             await asyncio.sleep(2)
+
+    def jobs_client() -> JobsClient:
+        return JobsClient(
+            settings.kafka_bootstrap_servers,
+            submit_topic=settings.jobs_submit_topic,
+            results_topic=settings.jobs_results_topic,
+        )
+
+    def rag_client() -> AsyncInferenceClient:
+        return AsyncInferenceClient(
+            settings.kafka_bootstrap_servers,
+            request_topic=settings.rag_queries_topic,
+            reply_topic=settings.rag_answers_topic,
+            timeout_s=settings.timeout_ms / 1000,
+        )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -97,12 +121,21 @@ def create_app(settings: Settings) -> Starlette:
             timeout_s=settings.timeout_ms / 1000,
         )
         clients.append(client)
-        starting = asyncio.create_task(start_jobs_client())
+        starting = [
+            asyncio.create_task(start_when_topics_exist(
+                {settings.jobs_submit_topic, settings.jobs_results_topic}, jobs_client, jobs
+            )),
+            asyncio.create_task(start_when_topics_exist(
+                {settings.rag_queries_topic, settings.rag_answers_topic}, rag_client, rag
+            )),
+        ]  # fmt: skip
         yield
-        starting.cancel()
-        await client.close()
-        for jobs_client in jobs:
-            await asyncio.to_thread(jobs_client.close)
+        for task in starting:
+            task.cancel()
+        for inference_client in (client, *rag):
+            await inference_client.close()
+        for started in jobs:
+            await asyncio.to_thread(started.close)
 
     async def predict(request: Request) -> Response:
         name = request.path_params["name"]
@@ -115,8 +148,11 @@ def create_app(settings: Settings) -> Starlette:
                 raise ValueError(f"timeout_ms must be a positive integer, got {timeout_ms!r}")
         except ValueError as exc:
             return JSONResponse({"status": "error", "error": str(exc)}, status_code=400)
+        if name == RAG_MODEL and not rag:
+            return JSONResponse(NO_RAG, status_code=503)
         try:
-            reply = await clients[0].predict(name, body["inputs"], timeout_s=timeout_ms / 1000)
+            serving = rag[0] if name == RAG_MODEL else clients[0]
+            reply = await serving.predict(name, body["inputs"], timeout_s=timeout_ms / 1000)
         except InferenceTimeout as exc:
             return JSONResponse({"status": "timeout", "error": str(exc)}, status_code=504)
         return JSONResponse(reply, status_code=STATUS_CODES.get(reply.get("status", ""), 502))

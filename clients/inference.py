@@ -31,7 +31,7 @@ import orjson
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from operators.kafka import Outage, consumer_config, partition_count, producer_config, wait_for_topics
-from operators.protocol import REPLY_TOPIC, REQUEST_TOPIC, request_headers
+from operators.protocol import RAG_QUERIES_TOPIC, REPLY_TOPIC, REQUEST_TOPIC, request_headers
 
 __all__ = ["AsyncInferenceClient", "InferenceClient", "InferenceTimeout"]
 
@@ -55,9 +55,8 @@ class InferenceClient:
         self.reply_topic = reply_topic
         self.timeout_s = timeout_s
         # The server creates the topics: a client started first waits for them.
-        wait_for_topics(
-            brokers, [request_topic, reply_topic], timeout_s=wait_for_server_s, who="dataflows.online_inference"
-        )
+        server = "dataflows.rag" if request_topic == RAG_QUERIES_TOPIC else "dataflows.online_inference"
+        wait_for_topics(brokers, [request_topic, reply_topic], timeout_s=wait_for_server_s, who=server)
         if reply_partition is None:
             reply_partition = random.randrange(partition_count(brokers, reply_topic))
         self.reply_partition = reply_partition

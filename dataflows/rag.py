@@ -46,6 +46,7 @@ from operators.dlq import DLQ_SUFFIX, to_dlq_message, try_map
 from operators.kafka import Position, TopicCache, TopicSpec, ensure_topics
 from operators.kafka.sink import KafkaSink, kafka_output
 from operators.kafka.source import KafkaSource
+from operators.protocol import RAG_ANSWERS_TOPIC, RAG_QUERIES_TOPIC
 from operators.rag import (
     Answering,
     Catalog,
@@ -72,8 +73,8 @@ class Settings:
     kafka_bootstrap_servers: str = brokers_field()
     kafka_outage_limit_s: float = outage_limit_field()
     documents_topic: str = "rag.documents"
-    queries_topic: str = "rag.queries"
-    answers_topic: str = "rag.answers"  # the reply topic clients use by default
+    queries_topic: str = RAG_QUERIES_TOPIC
+    answers_topic: str = RAG_ANSWERS_TOPIC  # the reply topic clients use by default
     partitions: int = 3
     # Documents read per poll: embedding them holds up the queries behind them (about 1 s per 16 on 2 CPU cores).
     documents_batch_size: int = 16

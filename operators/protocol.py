@@ -1,5 +1,5 @@
 """The online-inference request/reply protocol, shared by the server and its
-clients (no Bytewax here, so clients can import it), and the async jobs' topics.
+clients (no Bytewax here, so clients can import it), and the async jobs' and RAG's topics.
 
 A request is a message on :data:`REQUEST_TOPIC` whose value is
 ``{"model": "<name>", "inputs": <one instance>}`` and whose headers are:
@@ -35,6 +35,9 @@ __all__ = [
     "JOBS_SUBMIT_TOPIC",
     "MAX_CORRELATION_ID_BYTES",
     "MAX_JOB_ID_BYTES",
+    "RAG_ANSWERS_TOPIC",
+    "RAG_MODEL",
+    "RAG_QUERIES_TOPIC",
     "REPLY_TOPIC",
     "REQUEST_TOPIC",
     "ReplyTo",
@@ -49,6 +52,10 @@ REPLY_TOPIC = "inference.replies"
 JOBS_SUBMIT_TOPIC = "jobs.submit"
 JOBS_RESULTS_TOPIC = "jobs.results"
 MAX_JOB_ID_BYTES = 256
+# RAG (the query format is in operators.rag): queries in, answers out, over this protocol.
+RAG_MODEL = "rag"
+RAG_QUERIES_TOPIC = "rag.queries"
+RAG_ANSWERS_TOPIC = "rag.answers"
 MAX_CORRELATION_ID_BYTES = 256
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 

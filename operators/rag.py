@@ -43,7 +43,7 @@ from models.llm import Generator, Question
 from operators import metrics
 from operators.dlq import loads_json
 from operators.kafka.message import KafkaMessage
-from operators.protocol import deadline_ms, reply_to
+from operators.protocol import RAG_MODEL, deadline_ms, reply_to
 from operators.retrieval import Fusion, Hit, IndexedChunk, ShardIndex, best_per_doc, fuse
 from operators.serving import Reply, ReplyRules, Request
 from operators.stateful import Expiring, shard_of
@@ -70,7 +70,6 @@ MAX_DOC_ID_BYTES = 256
 MAX_QUERY_CHARS = 2_000
 MAX_K = 100
 MAX_FILTERS = 16
-MODEL = "rag"  # the "model" a query names, so the inference clients and gateway serve RAG too
 RETRIEVERS = ("hybrid", "dense", "bm25")  # dense and bm25 alone are for evaluation and debugging
 
 Embed = Callable[[list[str]], np.ndarray]
@@ -178,7 +177,7 @@ def parse_query(msg: KafkaMessage, rules: ReplyRules, now_ms: Callable[[], int] 
         reply_topic=to.topic,
         reply_partition=to.partition,
         deadline_ms=None,
-        model=MODEL,
+        model=RAG_MODEL,
         inputs=None,
         sent_ms=msg.timestamp_ms or now_ms(),
         read_ms=now_ms(),
@@ -186,7 +185,7 @@ def parse_query(msg: KafkaMessage, rules: ReplyRules, now_ms: Callable[[], int] 
     )
     try:
         doc = loads_json(msg.value or b"")
-        if not isinstance(doc, dict) or doc.get("model") != MODEL or not isinstance(doc.get("inputs"), dict):
+        if not isinstance(doc, dict) or doc.get("model") != RAG_MODEL or not isinstance(doc.get("inputs"), dict):
             raise InvalidMessage('a query is {"model": "rag", "inputs": {"query": str, "k": int, "filters": {...}}}')
         inputs = doc["inputs"]
         _fields(inputs, {"query", "k", "filters", "answer", "retriever"}, "inputs")

@@ -25,6 +25,10 @@
    latency, the prequential ROC-AUC and PR-AUC from the outcomes, the online
    model against the same model frozen before the drift, and plots the score
    distributions.
+7. RAG: ``dataflows.rag`` indexing a handful of notes about this platform;
+   questions answered with citations (one the notes cannot answer), a note
+   updated and one deleted while it runs (each searchable, or gone, within a
+   second), a filtered query and a malformed one.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from dataflows.event_counts import Settings
 from dataflows.fraud_detection import Settings as FraudSettings
 from dataflows.launch import exited, run_command
 from dataflows.online_inference import Settings as OnlineSettings
+from dataflows.rag import Settings as RagSettings
 from models.quality import pr_auc, roc_auc
 from models.tabular import make_data
 from operators.kafka import KafkaMessage, TopicSpec, ensure_topics, produce, read_topic
@@ -90,6 +95,7 @@ def main() -> None:
     async_jobs_demo(workdir)
     telemetry_demo(workdir)
     fraud_demo(workdir)
+    rag_demo(workdir)
 
 
 def event_counts_demo(workdir: Path) -> None:
@@ -420,3 +426,93 @@ def _since(topic: str, started_ms: int) -> list[dict[str, Any]]:
 
 if __name__ == "__main__":
     main()
+
+
+NOTES = {
+    "online": ("online", "Online inference answers each request on its reply topic. Requests are micro-batched per "
+               "model, and a request past its deadline gets a timeout reply instead of a late answer."),
+    "batch": ("batch", "Batch inference reads a topic between two offsets fixed at start. A killed job resumes from "
+              "its last snapshot, and each input row appears exactly once in the output files."),
+    "fraud": ("streaming", "The fraud dataflow keeps per-card velocity features in RocksDB state. Its river model "
+              "learns from chargebacks as their label windows close."),
+    "state": ("streaming", "Keyed state lives in RocksDB shards. After a kill -9 the state rolls back to the last "
+              "snapshot, so replayed input is counted once."),
+    "rag": ("rag", "The RAG dataflow embeds documents with MiniLM in micro-batches. Hybrid retrieval fuses BM25 and "
+            "vector rankings with reciprocal rank fusion."),
+    "agents": ("agent", "Agent loops close through Kafka. Every loop has an iteration cap and a budget."),
+}  # fmt: skip
+
+
+def _note(s: RagSettings, note_id: str, pattern: str, text: str) -> KafkaMessage:
+    value = orjson.dumps({"title": f"notes/{note_id}", "text": text, "metadata": {"pattern": pattern}})
+    return KafkaMessage(value, key=note_id.encode(), topic=s.documents_topic)
+
+
+def _ask(client: InferenceClient, query: str, **inputs: Any) -> dict[str, Any]:
+    reply = client.predict("rag", {"query": query, "k": 3, **inputs})
+    if reply["status"] != "ok":
+        return reply
+    out = reply["outputs"]
+    print(f"    Q: {query}" + (f"  (filters {inputs['filters']})" if "filters" in inputs else ""))
+    print(f"    A: {out['answer']['text']}")
+    for sentence in out["answer"]["sentences"][:1]:
+        cite = sentence["citations"][0]
+        print(f"       cited: {cite['doc_id']} characters {cite['start']}-{cite['end']}")
+    print(f"       hits: {[h['doc_id'] for h in out['hits']]}")
+    return reply
+
+
+def rag_demo(workdir: Path) -> None:
+    print("== RAG: dataflows.rag", flush=True)
+    s = RagSettings()
+    cmd = run_command("dataflows.rag:build()", workdir / "rag-recovery")
+    print("1/4 starting the dataflow (loads MiniLM) and indexing six notes ...", flush=True)
+    server = subprocess.Popen(cmd, env={**os.environ, "RAG_STATE_DIR": str(workdir / "rag-state")})
+    try:
+        with InferenceClient(
+            BROKERS, request_topic=s.queries_topic, reply_topic=s.answers_topic, timeout_s=30, wait_for_server_s=300
+        ) as client:
+            client.wait_until_serving(
+                "rag", {"query": "warm-up", "answer": False}, timeout_s=300, give_up=lambda: exited(server)
+            )
+            produce(BROKERS, [_note(s, note_id, *fields) for note_id, fields in NOTES.items()])
+            ask = "How does a killed batch job resume?"
+            while "batch" not in [
+                h["doc_id"] for h in client.predict("rag", {"query": ask, "answer": False})["outputs"]["hits"]
+            ]:
+                time.sleep(0.2)
+            print("2/4 questions (extractive answers: sentences of the notes, each cited):", flush=True)
+            _ask(client, ask)
+            _ask(client, "What happens to a request whose deadline has passed?")
+            _ask(client, "What is the boiling point of tungsten?")
+            print("3/4 a note changes and one is deleted while the dataflow runs:", flush=True)
+            started = time.perf_counter()
+            produce(
+                BROKERS,
+                [
+                    _note(
+                        s,
+                        "agents",
+                        "agent",
+                        "Agent loops stop after 8 iterations or a budget of 2 dollars, whichever comes first.",
+                    )
+                ],
+            )
+            produce(BROKERS, [KafkaMessage(None, key=b"fraud", topic=s.documents_topic)])
+            question = "When does an agent loop stop?"
+            while "8 iterations" not in orjson.dumps(client.predict("rag", {"query": question, "k": 1})).decode():
+                time.sleep(0.05)
+            print(f"    the update answered {time.perf_counter() - started:.2f} s after it was produced:")
+            _ask(client, question)
+            _ask(client, "How does the fraud model learn from chargebacks?")
+            print("4/4 a filtered query, and a malformed one:", flush=True)
+            _ask(client, "What happens after a kill -9?", filters={"pattern": "batch"})
+            bad = client.predict("rag", {"query": "", "k": 500})
+            print(f"    an empty query with k=500 -> {bad['status']}: {bad['error']}")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    print(
+        f"    topics: {s.documents_topic} (compacted), {s.queries_topic}, {s.answers_topic}; dead letters: <topic>.dlq"
+    )
+    print(f"    metrics were served at http://127.0.0.1:{s.metrics_port}/metrics while it ran")

@@ -6,14 +6,16 @@ marked ``kafka``: ``pytest -m "not kafka"`` runs the rest alone, without a broke
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 from confluent_kafka import KafkaException
@@ -101,6 +103,26 @@ class Broker:
 
     def stop(self) -> None:
         self._run("down")
+
+
+@contextlib.contextmanager
+def gateway(**settings: Any) -> Iterator[str]:
+    """The HTTP gateway (``clients.gateway``) with these settings, in a thread; yields its base URL."""
+    import uvicorn
+
+    from clients.gateway import Settings, create_app
+    from common import free_port
+
+    port = free_port()
+    http = uvicorn.Server(uvicorn.Config(create_app(Settings(port=port, **settings)), port=port, log_level="warning"))
+    thread = threading.Thread(target=http.run)
+    thread.start()
+    try:
+        wait_for(lambda: http.started, "the gateway to start", 30)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        http.should_exit = True
+        thread.join(timeout=10)
 
 
 def free_port_pair() -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,10 +11,9 @@ from typing import Any
 
 import orjson
 import pytest
-from conftest import Logged, wait_for
+from conftest import Logged, gateway, wait_for
 
 from clients.jobs import JobsClient
-from common import free_port
 from dataflows.async_jobs import Settings
 from dataflows.launch import run_command
 from models.registry import REGISTRY
@@ -172,45 +170,34 @@ def test_kill_9_mid_backlog_every_job_completes_once(brokers: str, topic: str, t
 
 def test_http_gateway_submits_and_looks_up_jobs(workers: Workers, topic: str) -> None:
     import httpx
-    import uvicorn
 
-    from clients.gateway import Settings as GatewaySettings
-    from clients.gateway import create_app
     from dataflows.online_inference import Settings as OnlineSettings
 
     online = OnlineSettings(request_topic=f"{topic}.requests", reply_topic=f"{topic}.replies")
     ensure_topics(workers.brokers, online.topics())  # the gateway also fronts online inference
-    port = free_port()
-    settings = GatewaySettings(
-        kafka_bootstrap_servers=workers.brokers,
-        port=port,
-        request_topic=online.request_topic,
-        reply_topic=online.reply_topic,
-        jobs_submit_topic=workers.submit_topic,
-        jobs_results_topic=workers.results_topic,
-    )
-    http = uvicorn.Server(uvicorn.Config(create_app(settings), port=port, log_level="warning"))
-    thread = threading.Thread(target=http.run)
-    thread.start()
-    try:
-        wait_for(lambda: http.started, "the gateway to start", 30)
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as web:
-            wait_for(lambda: web.get("/v1/jobs/x").status_code != 503, "the gateway's job client", 30)
-            posted = web.post("/v1/jobs", json={"model": "tabular-risk", "inputs": [features(1), features(2)]})
-            assert posted.status_code == 202 and posted.json()["status"] == "pending"
-            job_id = posted.json()["job_id"]
-            done = wait_for(lambda: (r := web.get(f"/v1/jobs/{job_id}").json())["status"] == "done" and r, "done", 90)
-            assert len(done["outputs"]) == 2
-            assert web.get("/v1/jobs/no-such-job").status_code == 404
-            assert web.post("/v1/jobs", content=b"{oops").status_code == 400
-            assert web.post("/v1/jobs", json={"model": "tabular-risk", "inputs": "x"}).status_code == 400
-            long_id = web.post("/v1/jobs", json={"model": "tabular-risk", "inputs": [features(1)], "job_id": "j" * 300})
-            assert long_id.status_code == 400 and "1 to 256 bytes" in long_id.json()["error"]
-            failed_id = web.post("/v1/jobs", json={"model": "tabular-risk", "inputs": [[1]]}).json()["job_id"]
-            failed = wait_for(
-                lambda: (r := web.get(f"/v1/jobs/{failed_id}").json())["status"] == "failed" and r, "failed", 30
-            )
-            assert "inputs[0]" in failed["error"]
-    finally:
-        http.should_exit = True
-        thread.join(timeout=10)
+    with (
+        gateway(
+            kafka_bootstrap_servers=workers.brokers,
+            request_topic=online.request_topic,
+            reply_topic=online.reply_topic,
+            jobs_submit_topic=workers.submit_topic,
+            jobs_results_topic=workers.results_topic,
+        ) as base,
+        httpx.Client(base_url=base, timeout=10) as web,
+    ):
+        wait_for(lambda: web.get("/v1/jobs/x").status_code != 503, "the gateway's job client", 30)
+        posted = web.post("/v1/jobs", json={"model": "tabular-risk", "inputs": [features(1), features(2)]})
+        assert posted.status_code == 202 and posted.json()["status"] == "pending"
+        job_id = posted.json()["job_id"]
+        done = wait_for(lambda: (r := web.get(f"/v1/jobs/{job_id}").json())["status"] == "done" and r, "done", 90)
+        assert len(done["outputs"]) == 2
+        assert web.get("/v1/jobs/no-such-job").status_code == 404
+        assert web.post("/v1/jobs", content=b"{oops").status_code == 400
+        assert web.post("/v1/jobs", json={"model": "tabular-risk", "inputs": "x"}).status_code == 400
+        long_id = web.post("/v1/jobs", json={"model": "tabular-risk", "inputs": [features(1)], "job_id": "j" * 300})
+        assert long_id.status_code == 400 and "1 to 256 bytes" in long_id.json()["error"]
+        failed_id = web.post("/v1/jobs", json={"model": "tabular-risk", "inputs": [[1]]}).json()["job_id"]
+        failed = wait_for(
+            lambda: (r := web.get(f"/v1/jobs/{failed_id}").json())["status"] == "failed" and r, "failed", 30
+        )
+        assert "inputs[0]" in failed["error"]

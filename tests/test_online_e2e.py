@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 import pytest
-from conftest import Logged, wait_for
+from conftest import Logged, gateway, wait_for
 
 from clients.inference import InferenceClient, InferenceTimeout
 from common import free_port
@@ -319,42 +319,30 @@ def test_kill_9_under_load_every_request_is_answered_after_restart(brokers: str,
 
 def test_http_gateway_maps_replies_to_status_codes(server: Server) -> None:
     import httpx
-    import uvicorn
 
-    from clients.gateway import Settings as GatewaySettings
-    from clients.gateway import create_app
-
-    port = free_port()
-    settings = GatewaySettings(
-        kafka_bootstrap_servers=server.brokers,
-        port=port,
-        request_topic=f"{server.topic}.requests",
-        reply_topic=f"{server.topic}.replies",
-        timeout_ms=5_000,
-    )
-    http = uvicorn.Server(uvicorn.Config(create_app(settings), port=port, log_level="warning"))
-    thread = threading.Thread(target=http.run)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not http.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        base = f"http://127.0.0.1:{port}"
-        with httpx.Client(base_url=base, timeout=10) as web:
-            assert web.get("/healthz").status_code == 200
-            ok = web.post("/v1/models/tabular-risk:predict", json={"inputs": inputs(3)})
-            assert ok.status_code == 200 and ok.json()["outputs"]["label"] in (0, 1)
-            schema = web.post("/v1/models/tabular-risk:predict", json={"inputs": [1, 2]})
-            assert schema.status_code == 400 and "list of 8 numbers" in schema.json()["error"]
-            unknown = web.post("/v1/models/gpt-9:predict", json={"inputs": "hi"})
-            assert unknown.status_code == 400
-            body = web.post("/v1/models/tabular-risk:predict", content=b"{oops")
-            assert body.status_code == 400
-            hurried = web.post("/v1/models/tabular-risk:predict", json={"inputs": inputs(3), "timeout_ms": 1})
-            assert hurried.status_code == 504
-    finally:
-        http.should_exit = True
-        thread.join(timeout=10)
+    with (
+        gateway(
+            kafka_bootstrap_servers=server.brokers,
+            request_topic=f"{server.topic}.requests",
+            reply_topic=f"{server.topic}.replies",
+            timeout_ms=5_000,
+        ) as base,
+        httpx.Client(base_url=base, timeout=10) as web,
+    ):
+        assert web.get("/healthz").status_code == 200
+        ok = web.post("/v1/models/tabular-risk:predict", json={"inputs": inputs(3)})
+        assert ok.status_code == 200 and ok.json()["outputs"]["label"] in (0, 1)
+        schema = web.post("/v1/models/tabular-risk:predict", json={"inputs": [1, 2]})
+        assert schema.status_code == 400 and "list of 8 numbers" in schema.json()["error"]
+        unknown = web.post("/v1/models/gpt-9:predict", json={"inputs": "hi"})
+        assert unknown.status_code == 400
+        body = web.post("/v1/models/tabular-risk:predict", content=b"{oops")
+        assert body.status_code == 400
+        hurried = web.post("/v1/models/tabular-risk:predict", json={"inputs": inputs(3), "timeout_ms": 1})
+        assert hurried.status_code == 504
+        # Without the RAG dataflow's topics, its route says what to start.
+        rag = web.post("/v1/models/rag:predict", json={"inputs": {"query": "x"}})
+        assert rag.status_code == 503 and "dataflows.rag" in rag.json()["error"]
 
 
 def test_the_readme_plain_kafka_client_example_works(server: Server) -> None:

@@ -8,14 +8,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
-from conftest import Logged, wait_for
+from conftest import Logged, gateway, wait_for
 
 from bench.rag import step_figures
 from clients.inference import InferenceClient
 from common import free_port
 from dataflows.launch import exited, run_command
+from dataflows.online_inference import Settings as OnlineSettings
 from dataflows.rag import Settings
 from operators.kafka import KafkaMessage, ensure_topics, produce, read_topic
 from operators.protocol import request_headers
@@ -149,7 +151,7 @@ def test_index_answers_updates_deletes_and_survives_kill_9(rag: Rag) -> None:
         assert {q: ask(client, q, k=4, answer=False)["hits"] for q in expected} == expected
 
 
-def test_bad_documents_and_queries_get_reasons_and_the_dataflow_goes_on(rag: Rag, brokers: str) -> None:
+def test_bad_documents_and_queries_get_reasons_and_the_dataflow_goes_on(rag: Rag, brokers: str, topic: str) -> None:
     s = rag.s
     with rag.client() as client:
         rag.wait_ready(client)
@@ -187,3 +189,28 @@ def test_bad_documents_and_queries_get_reasons_and_the_dataflow_goes_on(rag: Rag
         assert "not JSON" in errors[b"c1"]["error"] and "k must be" in errors[b"c2"]["error"]
         # Still serving, and the good document after the bad ones is in.
         wait_for(lambda: top(ask(client, "vitamin D bone", k=1, answer=False)) == ["vitd"], "the good document")
+
+    # The HTTP gateway serves RAG queries over the same protocol.
+    online = OnlineSettings(request_topic=f"{topic}.requests", reply_topic=f"{topic}.replies")
+    ensure_topics(brokers, online.topics())
+    with (
+        gateway(
+            kafka_bootstrap_servers=brokers,
+            request_topic=online.request_topic,
+            reply_topic=online.reply_topic,
+            rag_queries_topic=s.queries_topic,
+            rag_answers_topic=s.answers_topic,
+            timeout_ms=30_000,
+        ) as base,
+        httpx.Client(base_url=base, timeout=60) as web,
+    ):
+        body = {"inputs": {"query": "vitamin D and bones", "k": 1}}
+
+        def answered() -> dict[str, Any] | None:
+            response = web.post("/v1/models/rag:predict", json=body)
+            return response.json() if response.status_code == 200 else None
+
+        outputs = wait_for(answered, "the gateway's RAG route")["outputs"]
+        assert outputs["hits"][0]["doc_id"] == "vitd" and outputs["answer"]["found"]
+        bad = web.post("/v1/models/rag:predict", json={"inputs": {"query": "x", "k": 0}})
+        assert bad.status_code == 400 and "k must be" in bad.json()["error"]
