@@ -78,6 +78,7 @@ class Settings:
     partitions: int = 3
     # Documents read per poll: embedding them holds up the queries behind them (about 1 s per 16 on 2 CPU cores).
     documents_batch_size: int = 16
+    max_document_chars: int = 100_000  # longer documents are refused (DLQ): split them
     # MiniLM reads at most 256 tokens: a longer chunk's tail would never reach its vector.
     chunk_tokens: int = 256
     overlap_tokens: int = 32
@@ -134,7 +135,9 @@ def build(settings: Settings | None = None) -> Dataflow:
     def embed(texts: list[str]) -> np.ndarray:
         return minilm.forward(texts)["embedding"]
 
-    chunker = Chunker(minilm.model.tokenizer, s.chunk_tokens, s.overlap_tokens)  # type: ignore[attr-defined]
+    encoder = minilm.model  # type: ignore[attr-defined]
+    chunker = Chunker(encoder.tokenizer, s.chunk_tokens, s.overlap_tokens)
+    dim = encoder.get_sentence_embedding_dimension()
     answering = Answering(s.fusion, generator(s, Extractive(embed, s.support_threshold)), s.candidates, s.context_docs)
     metrics.serve(s.metrics_port)
     rules = ReplyRules(TopicCache(brokers).partitions, frozenset({s.queries_topic, s.queries_topic + DLQ_SUFFIX}))
@@ -146,7 +149,11 @@ def build(settings: Settings | None = None) -> Dataflow:
         return KafkaSource(brokers, [topic], start=s.start, batch_size=batch_size, outage_limit_s=outage_limit_s)
 
     doc_source = source(s.documents_topic, s.documents_batch_size)
-    documents = try_map("parse_documents", op.input("documents", flow, doc_source), parse_document)
+    documents = try_map(
+        "parse_documents",
+        op.input("documents", flow, doc_source),
+        lambda msg: parse_document(msg, s.max_document_chars),
+    )
     # Document | Deletion
     changed = keyed_state("catalog", op.key_on("by_doc", documents.oks, lambda d: d.doc_id), Catalog, state)
     # (document id, Document | Deletion): only documents whose content changed
@@ -162,7 +169,7 @@ def build(settings: Settings | None = None) -> Dataflow:
     # Query | Reply (error)
     fanned = op.flat_map_batch("embed_queries", valid.first, lambda batch: _fan_out(batch, embed, s.shards))
     # (shard, (shard, query key, Query)): every query to every shard
-    hits = sharded_state("index", op.merge("to_index", updates, fanned), lambda: IndexShard(384, s.candidates), state)
+    hits = sharded_state("index", op.merge("to_index", updates, fanned), lambda: IndexShard(dim, s.candidates), state)
     # (query key, ShardHits)
     gathered = op.stateful_flat_map("gather", hits, gather(s.shards))
     # (query key, [ShardHits of every shard])

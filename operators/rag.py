@@ -144,8 +144,9 @@ def _fields(doc: dict[str, Any], allowed: set[str], what: str) -> None:
         raise InvalidMessage(f"{what} has unknown field(s) {unknown}; it takes {sorted(allowed)}")
 
 
-def parse_document(msg: KafkaMessage) -> Document | Deletion:
-    """A document or a deletion; :class:`InvalidMessage` says what is wrong with the message."""
+def parse_document(msg: KafkaMessage, max_chars: int = 100_000) -> Document | Deletion:
+    """A document or a deletion; :class:`InvalidMessage` says what is wrong with the message.
+    A text over ``max_chars`` characters is refused: embedding it would hold up every query."""
     if not msg.key:
         raise InvalidMessage("a document message needs its document id as the message key")
     try:
@@ -162,6 +163,8 @@ def parse_document(msg: KafkaMessage) -> Document | Deletion:
         _fields(doc, {"text", "title", "metadata"}, "a document")  # first: a misspelt field is named
     if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
         raise InvalidMessage('a document is a JSON object {"text": str, "title": str, "metadata": {...}}')
+    if len(doc["text"]) > max_chars:
+        raise InvalidMessage(f"text is {len(doc['text']):,} characters, over the {max_chars:,} limit: split it")
     title = doc.get("title") or ""
     if not isinstance(title, str):
         raise InvalidMessage(f"title must be a string, got {type(title).__name__}")

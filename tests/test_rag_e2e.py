@@ -161,6 +161,7 @@ def test_bad_documents_and_queries_get_reasons_and_the_dataflow_goes_on(rag: Rag
             KafkaMessage(b'{"txt": "typo"}', key=b"d2", topic=s.documents_topic),
             KafkaMessage(b'{"text": "x", "metadata": {"a": {"nested": 1}}}', key=b"d3", topic=s.documents_topic),
             KafkaMessage(b'{"text": "x"}', key=b"\xff\xfe", topic=s.documents_topic),
+            KafkaMessage(orjson.dumps({"text": "word " * 25_000}), key=b"d4", topic=s.documents_topic),
         ]
         q, answers = s.queries_topic, s.answers_topic
 
@@ -179,7 +180,7 @@ def test_bad_documents_and_queries_get_reasons_and_the_dataflow_goes_on(rag: Rag
         reasons = [(m.header("dlq.reason") or b"").decode() for m in docs_dlq]
         assert any("not JSON" in r for r in reasons)
         assert any("unknown field" in r for r in reasons) and any("metadata" in r for r in reasons)
-        assert any("UTF-8" in r for r in reasons)
+        assert any("UTF-8" in r for r in reasons) and any("over the 100,000 limit" in r for r in reasons)
         queries_dlq = dead_letters(brokers, q, len(bad_queries))
         reasons = [(m.header("dlq.reason") or b"").decode() for m in queries_dlq]
         assert any("does not exist" in r for r in reasons) and any("reply_partition" in r for r in reasons)
