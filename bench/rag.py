@@ -51,7 +51,9 @@ from scripts.eval_rag import Asked, ask, fused_runs, generation_metrics, tune
 
 BROKERS = default_brokers()
 ROOT = Path(__file__).parent.parent
-THREADS = 2
+# The dataflow's default; the baseline encodes with as many. One thread also serves single
+# queries fastest here: two threads, sharing two cores with the broker, took 4x longer per query.
+THREADS = Settings().torch_threads
 
 
 def doc_message(topic: str, doc_id: str, doc: dict[str, str]) -> KafkaMessage:

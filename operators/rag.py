@@ -43,9 +43,9 @@ from models.llm import Generator, Question
 from operators import metrics
 from operators.dlq import loads_json
 from operators.kafka.message import KafkaMessage
-from operators.protocol import RAG_MODEL, deadline_ms, reply_to
+from operators.protocol import RAG_MODEL, deadline_ms
 from operators.retrieval import Fusion, Hit, IndexedChunk, ShardIndex, best_per_doc, fuse
-from operators.serving import Reply, ReplyRules, Request
+from operators.serving import Reply, ReplyRules, Request, answerable
 from operators.stateful import Expiring, shard_of
 from operators.text import Chunker, terms
 from state import StateStore
@@ -174,18 +174,7 @@ def parse_document(msg: KafkaMessage, max_chars: int = 100_000) -> Document | De
 def parse_query(msg: KafkaMessage, rules: ReplyRules, now_ms: Callable[[], int] = wall_ms) -> Query | Reply:
     """A query, or an ``error`` :class:`~operators.serving.Reply` carrying the message for
     the DLQ; :class:`InvalidMessage` when the message names no valid place to reply."""
-    to = reply_to(msg, rules.partitions, rules.forbidden)
-    request = Request(
-        correlation_id=to.correlation_id,
-        reply_topic=to.topic,
-        reply_partition=to.partition,
-        deadline_ms=None,
-        model=RAG_MODEL,
-        inputs=None,
-        sent_ms=msg.timestamp_ms or now_ms(),
-        read_ms=now_ms(),
-        partition=msg.partition or 0,
-    )
+    request = answerable(msg, rules, now_ms, RAG_MODEL)
     try:
         doc = loads_json(msg.value or b"")
         if not isinstance(doc, dict) or doc.get("model") != RAG_MODEL or not isinstance(doc.get("inputs"), dict):

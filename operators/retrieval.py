@@ -191,7 +191,7 @@ class Fusion:
 
     dense_weight: float = 0.75
     bm25_weight: float = 1.0
-    rrf_k: int = 10
+    rrf_k: int = 5
 
 
 def fuse(dense: Sequence[Hit], bm25: Sequence[Hit], fusion: Fusion) -> list[tuple[Hit, float]]:

@@ -43,7 +43,15 @@ from operators.metrics import INFERENCE_SECONDS, ITEMS
 from operators.protocol import deadline_ms, reply_to
 from operators.streams import split
 
-__all__ = ["BatchConfig", "Reply", "ReplyRules", "Request", "error_and_dead_letter", "serve_requests"]
+__all__ = [
+    "BatchConfig",
+    "Reply",
+    "ReplyRules",
+    "Request",
+    "answerable",
+    "error_and_dead_letter",
+    "serve_requests",
+]
 
 Status = Literal["ok", "error", "timeout", "rejected"]
 SERVED_BY = f"{socket.gethostname()}:{os.getpid()}"
@@ -139,23 +147,31 @@ class ReplyRules:
     forbidden: frozenset[str] = frozenset()
 
 
-def parse_request(msg: KafkaMessage, rules: ReplyRules, now_ms: Callable[[], int] = wall_ms) -> Request | Reply:
-    """A :class:`Request`, or an ``error`` :class:`Reply` (still carrying the message, for the DLQ).
+def answerable(msg: KafkaMessage, rules: ReplyRules, now_ms: Callable[[], int] = wall_ms, model: str = "") -> Request:
+    """The request ``msg`` is, before its value is read: where to reply, and when it was sent and read.
 
     Raises :class:`InvalidMessage` when the request names no valid place to reply.
     """
     to = reply_to(msg, rules.partitions, rules.forbidden)
-    request = Request(
+    return Request(
         correlation_id=to.correlation_id,
         reply_topic=to.topic,
         reply_partition=to.partition,
         deadline_ms=None,
-        model="",
+        model=model,
         inputs=None,
         sent_ms=msg.timestamp_ms or now_ms(),
         read_ms=now_ms(),
         partition=msg.partition or 0,
     )
+
+
+def parse_request(msg: KafkaMessage, rules: ReplyRules, now_ms: Callable[[], int] = wall_ms) -> Request | Reply:
+    """A :class:`Request`, or an ``error`` :class:`Reply` (still carrying the message, for the DLQ).
+
+    Raises :class:`InvalidMessage` when the request names no valid place to reply.
+    """
+    request = answerable(msg, rules, now_ms)
     model = ""
     try:
         deadline = deadline_ms(msg)
