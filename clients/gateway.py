@@ -12,10 +12,13 @@ input (bad JSON body, schema violation, unknown model), 429 rejected (the
 dataflow shed load), 504 timeout (the deadline passed, in the dataflow or here).
 Jobs go through one :class:`~clients.jobs.JobsClient` and RAG queries through
 a second inference client, each started in the background: until their
-dataflow's topics exist, their routes answer 503 and say what to start. ``GET`` answers 404 for an id never submitted.
+dataflow's topics exist, their routes answer 503 and say what to start.
+``GET`` answers 404 for an id never submitted. A RAG query waits up to
+``GATEWAY_RAG_TIMEOUT_MS`` unless its body says otherwise: generating an answer
+on a CPU takes a good part of a second.
 
 Run: ``python -m clients.gateway`` (settings: ``GATEWAY_HOST``, ``GATEWAY_PORT``,
-``GATEWAY_TIMEOUT_MS``, ``KAFKA_BOOTSTRAP_SERVERS``).
+``GATEWAY_TIMEOUT_MS``, ``GATEWAY_RAG_TIMEOUT_MS``, ``KAFKA_BOOTSTRAP_SERVERS``).
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
     timeout_ms: int = 1_000
+    rag_timeout_ms: int = 10_000
     request_topic: str = REQUEST_TOPIC
     reply_topic: str = REPLY_TOPIC
     jobs_submit_topic: str = JOBS_SUBMIT_TOPIC
@@ -108,7 +112,7 @@ def create_app(settings: Settings) -> Starlette:
             settings.kafka_bootstrap_servers,
             request_topic=settings.rag_queries_topic,
             reply_topic=settings.rag_answers_topic,
-            timeout_s=settings.timeout_ms / 1000,
+            timeout_s=settings.rag_timeout_ms / 1000,
         )
 
     @contextlib.asynccontextmanager
@@ -143,7 +147,7 @@ def create_app(settings: Settings) -> Starlette:
             body = orjson.loads(await request.body())
             if not isinstance(body, dict) or "inputs" not in body:
                 raise ValueError('expected a JSON object {"inputs": ..., "timeout_ms": optional}')
-            timeout_ms = body.get("timeout_ms", settings.timeout_ms)
+            timeout_ms = body.get("timeout_ms", settings.rag_timeout_ms if name == RAG_MODEL else settings.timeout_ms)
             if not isinstance(timeout_ms, int) or timeout_ms <= 0:
                 raise ValueError(f"timeout_ms must be a positive integer, got {timeout_ms!r}")
         except ValueError as exc:

@@ -116,12 +116,12 @@ class Settings:
         ]
 
 
-def generator(s: Settings, embed: Extractive) -> Generator:
+def generator(s: Settings, extractive: Extractive) -> Generator:
+    """The extractive generator, or an OpenAI-compatible server that falls back to it."""
     if not s.llm_url:
-        return embed
-    return OpenAIChat(
-        s.llm_url, s.llm_model, embed, api_key=os.environ.get("RAG_LLM_API_KEY", ""), timeout_s=s.llm_timeout_s
-    )
+        return extractive
+    key = os.environ.get("RAG_LLM_API_KEY", "")
+    return OpenAIChat(s.llm_url, s.llm_model, extractive, api_key=key, timeout_s=s.llm_timeout_s)
 
 
 def build(settings: Settings | None = None) -> Dataflow:
@@ -180,7 +180,8 @@ def build(settings: Settings | None = None) -> Dataflow:
     replies = op.map("encode", answered, Reply.to_message)
     dead = op.map("dead", op.merge("errs", documents.errs, queries.errs), to_dlq_message)
     # KafkaMessage: replies on their reply topics, dead letters on <input topic>.dlq
-    sink = KafkaSink(brokers, dlq_topic=s.documents_topic + DLQ_SUFFIX, outage_limit_s=outage_limit_s)
+    # What the broker refuses to take is a reply (say, to a topic deleted since): the queries' DLQ.
+    sink = KafkaSink(brokers, dlq_topic=s.queries_topic + DLQ_SUFFIX, outage_limit_s=outage_limit_s)
     kafka_output("publish", op.merge("out", replies, invalid, dead), sink)
     return flow
 

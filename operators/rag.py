@@ -144,7 +144,7 @@ def _fields(doc: dict[str, Any], allowed: set[str], what: str) -> None:
         raise InvalidMessage(f"{what} has unknown field(s) {unknown}; it takes {sorted(allowed)}")
 
 
-def parse_document(msg: KafkaMessage, max_chars: int = 100_000) -> Document | Deletion:
+def parse_document(msg: KafkaMessage, max_chars: int) -> Document | Deletion:
     """A document or a deletion; :class:`InvalidMessage` says what is wrong with the message.
     A text over ``max_chars`` characters is refused: embedding it would hold up every query."""
     if not msg.key:

@@ -39,6 +39,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -462,6 +463,14 @@ def _ask(client: InferenceClient, query: str, **inputs: Any) -> dict[str, Any]:
     return reply
 
 
+def _until(client: InferenceClient, query: str, done: Callable[[dict[str, Any]], bool], what: str) -> None:
+    deadline = time.monotonic() + 60
+    while not done(client.predict("rag", {"query": query, "k": 3})["outputs"]):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"waited 60 s for {what}: is dataflows.rag running? (its output is above)")
+        time.sleep(0.05)
+
+
 def rag_demo(workdir: Path) -> None:
     print("== RAG: dataflows.rag", flush=True)
     s = RagSettings()
@@ -477,36 +486,24 @@ def rag_demo(workdir: Path) -> None:
             )
             produce(BROKERS, [_note(s, note_id, *fields) for note_id, fields in NOTES.items()])
             ask = "How does a killed batch job resume?"
-            while "batch" not in [
-                h["doc_id"] for h in client.predict("rag", {"query": ask, "answer": False})["outputs"]["hits"]
-            ]:
-                time.sleep(0.2)
+            _until(client, ask, lambda out: "batch" in [h["doc_id"] for h in out["hits"]], "the notes indexed")
             print("2/4 questions (extractive answers: sentences of the notes, each cited):", flush=True)
             _ask(client, ask)
             _ask(client, "What happens to a request whose deadline has passed?")
             _ask(client, "What is the boiling point of tungsten?")
             print("3/4 a note changes and one is deleted while the dataflow runs:", flush=True)
             started = time.perf_counter()
+            new = "Agent loops stop after 8 iterations or a budget of 2 dollars, whichever comes first."
             produce(
-                BROKERS,
-                [
-                    _note(
-                        s,
-                        "agents",
-                        "agent",
-                        "Agent loops stop after 8 iterations or a budget of 2 dollars, whichever comes first.",
-                    )
-                ],
+                BROKERS, [_note(s, "agents", "agent", new), KafkaMessage(None, key=b"fraud", topic=s.documents_topic)]
             )
-            produce(BROKERS, [KafkaMessage(None, key=b"fraud", topic=s.documents_topic)])
             question = "When does an agent loop stop?"
-            while "8 iterations" not in orjson.dumps(client.predict("rag", {"query": question, "k": 1})).decode():
-                time.sleep(0.05)
+            _until(client, question, lambda out: "8 iterations" in out["answer"]["text"], "the update answered")
             print(f"    the update answered {time.perf_counter() - started:.2f} s after it was produced:")
             _ask(client, question)
             _ask(client, "How does the fraud model learn from chargebacks?")
             print("4/4 a filtered query, and a malformed one:", flush=True)
-            _ask(client, "What happens after a kill -9?", filters={"pattern": "batch"})
+            _ask(client, "What happens after a kill -9?", filters={"pattern": "streaming"})
             bad = client.predict("rag", {"query": "", "k": 500})
             print(f"    an empty query with k=500 -> {bad['status']}: {bad['error']}")
     finally:
