@@ -14,6 +14,7 @@ from test_batch_e2e import JOB, committed_more, fill, job_env, output_ids
 from test_event_counts_e2e import counts_by_id, events, expected_counts, prepare, run_to_end, start_dataflow
 from test_fraud_e2e import Fraud
 from test_online_e2e import Load, Server
+from test_rag_e2e import DOCS, Rag, doc_message, top
 
 from operators.kafka import read_topic
 
@@ -114,3 +115,30 @@ def test_fraud_detection_decides_every_payment_and_labels_every_chargeback_throu
     assert set(fraud.decisions()) == {p["payment_id"] for p in traffic.payments}
     outcomes = [orjson.loads(m.value or b"") for m in read_topic(broker.address, fraud.topics["outcomes"])]
     assert {o["payment_id"] for o in outcomes if o["label"]} == {c["payment_id"] for c in traffic.chargebacks}
+
+
+def test_rag_answers_queries_sent_during_a_restart_and_indexes_documents_after_it(
+    broker: Broker, tmp_path: Path
+) -> None:
+    rag = Rag(broker.address, "restart-rag", tmp_path).start()
+    topic = rag.s.documents_topic
+    try:
+        with rag.client() as client:
+            rag.wait_ready(client)
+            rag.produce(doc_message(topic, "aspirin", *DOCS["aspirin"]))
+            wait_for(lambda: rag.embedded() >= 1, "the first document indexed")
+            broker.stop()
+            during = [client.submit("rag", {"query": "aspirin heart", "k": 1}, timeout_s=120)[1] for _ in range(5)]
+            time.sleep(OUTAGE_S)
+            broker.start()
+            rag.produce(doc_message(topic, "vitd", *DOCS["vitd"]))
+            answers = [future.result(timeout=120) for future in during]
+            assert all(a["status"] == "ok" and top(a["outputs"]) == ["aspirin"] for a in answers), answers
+            wait_for(
+                lambda: top(client.predict("rag", {"query": "vitamin D bone", "k": 1})["outputs"]) == ["vitd"],
+                "the document produced after the restart",
+            )
+        assert rag.proc is not None and rag.proc.poll() is None, "the dataflow died"
+    finally:
+        if rag.proc is not None:
+            rag.proc.kill()
