@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from models.quality import retrieval_metrics
 from models.registry import get_spec
-from operators.rag import Document, Indexed, embed_documents
+from operators.rag import Deletion, Document, Indexed, embed_documents
 from operators.retrieval import Fusion, ShardIndex, best_per_doc, fuse
 from operators.text import Chunker, terms
 from scripts.beir import load
@@ -28,13 +29,15 @@ def runs() -> dict[str, dict[str, list[str]]]:
     data = load(MINI)
     minilm = get_spec("minilm-embeddings").load()
 
-    def embed(texts: list[str]):  # type: ignore[no-untyped-def]
+    def embed(texts: list[str]) -> np.ndarray:
         return minilm.forward(texts)["embedding"]
 
     chunker = Chunker(minilm.model.tokenizer, 256, 32)  # type: ignore[attr-defined]
-    docs = [(doc_id, Document(doc_id, d["title"], d["text"], {}, 0)) for doc_id, d in data.corpus.items()]
+    docs: list[tuple[str, Document | Deletion]] = [
+        (doc_id, Document(doc_id, d["title"], d["text"], {}, 0)) for doc_id, d in data.corpus.items()
+    ]
     index = ShardIndex(384)
-    for _, (_, _, update) in embed_documents(docs, chunker, embed, 64, shards=1):  # type: ignore[misc]
+    for _, (_, _, update) in embed_documents(docs, chunker, embed, 64, shards=1):
         assert isinstance(update, Indexed)
         for chunk in update.chunks:
             index.add(chunk)
