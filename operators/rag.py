@@ -385,10 +385,11 @@ def answer(gathered: list[list[ShardHits]], how: Answering) -> list[Reply]:
         outputs = {"query": query.text, "filters": query.filters, "hits": [_hit_json(h, score) for h, score in fused]}
         if query.answer:
             outputs["answer"] = next(answers).to_json()
-        timings = {
+        timings: dict[str, float] = {
             "queue": request.read_ms - request.sent_ms,
             "retrieve": retrieved_ms - request.read_ms,
-            "generate": generate_ms,
         }
+        if query.answer:
+            timings["generate"] = generate_ms
         replies.append(Reply(request, "ok", outputs=outputs, timings_ms=timings, batch_size=len(questions)))
     return replies
