@@ -425,10 +425,6 @@ def _since(topic: str, started_ms: int) -> list[dict[str, Any]]:
     return [orjson.loads(m.value or b"") for m in read_topic(BROKERS, topic) if (m.timestamp_ms or 0) >= started_ms]
 
 
-if __name__ == "__main__":
-    main()
-
-
 NOTES = {
     "online": ("online", "Online inference answers each request on its reply topic. Requests are micro-batched per "
                "model, and a request past its deadline gets a timeout reply instead of a late answer."),
@@ -513,3 +509,7 @@ def rag_demo(workdir: Path) -> None:
         f"    topics: {s.documents_topic} (compacted), {s.queries_topic}, {s.answers_topic}; dead letters: <topic>.dlq"
     )
     print(f"    metrics were served at http://127.0.0.1:{s.metrics_port}/metrics while it ran")
+
+
+if __name__ == "__main__":
+    main()
