@@ -4,7 +4,7 @@
 row each of a matrix, searched exactly: at tens of thousands of chunks per
 shard a matrix product beats building an approximate graph) and BM25 postings,
 updated in place as chunks come and go. The shard's durable copy is its keyed
-state (:mod:`dataflows.rag`); this index is rebuilt from it when a shard opens.
+state (:class:`operators.rag.IndexShard`); this index is rebuilt from it when a shard opens.
 
 BM25 is Lucene's variant with bm25s's defaults (``k1=1.5``, ``b=0.75``; terms
 from :func:`operators.text.terms`), with statistics (document count, average
@@ -186,8 +186,8 @@ def best_per_doc(hits: Iterable[Hit]) -> list[Hit]:
 @dataclass(frozen=True)
 class Fusion:
     """Weighted reciprocal rank fusion: a document scores ``weight / (rrf_k + rank)``
-    in each ranking it is in (ranks from 1). Defaults tuned on SciFact's train
-    split (``python -m bench.rag --tune``)."""
+    in each ranking it is in (ranks from 1). The defaults are the best of the grid
+    that ``python -m bench.rag`` scores on SciFact's train split."""
 
     dense_weight: float = 0.75
     bm25_weight: float = 1.0
