@@ -13,7 +13,7 @@ of a sample of the documents, at the same batch size and torch threads, in this
 process, while the dataflow is idle.
 
     python -m bench.rag            # all 5,183 documents, 300 test and 809 train queries
-    python -m bench.rag --quick    # 300 documents, 40 test queries, no tuning
+    python -m bench.rag --quick    # 200 documents, 30 test queries, no tuning
 """
 
 from __future__ import annotations
@@ -131,15 +131,15 @@ def main() -> None:
     train_queries, train_qrels = data.split("train")
     rng = random.Random(7)
     if args.quick:
-        test_queries = dict(list(test_queries.items())[:40])
+        test_queries = dict(list(test_queries.items())[:30])
         relevant = {doc for qid in test_queries for doc in test_qrels[qid]}
-        others = rng.sample(sorted(set(data.corpus) - relevant), 300 - len(relevant))
+        others = rng.sample(sorted(set(data.corpus) - relevant), 200 - len(relevant))
         corpus = {doc: data.corpus[doc] for doc in sorted(relevant) + others}
     else:
         corpus = dict(data.corpus)
     unused = sorted(set(data.corpus) - set(corpus))
     # Fresh documents: unseen ones (quick), or copies under new ids (full, the corpus is all in).
-    fresh_ids = rng.sample(unused, 20) if args.quick else rng.sample(sorted(corpus), 40)
+    fresh_ids = rng.sample(unused, 10) if args.quick else rng.sample(sorted(corpus), 40)
     fresh = [(doc if args.quick else f"fresh-{doc}", data.corpus[doc]) for doc in fresh_ids]
 
     prefix = f"bench.rag.{uuid.uuid4().hex[:8]}"
@@ -147,7 +147,7 @@ def main() -> None:
         documents_topic=f"{prefix}.documents", queries_topic=f"{prefix}.queries", answers_topic=f"{prefix}.answers"
     )
     chunker = Chunker(get_spec("minilm-embeddings").load().model.tokenizer, s.chunk_tokens, s.overlap_tokens)  # type: ignore[attr-defined]
-    sample = dict(list(corpus.items())[: 100 if args.quick else 400])
+    sample = dict(list(corpus.items())[: 50 if args.quick else 400])
     progress(f"baseline: raw encode of the chunks of {len(sample)} documents, batch size {s.embed_batch_size}")
     raw_rate = raw_encode_rate(sample, chunker, s.embed_batch_size)
 
@@ -206,7 +206,7 @@ def main() -> None:
                     "",
                 ]
             answered = ask(
-                client, dict(list(test_q.items())[: 20 if args.quick else 100]), answer=True, k=10, what="answers"
+                client, dict(list(test_q.items())[: 10 if args.quick else 100]), answer=True, k=10, what="answers"
             )
             minilm = get_spec("minilm-embeddings").load()
             generation = generation_metrics(answered, data.corpus, lambda t: minilm.forward(t)["embedding"])
