@@ -1,0 +1,172 @@
+"""The agent loop as a durable dataflow: the LLM decides, the runtime checks, tools act, and it loops through Kafka.
+
+A task on ``agent.tasks`` starts a state machine held in RocksDB-backed keyed
+state (:class:`operators.agent.TaskProgram`: the conversation, the tools, the
+usage). Each turn the model is asked what to do, through an OpenAI-compatible
+server (``AGENT_LLM_URL``), ``AGENT_LLM_CAPACITY`` calls in flight at once; its
+reply goes to ``agent.llm_replies`` and comes back as the task's next event. The
+runtime checks the tool calls it asked for and publishes the valid ones on
+``agent.tool_calls``; the tool workers (:mod:`dataflows.agent_tools`) answer on
+``agent.tool_results``, which brings the task to its next turn, until the model
+answers without tools: the result goes to ``agent.results``. Every event of a
+task is appended to ``agent.audit``. Caps, budgets, escalation to humans and
+the message formats: see :mod:`operators.agent`.
+
+Because every turn is an event on Kafka and the task's state is snapshotted
+with the source offsets, a kill -9 resumes each task at its last completed
+turn: a model reply already published is not asked for again, and a tool call
+sent again is answered from the tool workers' journal, not run twice.
+
+Run (with the tool workers beside it)::
+
+    AGENT_LLM_URL=http://127.0.0.1:8000/v1 AGENT_LLM_MODEL=<model> \\
+        python -m bytewax.run "dataflows.agent:build()" -r var/recovery/agent -s 1 -b 0
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import bytewax.operators as op
+from bytewax.dataflow import Dataflow
+
+from models.chat import ChatClient, ChatReply, price_table
+from models.llm import LLMError, LLMRefused
+from operators import metrics
+from operators.agent import AgentTopics, Caps, LlmCall, Policy, TaskProgram, llm_reply_message, parse_input
+from operators.aio import AsyncConfig, Done, Failed, async_map
+from operators.dlq import DLQ_SUFFIX, DeadLetter, to_dlq_message, try_map
+from operators.kafka import KafkaMessage, Position, ensure_topics
+from operators.kafka.sink import KafkaSink, kafka_output
+from operators.kafka.source import KafkaSource
+from operators.settings import brokers_field, from_env, outage_limit_field
+from operators.stateful import StateConfig, keyed_state
+from operators.streams import split
+from operators.tools import tools
+
+SCRIPTED_HINT = (
+    "set AGENT_LLM_URL to an OpenAI-compatible server (vLLM, llama.cpp server, Ollama, a hosted API), "
+    "or, to try the runtime without a model, run the scripted test double: "
+    "python -m models.scripted_llm --port 8011, then AGENT_LLM_URL=http://127.0.0.1:8011/v1 AGENT_LLM_MODEL=scripted"
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    kafka_bootstrap_servers: str = brokers_field()
+    kafka_outage_limit_s: float = outage_limit_field()
+    topic_prefix: str = "agent"
+    partitions: int = 3
+    llm_url: str = ""  # an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1
+    llm_model: str = ""
+    llm_timeout_s: float = 60.0
+    llm_retries: int = 2  # more attempts on HTTP 429, 5xx, timeouts and connection errors
+    llm_capacity: int = 1_000  # model calls in flight at once
+    prices: str = ""  # model=<input>/<output> USD per million tokens, on top of the built-in table
+    tools: str = "calculator,retrieve,fetch,human"
+    max_iterations: int = Caps.max_iterations
+    max_tokens: int = Caps.max_tokens
+    max_cost_usd: float = Caps.max_cost_usd
+    max_wall_s: float = Caps.max_wall_s
+    tenant_daily_budget_usd: float = 10.0
+    tenant_budgets_usd: str = ""  # tenant=<USD per day>, comma-separated, over the daily budget above
+    max_completion_tokens: int = 1_024
+    on_cap: str = "final_answer"  # or "stop"
+    max_repeats: int = 2  # the same tool call with the same arguments, more often than this, is a loop
+    context_tokens: int = 16_384  # the model's context window
+    approve_tools: str = ""  # tools whose calls wait for a human's approval, comma-separated
+    human_timeout_s: float = 3_600.0
+    start: Position = Position.earliest()  # noqa: RUF009
+    state_dir: Path = Path("var/state/agent")
+    state_shards: int = 8
+    metrics_port: int = 9107
+
+    def __post_init__(self) -> None:
+        if not self.llm_url or not self.llm_model:
+            raise ValueError(f"the agent runtime needs a model: {SCRIPTED_HINT}")
+        if self.llm_model not in price_table(self.prices):
+            raise ValueError(
+                f"no price for model {self.llm_model!r}: budgets need one. Set AGENT_PRICES="
+                f'"{self.llm_model}=<input>/<output>" in USD per million tokens'
+            )
+        if self.on_cap not in ("final_answer", "stop"):
+            raise ValueError(f"AGENT_ON_CAP must be final_answer or stop, got {self.on_cap!r}")
+        unknown = set(_names(self.approve_tools)) - set(tools(self.tools))
+        if unknown:
+            raise ValueError(f"AGENT_APPROVE_TOOLS names {sorted(unknown)}, which AGENT_TOOLS does not")
+
+    @property
+    def topics(self) -> AgentTopics:
+        return AgentTopics.prefixed(self.topic_prefix)
+
+    def policy(self) -> Policy:
+        caps = Caps(self.max_iterations, self.max_tokens, self.max_cost_usd, self.max_wall_s)
+        budgets = {name: float(usd) for name, usd in (e.split("=", 1) for e in _names(self.tenant_budgets_usd))}
+        return Policy(
+            self.llm_model,
+            price_table(self.prices)[self.llm_model],
+            tools(self.tools),
+            caps,
+            self.tenant_daily_budget_usd,
+            budgets,
+            self.max_completion_tokens,
+            on_cap=self.on_cap,  # type: ignore[arg-type]
+            max_repeats=self.max_repeats,
+            context_tokens=self.context_tokens,
+            approve_tools=frozenset(_names(self.approve_tools)),
+            human_timeout_s=self.human_timeout_s,
+        )
+
+
+def _names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _retryable(exc: BaseException) -> bool:
+    return isinstance(exc, LLMError) and not isinstance(exc, LLMRefused)
+
+
+def build(settings: Settings | None = None) -> Dataflow:
+    s = settings or from_env(Settings, prefix="AGENT_")
+    brokers, outage_limit_s, topics = s.kafka_bootstrap_servers, s.kafka_outage_limit_s, s.topics
+    ensure_topics(brokers, topics.specs(s.partitions), outage_limit_s=outage_limit_s)
+    policy = s.policy()
+    key = os.environ.get("AGENT_LLM_API_KEY", "")
+    model = ChatClient(s.llm_url, s.llm_model, key, s.llm_timeout_s, max_connections=s.llm_capacity)
+    metrics.serve(s.metrics_port)
+
+    async def decide(call: LlmCall) -> ChatReply:
+        return await model.complete(call.messages, call.tools or None, call.max_tokens)
+
+    flow = Dataflow("agent")
+    source = KafkaSource(brokers, topics.inputs, start=s.start, outage_limit_s=outage_limit_s)
+    inputs = try_map("parse", op.input("inputs", flow, source), lambda m: parse_input(m, topics, policy))
+    # (tenant, TaskSubmitted | LlmReplied | ToolReplied | HumanReplied)
+    state = StateConfig(s.state_dir, shards=s.state_shards)
+    decided = op.key_rm("unkey", keyed_state("tasks", inputs.oks, lambda: TaskProgram(policy, topics), state))
+    # LlmCall (a model call within every cap) | KafkaMessage | DeadLetter
+    calls = split("calls", decided, LlmCall, object)
+    config = AsyncConfig(s.llm_capacity, s.llm_timeout_s + 5, s.llm_retries, retry_if=_retryable)
+    replies = async_map("llm", op.key_on("by_task", calls.first, lambda c: c.task_id), decide, config)
+    # (task id, Done(LlmCall, ChatReply) | Failed(LlmCall))
+    answered = op.map("encode", op.key_rm("unkey_replies", replies), lambda r: _reply(r, topics.llm_replies))
+    dead = op.map("dead", op.merge("errs", inputs.errs, calls.rest), _dead_or_message)
+    # KafkaMessage: model replies, tool calls, escalations, results, audit records, dead letters
+    sink = KafkaSink(brokers, dlq_topic=topics.tasks + DLQ_SUFFIX, outage_limit_s=outage_limit_s)
+    kafka_output("publish", op.merge("out", answered, dead), sink)
+    return flow
+
+
+def _reply(result: Done[LlmCall, ChatReply] | Failed[LlmCall], topic: str) -> KafkaMessage:
+    if isinstance(result, Done):
+        return llm_reply_message(topic, result.item, result.value, None, result.seconds)
+    return llm_reply_message(topic, result.item, None, result.error, result.seconds)
+
+
+def _dead_or_message(item: object) -> KafkaMessage:
+    if isinstance(item, DeadLetter):
+        return to_dlq_message(item)
+    assert isinstance(item, KafkaMessage), f"the task program emitted {item!r}"
+    return item

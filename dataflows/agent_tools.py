@@ -1,0 +1,241 @@
+"""The agent's tool workers: tool calls in, results out, many at a time, each call run once.
+
+Reads the calls the agent runtime (:mod:`dataflows.agent`) validated on
+``agent.tool_calls``, runs them on an asyncio loop (``AGENT_TOOLS_CAPACITY`` at a
+time, each tool under its own timeout, transient failures retried with
+backoff) and answers on ``agent.tool_results``. Formats: see
+:mod:`operators.agent`. A call's failure (a bad argument, an exception, a
+timeout) is a result with ``ok: false`` and the reason, for the model to read;
+only a message that is not a tool call goes to ``agent.tool_calls.dlq``.
+
+Each call id is an idempotency key: a finished call is journaled
+(:class:`state.journal.Journal`) before its result is published, so a call
+read again (a replay after a kill -9 here, or the runtime sending it again
+after its own) gets the journaled result and is not run again; duplicates in
+flight together share one run. A call in flight at a kill is run again. The
+executors get no more power than their tool needs: no shell, HTTP only to
+``AGENT_TOOLS_FETCH_ALLOWLIST``. Run::
+
+    python -m bytewax.run "dataflows.agent_tools:build()" -r var/recovery/agent_tools -s 1 -b 0
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import bytewax.operators as op
+import orjson
+from bytewax.dataflow import Dataflow
+
+from clients.inference import AsyncInferenceClient
+from operators import metrics
+from operators.agent import AgentTopics, json_object, task_id_of, text_field
+from operators.aio import AsyncConfig, Done, Failed, async_map
+from operators.dlq import DLQ_SUFFIX, to_dlq_message, try_map
+from operators.kafka import KafkaError, KafkaMessage, Position, ensure_topics
+from operators.kafka.sink import KafkaSink, kafka_output
+from operators.kafka.source import KafkaSource
+from operators.protocol import RAG_ANSWERS_TOPIC, RAG_MODEL, RAG_QUERIES_TOPIC
+from operators.settings import brokers_field, from_env, outage_limit_field
+from operators.tools import (
+    HUMAN,
+    Executor,
+    Tool,
+    ToolError,
+    TransientToolError,
+    fetcher,
+    retriever,
+    run_calculator,
+    tools,
+)
+from state.journal import Journal
+
+DAY_S = 86_400
+
+
+@dataclass(frozen=True)
+class Settings:
+    kafka_bootstrap_servers: str = brokers_field()
+    kafka_outage_limit_s: float = outage_limit_field()
+    topic_prefix: str = "agent"
+    tools: str = "calculator,retrieve,fetch"  # the runtime's tools, less human (the runtime carries that out)
+    capacity: int = 1_000  # calls in flight at once
+    retries: int = 2  # more attempts for a transient failure
+    fetch_allowlist: str = ""  # hosts (or host:port) fetch may reach, comma-separated; empty: none
+    fetch_max_bytes: int = 100_000
+    fetch_timeout_s: float = 10.0
+    journal_dir: Path = Path("var/state/agent_tools")
+    journal_ttl_s: int = 7 * DAY_S
+    start: Position = Position.earliest()  # noqa: RUF009
+    metrics_port: int = 9108
+
+    @property
+    def topics(self) -> AgentTopics:
+        return AgentTopics.prefixed(self.topic_prefix)
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    call_id: str
+    task_id: str
+    tenant: str
+    tool: str
+    arguments: Any
+
+
+def parse_call(msg: KafkaMessage) -> ToolCall:
+    doc = json_object(msg)
+    return ToolCall(
+        text_field(doc, "call_id", 600),
+        task_id_of(msg.key),
+        text_field(doc, "tenant", 64),
+        text_field(doc, "tool", 64),
+        doc.get("arguments"),
+    )
+
+
+def executors(s: Settings) -> dict[str, Executor]:
+    """An executor per tool in ``s.tools``."""
+    available = tools(s.tools)
+    if HUMAN in available:
+        raise ValueError("AGENT_TOOLS_TOOLS names human: the runtime, not a worker, asks humans")
+    made: dict[str, Executor] = {}
+    for name in available:
+        if name == "calculator":
+            made[name] = run_calculator
+        elif name == "fetch":
+            allowlist = frozenset(h.strip() for h in s.fetch_allowlist.split(",") if h.strip())
+            made[name] = fetcher(allowlist, s.fetch_max_bytes, s.fetch_timeout_s)
+        elif name == "retrieve":
+            made[name] = retriever(_rag(s.kafka_bootstrap_servers))
+    return made
+
+
+def _rag(brokers: str) -> Any:
+    """Queries to the RAG dataflow, through a client made on first use (the RAG dataflow may start later)."""
+    clients: list[AsyncInferenceClient] = []
+
+    async def predict(inputs: dict[str, Any]) -> dict[str, Any]:
+        if not clients:
+            try:
+                client = await asyncio.to_thread(
+                    AsyncInferenceClient,
+                    brokers,
+                    request_topic=RAG_QUERIES_TOPIC,
+                    reply_topic=RAG_ANSWERS_TOPIC,
+                    timeout_s=5.0,
+                    wait_for_server_s=1.0,
+                )
+            except KafkaError as exc:
+                raise TransientToolError(f"the RAG dataflow is not running: {exc}") from exc
+            clients.append(client)
+        return await clients[0].predict(RAG_MODEL, inputs)
+
+    return predict
+
+
+class Worker:
+    """Runs calls once each: journaled results are answered from the journal, duplicates in flight share a run."""
+
+    def __init__(self, specs: dict[str, Tool], run: dict[str, Executor], journal: Journal, retries: int) -> None:
+        self.retries = retries
+        self._specs = specs
+        self._run = run
+        self._journal = journal
+        self._running: dict[str, asyncio.Future[dict[str, Any]]] = {}
+
+    async def __call__(self, call: ToolCall) -> dict[str, Any]:
+        done = self._journal.get(call.call_id)
+        if done is not None:
+            return {**done, "replayed": True}
+        if call.call_id in self._running:
+            return await asyncio.shield(self._running[call.call_id])
+        future = self._running[call.call_id] = asyncio.get_running_loop().create_future()
+        try:
+            result = await self._attempts(call)
+            self._journal.put(call.call_id, result)
+            future.set_result(result)
+            return result
+        finally:
+            del self._running[call.call_id]
+
+    async def _attempts(self, call: ToolCall) -> dict[str, Any]:
+        run, spec = self._run.get(call.tool), self._specs.get(call.tool)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        if run is None or spec is None:
+            return _result(call, False, f"these tool workers have no tool {call.tool!r}", 0, start)
+        problem = spec.invalid(call.arguments)
+        if problem is not None:
+            return _result(call, False, f"invalid arguments for {call.tool}: {problem}", 0, start)
+        attempts = self.retries + 1
+        for attempt in range(1, attempts + 1):
+            try:
+                content = await asyncio.wait_for(run(call.arguments), spec.timeout_s)
+                return _result(call, True, content, attempt, start)
+            except TimeoutError:
+                return _result(call, False, f"{call.tool} timed out after {spec.timeout_s:g} s", attempt, start)
+            except TransientToolError as exc:
+                if attempt == attempts:
+                    return _result(call, False, f"{call.tool} failed {attempts} times: {exc}", attempt, start)
+                await asyncio.sleep(0.2 * 2 ** (attempt - 1))
+            except ToolError as exc:
+                return _result(call, False, str(exc), attempt, start)
+            except Exception as exc:  # the tool's bug is the call's failure; the worker goes on
+                return _result(call, False, f"{call.tool} raised {type(exc).__name__}: {exc}", attempt, start)
+        raise AssertionError("unreachable")
+
+
+def _result(call: ToolCall, ok: bool, content: str, attempts: int, start: float) -> dict[str, Any]:
+    latency_ms = round((asyncio.get_running_loop().time() - start) * 1000, 3)
+    return {
+        "call_id": call.call_id,
+        "task_id": call.task_id,
+        "tenant": call.tenant,
+        "tool": call.tool,
+        "ok": ok,
+        "content": content,
+        "attempts": attempts,
+        "latency_ms": latency_ms,
+    }
+
+
+def build(settings: Settings | None = None) -> Dataflow:
+    s = settings or from_env(Settings, prefix="AGENT_TOOLS_")
+    brokers, outage_limit_s, topics = s.kafka_bootstrap_servers, s.kafka_outage_limit_s, s.topics
+    ensure_topics(brokers, topics.specs(), outage_limit_s=outage_limit_s)
+    specs = tools(s.tools)
+    process = os.environ.get("BYTEWAX_PROCESS_ID", "0")
+    journal = Journal(s.journal_dir / f"process-{process}", s.journal_ttl_s)
+    worker = Worker(specs, executors(s), journal, s.retries)
+    metrics.serve(s.metrics_port)
+
+    flow = Dataflow("agent_tools")
+    source = KafkaSource(brokers, [topics.tool_calls], start=s.start, outage_limit_s=outage_limit_s)
+    calls = try_map("parse", op.input("calls", flow, source), parse_call)
+    # ToolCall
+    slowest = max((t.timeout_s for t in specs.values()), default=1.0)
+    config = AsyncConfig(capacity=s.capacity, timeout_s=(slowest + 1) * (s.retries + 1) + 5, retries=0)
+    results = async_map("run", op.key_on("by_call", calls.oks, lambda c: c.call_id), worker, config)
+    # (call id, Done(ToolCall, result document) | Failed(ToolCall))
+    answered = op.map("encode", op.key_rm("unkey", results), lambda r: _message(r, topics.tool_results))
+    dead = op.map("dead", calls.errs, to_dlq_message)
+    # KafkaMessage: results on agent.tool_results, dead letters on agent.tool_calls.dlq
+    sink = KafkaSink(brokers, dlq_topic=topics.tool_calls + DLQ_SUFFIX, outage_limit_s=outage_limit_s)
+    kafka_output("publish", op.merge("out", answered, dead), sink)
+    return flow
+
+
+def _message(result: Done[ToolCall, dict[str, Any]] | Failed[ToolCall], topic: str) -> KafkaMessage:
+    if isinstance(result, Done):
+        doc = result.value
+    else:  # past even the outer timeout (a tool that ignores its own): the model is told all the same
+        call = result.item
+        doc = {"call_id": call.call_id, "task_id": call.task_id, "tenant": call.tenant, "tool": call.tool}
+        doc.update(ok=False, content=f"{call.tool} failed: {result.error}", attempts=result.attempts)
+        doc["latency_ms"] = round(result.seconds * 1000, 3)
+    return KafkaMessage(orjson.dumps(doc), key=doc["task_id"].encode(), topic=topic)

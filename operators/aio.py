@@ -1,0 +1,220 @@
+"""Bounded-concurrency async I/O for blocking calls (LLM, tools, HTTP), in the spirit of Flink's Async I/O.
+
+Bytewax has no async operator: a step that calls an LLM for 200 ms would hold
+every item behind it. :func:`async_map` hands each item to a coroutine on an
+asyncio event loop the process runs in a daemon thread, keeps up to
+``capacity`` of them in flight (the rest wait in order), and emits each result
+as it completes (unordered). Each call has a timeout; failures ``retry_if``
+accepts are retried with jittered exponential backoff. What still fails comes
+out as :class:`Failed` with the reason, never as a crash: the caller decides
+what a failure means.
+
+Recovery: a shard's snapshot is the items it holds without a result emitted
+(waiting or in flight). A resumed execution submits them again, so after a
+kill -9 every item gets its result; a call in flight at the kill runs twice
+(the price of at-least-once: the items' consumers drop duplicates by id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from functools import partial
+from typing import Any, Generic, TypeVar
+
+import bytewax.operators as op
+from bytewax.dataflow import operator
+from bytewax.operators import KeyedStream, StatefulBatchLogic
+from prometheus_client import Gauge
+
+from operators import metrics
+from operators.stateful import shard_of
+
+__all__ = ["AsyncConfig", "Done", "Failed", "async_map", "event_loop"]
+
+X = TypeVar("X")
+Y = TypeVar("Y")
+
+IN_FLIGHT = Gauge("patternflow_async_in_flight", "Calls an async step has in flight", ["step"])
+WAITING = Gauge("patternflow_async_waiting", "Items an async step holds until a call slot frees", ["step"])
+
+
+def _never(exc: BaseException) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class AsyncConfig:
+    """How an :func:`async_map` step calls out.
+
+    ``capacity`` calls in flight per step and process at most (split over its
+    ``shards``, which spread the items over the workers); ``timeout_s`` per
+    attempt; up to ``retries`` more attempts for failures ``retry_if`` accepts,
+    after ``backoff_s`` doubling each time (jittered). A timeout is not retried:
+    a call that hung once mostly hangs again, and retrying it multiplies the wait.
+    ``poll_ms``: how often the step looks for completed calls.
+    """
+
+    capacity: int = 1_000
+    timeout_s: float = 30.0
+    retries: int = 2
+    backoff_s: float = 0.2
+    retry_if: Callable[[BaseException], bool] = _never
+    shards: int = 1
+    poll_ms: int = 1
+
+    def __post_init__(self) -> None:
+        if self.capacity < 1 or self.shards < 1:
+            raise ValueError(f"capacity and shards must be >= 1, got {self.capacity} and {self.shards}")
+
+
+@dataclass(frozen=True)
+class Done(Generic[X, Y]):
+    item: X
+    value: Y
+    attempts: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Failed(Generic[X]):
+    """The call failed past its retries (``error`` says how) or timed out."""
+
+    item: X
+    error: str
+    timed_out: bool
+    attempts: int
+    seconds: float
+
+
+_loop: asyncio.AbstractEventLoop | None = None
+_loop_lock = threading.Lock()
+
+
+def event_loop() -> asyncio.AbstractEventLoop:
+    """The process's event loop for async steps, started on first use in a daemon thread."""
+    global _loop
+    with _loop_lock:
+        if _loop is None:
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="patternflow-async", daemon=True).start()
+            _loop = loop
+        return _loop
+
+
+async def _attempts(fn: Callable[[X], Awaitable[Y]], item: X, config: AsyncConfig) -> Done[X, Y] | Failed[X]:
+    start = time.perf_counter()
+    for attempt in range(1, config.retries + 2):
+        try:
+            value = await asyncio.wait_for(fn(item), config.timeout_s)
+            return Done(item, value, attempt, time.perf_counter() - start)
+        except TimeoutError:
+            error = f"timed out after {config.timeout_s:g} s"
+            return Failed(item, error, True, attempt, time.perf_counter() - start)
+        except Exception as exc:
+            if attempt > config.retries or not config.retry_if(exc):
+                return Failed(item, f"{type(exc).__name__}: {exc}", False, attempt, time.perf_counter() - start)
+            await asyncio.sleep(config.backoff_s * 2 ** (attempt - 1) * (0.5 + random.random()))
+    raise AssertionError("unreachable")
+
+
+class _AsyncLogic(StatefulBatchLogic[X, Done[X, Y] | Failed[X], list[X]], Generic[X, Y]):
+    def __init__(
+        self, step_id: str, fn: Callable[[X], Awaitable[Y]], config: AsyncConfig, resume: list[X] | None
+    ) -> None:
+        self._fn = fn
+        self._config = config
+        self._limit = -(-config.capacity // config.shards)
+        self._waiting: deque[X] = deque(resume or ())
+        self._running: dict[int, X] = {}
+        self._completed: deque[tuple[int, Future[Done[X, Y] | Failed[X]]]] = deque()
+        self._next_id = 0
+        self._in_flight = IN_FLIGHT.labels(step_id)
+        self._waiting_gauge = WAITING.labels(step_id)
+        self._ok = metrics.ITEMS.labels(step_id, "ok")
+        self._failed = metrics.ITEMS.labels(step_id, "failed")
+
+    def _start(self) -> None:
+        loop = event_loop()
+        while self._waiting and len(self._running) < self._limit:
+            item = self._waiting.popleft()
+            call_id, self._next_id = self._next_id, self._next_id + 1
+            self._running[call_id] = item
+            future = asyncio.run_coroutine_threadsafe(_attempts(self._fn, item, self._config), loop)
+            future.add_done_callback(partial(self._on_done, call_id))
+
+    def _on_done(self, call_id: int, future: Future[Done[X, Y] | Failed[X]]) -> None:
+        self._completed.append((call_id, future))  # in the event loop's thread: deque appends are atomic
+
+    def _emit(self) -> tuple[list[Done[X, Y] | Failed[X]], bool]:
+        out: list[Done[X, Y] | Failed[X]] = []
+        while self._completed:
+            call_id, future = self._completed.popleft()
+            del self._running[call_id]
+            out.append(future.result())
+        self._start()
+        self._ok.inc(sum(isinstance(o, Done) for o in out))
+        self._failed.inc(sum(isinstance(o, Failed) for o in out))
+        self._in_flight.set(len(self._running))
+        self._waiting_gauge.set(len(self._waiting))
+        return out, StatefulBatchLogic.RETAIN
+
+    def on_batch(self, values: list[X]) -> tuple[list[Done[X, Y] | Failed[X]], bool]:
+        self._waiting.extend(values)
+        return self._emit()
+
+    def on_notify(self) -> tuple[list[Done[X, Y] | Failed[X]], bool]:
+        return self._emit()
+
+    def on_eof(self) -> tuple[list[Done[X, Y] | Failed[X]], bool]:
+        # Bytewax notifies no more after EOF: the last calls are waited for here.
+        out: list[Done[X, Y] | Failed[X]] = []
+        while self._running or self._waiting:
+            time.sleep(self._config.poll_ms / 1000)
+            out.extend(self._emit()[0])
+        return out, StatefulBatchLogic.RETAIN
+
+    def notify_at(self) -> datetime | None:
+        if self._completed:
+            return datetime.now(UTC)
+        if self._running or self._waiting:
+            return datetime.now(UTC) + timedelta(milliseconds=self._config.poll_ms)
+        return None
+
+    def snapshot(self) -> list[X]:
+        return [*self._running.values(), *self._waiting]
+
+
+@operator
+def async_map(
+    step_id: str, up: KeyedStream[X], fn: Callable[[X], Awaitable[Y]], config: AsyncConfig
+) -> KeyedStream[Done[X, Y] | Failed[X]]:
+    """``await fn(item)`` for every item, ``config.capacity`` at a time; results in completion order,
+    keyed as their items were."""
+
+    def to_shard(key_value: tuple[str, X]) -> tuple[str, tuple[str, X]]:
+        return shard_of(key_value[0], config.shards), key_value
+
+    def build(resume: list[tuple[str, X]] | None) -> _AsyncLogic[tuple[str, X], Any]:
+        async def call(key_value: tuple[str, X]) -> Any:
+            return await fn(key_value[1])
+
+        return _AsyncLogic(step_id, call, config, resume)
+
+    outs = op.stateful_batch("calls", op.map("shard", up, to_shard), build)
+
+    def unshard(shard_out: tuple[str, Done[Any, Y] | Failed[Any]]) -> tuple[str, Done[X, Y] | Failed[X]]:
+        result = shard_out[1]
+        key, item = result.item
+        if isinstance(result, Done):
+            return key, Done(item, result.value, result.attempts, result.seconds)
+        return key, Failed(item, result.error, result.timed_out, result.attempts, result.seconds)
+
+    return op.map("unshard", outs, unshard)
