@@ -109,10 +109,11 @@ class AgentClient:
                 return
             with self._changed:
                 for msg in msgs:
-                    if msg.error() is not None or msg.value() is None:
+                    value = msg.value()
+                    if msg.error() is not None or value is None:
                         continue
                     try:
-                        doc = orjson.loads(msg.value())
+                        doc = orjson.loads(value)
                     except orjson.JSONDecodeError:
                         continue  # not written by the runtime
                     if msg.topic() == self.topics.results and "task_id" in doc:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +209,8 @@ def build(settings: Settings | None = None) -> Dataflow:
     brokers, outage_limit_s, topics = s.kafka_bootstrap_servers, s.kafka_outage_limit_s, s.topics
     ensure_topics(brokers, topics.specs(), outage_limit_s=outage_limit_s)
     specs = tools(s.tools)
+    if "fetch" in specs:
+        specs["fetch"] = replace(specs["fetch"], timeout_s=s.fetch_timeout_s)
     process = os.environ.get("BYTEWAX_PROCESS_ID", "0")
     journal = Journal(s.journal_dir / f"process-{process}", s.journal_ttl_s)
     worker = Worker(specs, executors(s), journal, s.retries)

@@ -164,8 +164,8 @@ def fetcher(allowlist: frozenset[str], max_bytes: int = 100_000, timeout_s: floa
         if parts.scheme not in ("http", "https") or not ({parts.hostname, parts.netloc} & allowlist):
             allowed = ", ".join(sorted(allowlist)) or "empty"
             raise ToolError(f"{parts.netloc or url!r} is not on the fetch allowlist ({allowed})")
-        if not http:
-            http.append(httpx.AsyncClient(timeout=timeout_s, follow_redirects=False))
+        if not http:  # the tool's own timeout (the workers') comes first; this one is a backstop
+            http.append(httpx.AsyncClient(timeout=timeout_s + 1, follow_redirects=False))
         body = b""
         try:
             async with http[0].stream("GET", url) as response:
@@ -173,6 +173,8 @@ def fetcher(allowlist: frozenset[str], max_bytes: int = 100_000, timeout_s: floa
                     body += piece
                     if len(body) >= max_bytes:
                         break
+        except httpx.TimeoutException as exc:
+            raise ToolError(f"GET {url} timed out") from exc
         except httpx.TransportError as exc:
             raise TransientToolError(f"GET {url}: {type(exc).__name__}") from exc
         if response.status_code >= 500:

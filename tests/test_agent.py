@@ -56,7 +56,7 @@ class Runtime:
                 self.messages.append(out)
 
     def on(self, topic: str) -> list[dict[str, Any]]:
-        return [orjson.loads(m.value) for m in self.messages if m.topic == topic]
+        return [orjson.loads(m.value or b"") for m in self.messages if m.topic == topic]
 
     def submit(self, text: str = "task", task_id: str = "a", caps: Caps | None = None, tenant: str = "t") -> None:
         names = ("calculator", "fetch", "human")
