@@ -39,6 +39,7 @@ class AgentClient:
         parts = [TopicPartition(t, p, OFFSET_BEGINNING) for t in followed for p in range(partition_count(brokers, t))]
         self._consumer.assign(parts)
         self.results: dict[str, dict[str, Any]] = {}
+        self.received_at: dict[str, float] = {}  # task id -> time.perf_counter() when its result arrived
         self.escalations: dict[str, dict[str, Any]] = {}  # by escalation id
         self._changed = threading.Condition()
         self._closed = threading.Event()
@@ -104,7 +105,9 @@ class AgentClient:
     def _follow(self) -> None:
         while not self._closed.is_set():
             try:
-                msgs = self._consumer.consume(500, 0.05)
+                # poll() returns at the first message; consume(n, t) would wait for n or t.
+                first = self._consumer.poll(0.05)
+                msgs = [] if first is None else [first, *self._consumer.consume(500, 0)]
             except KafkaException:  # closed under us
                 return
             with self._changed:
@@ -118,6 +121,7 @@ class AgentClient:
                         continue  # not written by the runtime
                     if msg.topic() == self.topics.results and "task_id" in doc:
                         self.results[doc["task_id"]] = doc
+                        self.received_at.setdefault(doc["task_id"], time.perf_counter())
                     elif msg.topic() == self.topics.escalations and "escalation_id" in doc:
                         self.escalations[doc["escalation_id"]] = doc
                 self._changed.notify_all()

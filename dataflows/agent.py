@@ -154,7 +154,10 @@ def build(settings: Settings | None = None) -> Dataflow:
     answered = op.map("encode", op.key_rm("unkey_replies", replies), lambda r: _reply(r, topics.llm_replies))
     dead = op.map("dead", op.merge("errs", inputs.errs, calls.rest), _dead_or_message)
     # KafkaMessage: model replies, tool calls, escalations, results, audit records, dead letters
-    sink = KafkaSink(brokers, dlq_topic=topics.tasks + DLQ_SUFFIX, outage_limit_s=outage_limit_s)
+    # Every turn waits on this output: no lingering for fuller batches.
+    sink = KafkaSink(
+        brokers, dlq_topic=topics.tasks + DLQ_SUFFIX, outage_limit_s=outage_limit_s, config={"linger.ms": 0}
+    )
     kafka_output("publish", op.merge("out", answered, dead), sink)
     return flow
 

@@ -227,7 +227,10 @@ def build(settings: Settings | None = None) -> Dataflow:
     answered = op.map("encode", op.key_rm("unkey", results), lambda r: _message(r, topics.tool_results))
     dead = op.map("dead", calls.errs, to_dlq_message)
     # KafkaMessage: results on agent.tool_results, dead letters on agent.tool_calls.dlq
-    sink = KafkaSink(brokers, dlq_topic=topics.tool_calls + DLQ_SUFFIX, outage_limit_s=outage_limit_s)
+    # Every turn waits on this output: no lingering for fuller batches.
+    sink = KafkaSink(
+        brokers, dlq_topic=topics.tool_calls + DLQ_SUFFIX, outage_limit_s=outage_limit_s, config={"linger.ms": 0}
+    )
     kafka_output("publish", op.merge("out", answered, dead), sink)
     return flow
 

@@ -209,16 +209,16 @@ class OpenAIChat:
             response = httpx.post(url, json=body, headers=headers, timeout=self.timeout_s)
         except httpx.HTTPError as exc:
             raise LLMError(f"{url}: {exc!r}") from exc
-        check_status(url, response)
+        check_status(url, response.status_code, response.content)
         return response.content
 
 
-def check_status(url: str, response: httpx.Response) -> None:
+def check_status(url: str, status: int, body: bytes) -> None:
     """:class:`LLMError` for an answer worth retrying (HTTP 429, 5xx), :class:`LLMRefused` for another non-200."""
-    if response.status_code == 429 or response.status_code >= 500:
-        raise LLMError(f"{url} answered HTTP {response.status_code}")
-    if response.status_code != 200:
-        raise LLMRefused(f"{url} refused the request: HTTP {response.status_code}: {response.text:.200}")
+    if status == 429 or status >= 500:
+        raise LLMError(f"{url} answered HTTP {status}")
+    if status != 200:
+        raise LLMRefused(f"{url} refused the request: HTTP {status}: {body[:200].decode(errors='replace')}")
 
 
 def _checked(raw: bytes, contexts: Sequence[Hit]) -> tuple[Sentence, ...]:

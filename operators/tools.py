@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
+import aiohttp
 from jsonschema import Draft202012Validator
 
 __all__ = [
@@ -155,8 +155,8 @@ async def run_calculator(args: dict[str, Any]) -> str:
 
 
 def fetcher(allowlist: frozenset[str], max_bytes: int = 100_000, timeout_s: float = 10.0) -> Executor:
-    """HTTP GET for hosts on ``allowlist`` (``"example.com"`` or ``"127.0.0.1:8080"``)."""
-    http: list[httpx.AsyncClient] = []  # made in the event loop that first uses it
+    """HTTP GET for hosts on ``allowlist`` (``"example.com"`` or ``"127.0.0.1:8080"``); redirects are not followed."""
+    http: list[aiohttp.ClientSession] = []  # made in the event loop that first uses it
 
     async def run(args: dict[str, Any]) -> str:
         url = args["url"]
@@ -165,21 +165,24 @@ def fetcher(allowlist: frozenset[str], max_bytes: int = 100_000, timeout_s: floa
             allowed = ", ".join(sorted(allowlist)) or "empty"
             raise ToolError(f"{parts.netloc or url!r} is not on the fetch allowlist ({allowed})")
         if not http:  # the tool's own timeout (the workers') comes first; this one is a backstop
-            http.append(httpx.AsyncClient(timeout=timeout_s + 1, follow_redirects=False))
+            http.append(aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s + 1)))
         body = b""
         try:
-            async with http[0].stream("GET", url) as response:
-                async for piece in response.aiter_bytes():
+            async with http[0].get(url, allow_redirects=False) as response:
+                async for piece in response.content.iter_chunked(64 * 1024):
                     body += piece
                     if len(body) >= max_bytes:
                         break
-        except httpx.TimeoutException as exc:
+                status = response.status
+        except TimeoutError as exc:
             raise ToolError(f"GET {url} timed out") from exc
-        except httpx.TransportError as exc:
+        except aiohttp.ClientConnectionError as exc:
             raise TransientToolError(f"GET {url}: {type(exc).__name__}") from exc
-        if response.status_code >= 500:
-            raise TransientToolError(f"GET {url} answered HTTP {response.status_code}")
-        return f"HTTP {response.status_code}\n{body[:max_bytes].decode(errors='replace')}"
+        except aiohttp.ClientError as exc:
+            raise ToolError(f"GET {url}: {type(exc).__name__}: {exc}") from exc
+        if status >= 500:
+            raise TransientToolError(f"GET {url} answered HTTP {status}")
+        return f"HTTP {status}\n{body[:max_bytes].decode(errors='replace')}"
 
     return run
 
