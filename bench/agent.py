@@ -33,10 +33,10 @@ from typing import Any
 import matplotlib.pyplot as plt
 import orjson
 
-from bench.agent_stack import AgentStack
 from bench.report import parse_args, progress, write_report
 from clients.agents import AgentClient
 from common import default_brokers, free_port
+from dataflows.launch import AgentStack
 from models.chat import ChatClient
 from operators.agent import SYSTEM
 from operators.kafka import read_topic

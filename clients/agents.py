@@ -68,6 +68,21 @@ class AgentClient:
             self.flush()
         return task_id
 
+    def wait_until_running(self, *, timeout_s: float = 120.0, give_up: Any = lambda: None) -> None:
+        """Submit probe tasks until one is answered: a runtime started at ``latest`` answers only tasks
+        submitted once it has positioned itself. ``give_up()`` returning a reason stops the wait."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            probe = self.submit("Are you running?", task_id=f"probe-{uuid.uuid4().hex}", caps={"max_iterations": 1})
+            try:
+                self.wait(probe, timeout_s=2.0)
+                return
+            except TimeoutError:
+                reason = give_up()
+                if reason:
+                    raise RuntimeError(f"the agent runtime is not running: {reason}") from None
+        raise TimeoutError(f"the agent runtime answered no task within {timeout_s} s")
+
     def reply(self, escalation: dict[str, Any], text: str) -> None:
         """A human's answer to ``escalation`` (for an approval: ``approve``, or why not)."""
         doc = {"escalation_id": escalation["escalation_id"], "tenant": escalation["tenant"], "reply": text}

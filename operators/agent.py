@@ -60,6 +60,7 @@ budget is exact.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
@@ -473,7 +474,7 @@ class _Run:
             if due is not None:
                 self.store.set_timer("due", task.task_id, due)
             task.due_ms = due
-        self.store.put("t:" + task.task_id, asdict(task))
+        self.store.put("t:" + task.task_id, task)  # orjson writes a dataclass itself, without asdict's deep copy
 
     def _deadline(self, task: TaskState) -> int | None:
         if task.waiting_since_ms is not None:
@@ -483,8 +484,9 @@ class _Run:
         return task.started_ms + task.human_wait_ms + int(task.limits.max_wall_s * 1000)
 
     def _day_key(self, tenant: str, day: str | None = None) -> str:
-        return f"b:{tenant}:{day or self.day()}"
+        return f"b:{tenant}:{day or self.day}"
 
+    @functools.cached_property
     def day(self) -> str:
         return datetime.fromtimestamp(self.now / 1000, UTC).strftime("%Y-%m-%d")
 
@@ -763,7 +765,7 @@ class _Run:
         budget = self._tenant(task.tenant)
         budget["reserved"] += worst
         self._put_tenant(task.tenant, budget)
-        task.reserved_usd, task.reserved_day = worst, self.day()
+        task.reserved_usd, task.reserved_day = worst, self.day
         task.seq += 1
         task.turn += purpose == "decide"
         task.status, task.purpose = "llm", purpose

@@ -26,6 +26,7 @@ the model is told) and its subclass :class:`TransientToolError` (worth a retry).
 from __future__ import annotations
 
 import ast
+import functools
 import math
 import operator
 from collections.abc import Awaitable, Callable
@@ -81,9 +82,13 @@ class Tool:
             "function": {"name": self.name, "description": self.description, "parameters": self.parameters},
         }
 
+    @functools.cached_property
+    def _validator(self) -> Draft202012Validator:
+        return Draft202012Validator(self.parameters)
+
     def invalid(self, arguments: Any) -> str | None:
         """Why ``arguments`` do not fit the schema, or ``None``."""
-        errors = sorted(Draft202012Validator(self.parameters).iter_errors(arguments), key=lambda e: list(e.path))
+        errors = sorted(self._validator.iter_errors(arguments), key=lambda e: list(e.path))
         if not errors:
             return None
         return "; ".join(f"{'/'.join(map(str, e.path)) or 'arguments'}: {e.message}" for e in errors[:3])

@@ -17,9 +17,9 @@ import orjson
 import pytest
 from conftest import wait_for
 
-from bench.agent_stack import AgentStack
 from clients.agents import AgentClient
 from common import free_port
+from dataflows.launch import AgentStack
 from models.scripted_llm import RECORDINGS, ScriptedModel, serve
 from operators.agent import AgentTopics
 from operators.kafka import KafkaMessage, produce, read_topic
