@@ -68,6 +68,8 @@ class Settings:
     fetch_allowlist: str = ""  # hosts (or host:port) fetch may reach, comma-separated; empty: none
     fetch_max_bytes: int = 100_000
     fetch_timeout_s: float = 10.0
+    rag_queries_topic: str = RAG_QUERIES_TOPIC  # where retrieve sends its queries (dataflows.rag's)
+    rag_answers_topic: str = RAG_ANSWERS_TOPIC
     journal_dir: Path = Path("var/state/agent_tools")
     journal_ttl_s: int = 7 * DAY_S
     start: Position = Position.earliest()  # noqa: RUF009
@@ -111,11 +113,11 @@ def executors(s: Settings) -> dict[str, Executor]:
             allowlist = frozenset(h.strip() for h in s.fetch_allowlist.split(",") if h.strip())
             made[name] = fetcher(allowlist, s.fetch_max_bytes, s.fetch_timeout_s)
         elif name == "retrieve":
-            made[name] = retriever(_rag(s.kafka_bootstrap_servers))
+            made[name] = retriever(_rag(s.kafka_bootstrap_servers, s.rag_queries_topic, s.rag_answers_topic))
     return made
 
 
-def _rag(brokers: str) -> Any:
+def _rag(brokers: str, queries_topic: str, answers_topic: str) -> Any:
     """Queries to the RAG dataflow, through a client made on first use (the RAG dataflow may start later)."""
     clients: list[AsyncInferenceClient] = []
 
@@ -125,8 +127,8 @@ def _rag(brokers: str) -> Any:
                 client = await asyncio.to_thread(
                     AsyncInferenceClient,
                     brokers,
-                    request_topic=RAG_QUERIES_TOPIC,
-                    reply_topic=RAG_ANSWERS_TOPIC,
+                    request_topic=queries_topic,
+                    reply_topic=answers_topic,
                     timeout_s=5.0,
                     wait_for_server_s=1.0,
                 )

@@ -16,6 +16,10 @@ from test_fraud_e2e import Fraud
 from test_online_e2e import Load, Server
 from test_rag_e2e import DOCS, Rag, doc_message, top
 
+from clients.agents import AgentClient
+from common import free_port
+from dataflows.launch import AgentStack
+from models.scripted_llm import RECORDINGS, ScriptedModel, serve
 from operators.kafka import read_topic
 
 OUTAGE_S = 8  # the broker stays down this long, under load
@@ -142,3 +146,25 @@ def test_rag_answers_queries_sent_during_a_restart_and_indexes_documents_after_i
     finally:
         if rag.proc is not None:
             rag.proc.kill()
+
+
+def test_agent_tasks_finish_through_a_restart_in_the_middle_of_their_turns(broker: Broker, tmp_path: Path) -> None:
+    model = ScriptedModel(orjson.loads(RECORDINGS.read_bytes()))
+    task = "Add up the numbers one to eight"  # eight turns with a tool call each
+    with (
+        serve(model, free_port(), latency_ms=200) as url,
+        AgentStack(broker.address, tmp_path, url, "restart") as stack,
+    ):
+        stack.start()
+        with AgentClient(broker.address, topic_prefix="restart") as agents:
+            before = [agents.submit(task) for _ in range(3)]
+            wait_for(lambda: len(model.requests) >= 3, "the tasks' first turns")
+            broker.stop()
+            during = [agents.submit(task, flush=False) for _ in range(2)]
+            time.sleep(OUTAGE_S)
+            broker.start()
+            agents.flush()
+            results = [agents.wait(task_id, timeout_s=120) for task_id in before + during]
+        stack.check()
+    assert all(r["status"] == "done" and r["answer"] == "The sum of one to eight is 36." for r in results), results
+    assert all(r["tool_calls"] == 7 for r in results)

@@ -14,11 +14,13 @@ import pytest
 from conftest import Logged, gateway, wait_for
 
 from bench.rag import step_figures
+from clients.agents import AgentClient
 from clients.inference import InferenceClient
 from common import free_port
-from dataflows.launch import exited, run_command
+from dataflows.launch import AgentStack, exited, run_command
 from dataflows.online_inference import Settings as OnlineSettings
 from dataflows.rag import Settings
+from models.scripted_llm import RECORDINGS, ScriptedModel, serve
 from operators.kafka import KafkaMessage, ensure_topics, produce, read_topic
 from operators.protocol import request_headers
 
@@ -215,3 +217,27 @@ def test_bad_documents_and_queries_get_reasons_and_the_dataflow_goes_on(rag: Rag
         assert outputs["hits"][0]["doc_id"] == "vitd" and outputs["answer"]["found"]
         bad = web.post("/v1/models/rag:predict", json={"inputs": {"query": "x", "k": 0}})
         assert bad.status_code == 400 and "k must be" in bad.json()["error"]
+
+
+def test_an_agent_retrieves_from_the_rag_dataflow(rag: Rag, brokers: str, tmp_path: Path) -> None:
+    s = rag.s
+    with rag.client() as client:
+        rag.wait_ready(client)
+    rag.produce(*(doc_message(s.documents_topic, d, *fields) for d, fields in DOCS.items()))
+    wait_for(lambda: rag.embedded() >= len(DOCS), "documents embedded")
+    model = ScriptedModel(orjson.loads(RECORDINGS.read_bytes()))
+    settings = {
+        "AGENT_TOOLS": "retrieve",
+        "AGENT_TOOLS_TOOLS": "retrieve",
+        "AGENT_TOOLS_RAG_QUERIES_TOPIC": s.queries_topic,
+        "AGENT_TOOLS_RAG_ANSWERS_TOPIC": s.answers_topic,
+    }
+    prefix = f"{s.documents_topic}-agent"
+    with serve(model, free_port()) as url, AgentStack(brokers, tmp_path / "agent", url, prefix, **settings) as stack:
+        stack.start()
+        with AgentClient(brokers, topic_prefix=prefix) as agents:
+            result = agents.wait(agents.submit("What do the documents say about aspirin?"), timeout_s=90)
+        stack.check()
+    assert result["status"] == "done" and result["tool_calls"] == 1
+    assert result["answer"].startswith("From the documents: Aspirin lowers the risk of a second heart attack")
+    assert "[aspirin] Aspirin trial" in result["answer"]
