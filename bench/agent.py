@@ -221,7 +221,7 @@ def main() -> None:
     left.legend()
     right.bar(["patternflow", "direct loop"], [result["tasks_per_s_500"], result["direct_tasks_per_s_500"]])
     right.set_ylabel("tasks per second")
-    right.set_title(f"{concurrent} tasks at once ({TURNS} turns of {LLM_MS} ms + 2 tools of {TOOL_MS} ms)")
+    right.set_title(f"{concurrent} tasks at once")
     fig.tight_layout()
     notes = [
         f"A task: {TURNS} model turns ({LLM_MS} ms each, the scripted test double) and 2 fetches of a local page "

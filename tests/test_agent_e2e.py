@@ -4,6 +4,8 @@ chat client against the scripted model (a test double: no LLM can run here), kil
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -237,3 +239,18 @@ def test_kill_9_mid_task_resumes_without_running_finished_tool_calls_again(
             result = agents.wait(task_id, timeout_s=90)
     assert result["status"] == "done" and result["answer"] == f"Read all three; the last says: HTTP 200\npage {path}/3"
     assert [Web.hits[f"{path}/{n}"] for n in (1, 2, 3)] == [1, 1, 1]
+
+
+def test_the_readme_example_works(agents: AgentClient, brokers: str) -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = readme.split("## Dataflow: the agent loop", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    prefix = agents.topics.tasks.removesuffix(".tasks")
+    code = block.replace('AgentClient("127.0.0.1:9092")', f'AgentClient("{brokers}", topic_prefix="{prefix}")')
+    assert code != block
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=Path(__file__).parent.parent
+    )
+    assert out.returncode == 0, out.stderr
+    first, second = out.stdout.splitlines()
+    assert first.startswith("done 17 * 23 + 4 = 395. {'prompt_tokens': ")
+    assert second == "Deploying to eu-west, as the operator said."
