@@ -73,7 +73,7 @@ from models.chat import ChatReply, Prices, ToolRequest, estimate_tokens
 from operators.dlq import DLQ_SUFFIX, DeadLetter, loads_json
 from operators.kafka import TopicSpec
 from operators.kafka.message import KafkaMessage
-from operators.protocol import MAX_JOB_ID_BYTES
+from operators.protocol import id_from_key
 from operators.tools import HUMAN, Tool
 from state import StateStore
 
@@ -163,8 +163,10 @@ class Caps:
             value = requested.get(name)
             if value is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-                raise InvalidMessage(f"caps.{name} must be a positive number, got {value!r}")
+            kind = int if isinstance(limit, int) else int | float
+            if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
+                form = "a positive integer" if kind is int else "a positive number"
+                raise InvalidMessage(f"caps.{name} must be {form}, got {value!r}")
             lower[name] = type(limit)(min(value, limit))
         unknown = set(requested) - set(asdict(self))
         if unknown:
@@ -258,14 +260,7 @@ class LlmCall:
 
 
 def task_id_of(key: bytes | None) -> str:
-    if not key:
-        raise InvalidMessage("an agent message must be keyed by its task id")
-    if len(key) > MAX_JOB_ID_BYTES:
-        raise InvalidMessage(f"task id is {len(key)} bytes, over {MAX_JOB_ID_BYTES}")
-    try:
-        return key.decode()
-    except UnicodeDecodeError:
-        raise InvalidMessage("task id (the message key) is not UTF-8") from None
+    return id_from_key(key, "task id", "an agent message")
 
 
 def json_object(msg: KafkaMessage, max_bytes: int = 1 << 20) -> dict[str, Any]:

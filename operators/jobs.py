@@ -40,7 +40,7 @@ from common import wall_ms
 from models.registry import Model, get_spec
 from operators.dlq import DeadLetter, InvalidMessage, loads_json
 from operators.kafka.message import KafkaBatch, KafkaMessage
-from operators.protocol import MAX_JOB_ID_BYTES
+from operators.protocol import id_from_key
 from operators.stateful import Expiring
 from state import StateStore
 
@@ -97,7 +97,7 @@ def parse_jobs(step_id: str, batch: KafkaBatch, max_inputs: int, now_ms: int | N
     out = Parsed()
     for msg in batch:
         try:
-            job_id = _job_id(msg.key)
+            job_id = id_from_key(msg.key, "job id", "a job submission")
         except InvalidMessage as exc:
             out.dead.append(DeadLetter(msg, step_id, str(exc)))
             continue
@@ -107,17 +107,6 @@ def parse_jobs(step_id: str, batch: KafkaBatch, max_inputs: int, now_ms: int | N
             failed = JobResult(job_id, "failed", "", 0, msg.timestamp_ms or now, now, now, error=str(exc))
             out.failed.append((failed, DeadLetter(msg, step_id, str(exc))))
     return out
-
-
-def _job_id(key: bytes | None) -> str:
-    if not key:
-        raise InvalidMessage("a job submission must be keyed by its job id")
-    if len(key) > MAX_JOB_ID_BYTES:
-        raise InvalidMessage(f"job id is {len(key)} bytes, over {MAX_JOB_ID_BYTES}")
-    try:
-        return key.decode()
-    except UnicodeDecodeError:
-        raise InvalidMessage("job id (the message key) is not UTF-8") from None
 
 
 def _job(job_id: str, msg: KafkaMessage, max_inputs: int, now: int) -> Job:

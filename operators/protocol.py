@@ -42,6 +42,7 @@ __all__ = [
     "REQUEST_TOPIC",
     "ReplyTo",
     "deadline_ms",
+    "id_from_key",
     "reply_to",
     "request_headers",
 ]
@@ -51,7 +52,7 @@ REPLY_TOPIC = "inference.replies"
 # Async jobs (the protocol is in operators.jobs): submissions in, every status out.
 JOBS_SUBMIT_TOPIC = "jobs.submit"
 JOBS_RESULTS_TOPIC = "jobs.results"
-MAX_JOB_ID_BYTES = 256
+MAX_JOB_ID_BYTES = 256  # job ids, task ids and document ids: the message key
 # RAG (the query format is in operators.rag): queries in, answers out, over this protocol.
 RAG_MODEL = "rag"
 RAG_QUERIES_TOPIC = "rag.queries"
@@ -127,3 +128,16 @@ def reply_to(msg: KafkaMessage, partitions: Callable[[str], int | None], forbidd
 def deadline_ms(msg: KafkaMessage) -> int | None:
     """The request's ``deadline_ms`` header; :class:`InvalidMessage` if malformed."""
     return _number(msg, "deadline_ms")
+
+
+def id_from_key(key: bytes | None, what: str, subject: str) -> str:
+    """The message key as ``what`` (a job id, a task id, a document id): UTF-8, 1 to
+    :data:`MAX_JOB_ID_BYTES` bytes; :class:`InvalidMessage` naming ``subject`` otherwise."""
+    if not key:
+        raise InvalidMessage(f"{subject} must be keyed by its {what}")
+    if len(key) > MAX_JOB_ID_BYTES:
+        raise InvalidMessage(f"{what} is {len(key)} bytes, over {MAX_JOB_ID_BYTES}")
+    try:
+        return key.decode()
+    except UnicodeDecodeError:
+        raise InvalidMessage(f"{what} (the message key) is not UTF-8") from None

@@ -43,7 +43,7 @@ from models.llm import Generator, Question
 from operators import metrics
 from operators.dlq import loads_json
 from operators.kafka.message import KafkaMessage
-from operators.protocol import RAG_MODEL, deadline_ms
+from operators.protocol import RAG_MODEL, deadline_ms, id_from_key
 from operators.retrieval import Fusion, Hit, IndexedChunk, ShardIndex, best_per_doc, fuse
 from operators.serving import Reply, ReplyRules, Request, answerable
 from operators.stateful import Expiring, shard_of
@@ -66,7 +66,6 @@ __all__ = [
     "parse_query",
 ]
 
-MAX_DOC_ID_BYTES = 256
 MAX_QUERY_CHARS = 2_000
 MAX_K = 100
 MAX_FILTERS = 16
@@ -147,14 +146,7 @@ def _fields(doc: dict[str, Any], allowed: set[str], what: str) -> None:
 def parse_document(msg: KafkaMessage, max_chars: int) -> Document | Deletion:
     """A document or a deletion; :class:`InvalidMessage` says what is wrong with the message.
     A text over ``max_chars`` characters is refused: embedding it would hold up every query."""
-    if not msg.key:
-        raise InvalidMessage("a document message needs its document id as the message key")
-    try:
-        doc_id = msg.key.decode()
-    except UnicodeDecodeError:
-        raise InvalidMessage(f"the key (the document id) is not UTF-8: {msg.key!r:.60}") from None
-    if len(msg.key) > MAX_DOC_ID_BYTES:
-        raise InvalidMessage(f"the key (the document id) is over {MAX_DOC_ID_BYTES} bytes")
+    doc_id = id_from_key(msg.key, "document id", "a document message")
     produced_ms = msg.timestamp_ms or wall_ms()
     if msg.value is None:
         return Deletion(doc_id, produced_ms)

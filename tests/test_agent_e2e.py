@@ -212,7 +212,7 @@ def test_malformed_messages_go_to_dead_letters_and_the_runtime_goes_on(agents: A
     tasks = reasons(topics.tasks, 4)
     assert any("keyed by its task id" in r for r in tasks) and any("unknown tools ['shell']" in r for r in tasks)
     assert any("not JSON" in r for r in tasks)
-    assert any("caps.max_iterations must be a positive number" in r for r in tasks)
+    assert any("caps.max_iterations must be a positive integer" in r for r in tasks)
     (human,) = reasons(topics.human_replies, 1)
     assert human == "no task 'ghost' of tenant 'default' waits for escalation 'nope'"
     (tool,) = reasons(topics.tool_results, 1)
