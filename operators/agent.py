@@ -70,6 +70,7 @@ import orjson
 
 from common import InvalidMessage, wall_ms
 from models.chat import ChatReply, Prices, ToolRequest, estimate_tokens
+from operators import metrics
 from operators.dlq import DLQ_SUFFIX, DeadLetter, loads_json
 from operators.kafka import TopicSpec
 from operators.kafka.message import KafkaMessage
@@ -572,6 +573,8 @@ class _Run:
         budget["spent"] += cost
         self._put_tenant(task.tenant, budget, task.reserved_day)
         task.reserved_usd = 0.0
+        for what, amount in (("prompt_tokens", prompt), ("completion_tokens", completion), ("usd", cost)):
+            metrics.AGENT_SPEND.labels(self.policy.model, what).inc(amount)
         return prompt, completion, cost
 
     def tool_replied(self, rep: ToolReplied) -> None:
@@ -721,7 +724,7 @@ class _Run:
         result for every call the model made before its next turn."""
         for call in task.calls:
             if call["ok"] is None:
-                call["ok"], call["result"] = False, f"not run: {reason}"
+                call["ok"], call["result"] = False, f"no result: {reason}"
             content = call["result"] if call["ok"] else f"ERROR: {call['result']}"
             task.messages.append({"role": "tool", "tool_call_id": call["model_id"], "content": content})
         task.calls = []
@@ -793,6 +796,7 @@ class _Run:
             budget["spent"] += task.reserved_usd
             self._put_tenant(task.tenant, budget, task.reserved_day)
             task.cost_usd += task.reserved_usd
+            metrics.AGENT_SPEND.labels(self.policy.model, "usd").inc(task.reserved_usd)
             task.reserved_usd = 0.0
         self._close_turn(task, f"the task hit its {reason} cap")
         if self.policy.on_cap == "final_answer":
@@ -828,6 +832,7 @@ class _Run:
         if task.due_ms is not None:
             self.store.cancel_timer("due", task.task_id, task.due_ms)
         self.audit(task, "result", status=status, reason=reason, cost_usd=result["usage"]["cost_usd"])
+        metrics.AGENT_TASKS.labels(status, (reason or "").split(":")[0]).inc()
         self.publish(self.topics.results, task.task_id, result)
         # Only the result is kept, for resubmissions of the task.
         self.store.put("t:" + task.task_id, {"result": result}, ttl_ms=int(self.policy.result_ttl_s * 1000))

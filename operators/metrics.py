@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     from models.quality import Prequential
 
 __all__ = [
+    "AGENT_SPEND",
+    "AGENT_TASKS",
     "BATCH_EXPECTED",
     "BATCH_ROWS",
     "CONSUMER_LAG",
@@ -52,6 +54,17 @@ CONSUMER_LAG = Gauge(
 
 BATCH_ROWS = Counter("patternflow_batch_rows", "Rows a batch job has written, by outcome (ok, bad)", ["job", "outcome"])
 BATCH_EXPECTED = Gauge("patternflow_batch_rows_expected", "Rows in a batch job's input range", ["job"])
+
+AGENT_TASKS = Counter(
+    "patternflow_agent_tasks",
+    "Agent tasks finished, by status and reason (the cap hit, for cap_exceeded)",
+    ["status", "reason"],
+)
+AGENT_SPEND = Counter(
+    "patternflow_agent_llm",
+    "Agent model calls' tokens and cost, by model and what (prompt_tokens, completion_tokens, usd)",
+    ["model", "what"],
+)
 
 MODEL_ROC_AUC = Gauge(
     "patternflow_model_roc_auc", "Prequential ROC-AUC of an online model, by step and key", ["step", "key"]
