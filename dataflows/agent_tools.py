@@ -34,7 +34,7 @@ from bytewax.dataflow import Dataflow
 from clients.inference import AsyncInferenceClient
 from operators import metrics
 from operators.agent import AgentTopics, json_object, task_id_of, text_field
-from operators.aio import AsyncConfig, Done, Failed, async_map
+from operators.aio import AsyncConfig, Done, Failed, async_map, attempts
 from operators.dlq import DLQ_SUFFIX, to_dlq_message, try_map
 from operators.kafka import KafkaError, KafkaMessage, Position, ensure_topics
 from operators.kafka.sink import KafkaSink, kafka_output
@@ -45,7 +45,6 @@ from operators.tools import (
     HUMAN,
     Executor,
     Tool,
-    ToolError,
     TransientToolError,
     fetcher,
     retriever,
@@ -120,34 +119,41 @@ def executors(s: Settings) -> dict[str, Executor]:
 def _rag(brokers: str, queries_topic: str, answers_topic: str) -> Any:
     """Queries to the RAG dataflow, through a client made on first use (the RAG dataflow may start later)."""
     clients: list[AsyncInferenceClient] = []
+    first = asyncio.Lock()
 
     async def predict(inputs: dict[str, Any]) -> dict[str, Any]:
-        if not clients:
-            try:
-                client = await asyncio.to_thread(
-                    AsyncInferenceClient,
-                    brokers,
-                    request_topic=queries_topic,
-                    reply_topic=answers_topic,
-                    timeout_s=5.0,
-                    wait_for_server_s=1.0,
-                )
-            except KafkaError as exc:
-                raise TransientToolError(f"the RAG dataflow is not running: {exc}") from exc
-            clients.append(client)
+        async with first:
+            if not clients:
+                try:
+                    client = await asyncio.to_thread(
+                        AsyncInferenceClient,
+                        brokers,
+                        request_topic=queries_topic,
+                        reply_topic=answers_topic,
+                        timeout_s=5.0,
+                        wait_for_server_s=1.0,
+                    )
+                except KafkaError as exc:
+                    raise TransientToolError(f"the RAG dataflow is not running: {exc}") from exc
+                clients.append(client)
         return await clients[0].predict(RAG_MODEL, inputs)
 
     return predict
 
 
+def _transient(exc: BaseException) -> bool:
+    return isinstance(exc, TransientToolError)
+
+
 class Worker:
-    """Runs calls once each: journaled results are answered from the journal, duplicates in flight share a run."""
+    """Runs calls once each: journaled results are answered from the journal, duplicates in flight share a run.
+    Each tool runs under its own timeout; transient failures are retried ``retries`` times with backoff."""
 
     def __init__(self, specs: dict[str, Tool], run: dict[str, Executor], journal: Journal, retries: int) -> None:
-        self.retries = retries
         self._specs = specs
         self._run = run
         self._journal = journal
+        self._config = AsyncConfig(retries=retries, retry_if=_transient)
         self._running: dict[str, asyncio.Future[dict[str, Any]]] = {}
 
     async def __call__(self, call: ToolCall) -> dict[str, Any]:
@@ -158,42 +164,29 @@ class Worker:
             return await asyncio.shield(self._running[call.call_id])
         future = self._running[call.call_id] = asyncio.get_running_loop().create_future()
         try:
-            result = await self._attempts(call)
+            result = await self._execute(call)
             self._journal.put(call.call_id, result)
             future.set_result(result)
             return result
         finally:
             del self._running[call.call_id]
 
-    async def _attempts(self, call: ToolCall) -> dict[str, Any]:
+    async def _execute(self, call: ToolCall) -> dict[str, Any]:
         run, spec = self._run.get(call.tool), self._specs.get(call.tool)
-        loop = asyncio.get_running_loop()
-        start = loop.time()
         if run is None or spec is None:
-            return _result(call, False, f"these tool workers have no tool {call.tool!r}", 0, start)
+            return _result(call, False, f"these tool workers have no tool {call.tool!r}", 0, 0.0)
         problem = spec.invalid(call.arguments)
         if problem is not None:
-            return _result(call, False, f"invalid arguments for {call.tool}: {problem}", 0, start)
-        attempts = self.retries + 1
-        for attempt in range(1, attempts + 1):
-            try:
-                content = await asyncio.wait_for(run(call.arguments), spec.timeout_s)
-                return _result(call, True, content, attempt, start)
-            except TimeoutError:
-                return _result(call, False, f"{call.tool} timed out after {spec.timeout_s:g} s", attempt, start)
-            except TransientToolError as exc:
-                if attempt == attempts:
-                    return _result(call, False, f"{call.tool} failed {attempts} times: {exc}", attempt, start)
-                await asyncio.sleep(0.2 * 2 ** (attempt - 1))
-            except ToolError as exc:
-                return _result(call, False, str(exc), attempt, start)
-            except Exception as exc:  # the tool's bug is the call's failure; the worker goes on
-                return _result(call, False, f"{call.tool} raised {type(exc).__name__}: {exc}", attempt, start)
-        raise AssertionError("unreachable")
+            return _result(call, False, f"invalid arguments for {call.tool}: {problem}", 0, 0.0)
+        outcome = await attempts(run, call.arguments, replace(self._config, timeout_s=spec.timeout_s))
+        if isinstance(outcome, Done):
+            return _result(call, True, outcome.value, outcome.attempts, outcome.seconds)
+        # A ToolError's message is for the model as it is; any other exception is named.
+        error = outcome.error.removeprefix("ToolError: ").removeprefix("TransientToolError: ")
+        return _result(call, False, f"{call.tool}: {error}", outcome.attempts, outcome.seconds)
 
 
-def _result(call: ToolCall, ok: bool, content: str, attempts: int, start: float) -> dict[str, Any]:
-    latency_ms = round((asyncio.get_running_loop().time() - start) * 1000, 3)
+def _result(call: ToolCall, ok: bool, content: str, attempts: int, seconds: float) -> dict[str, Any]:
     return {
         "call_id": call.call_id,
         "task_id": call.task_id,
@@ -202,7 +195,7 @@ def _result(call: ToolCall, ok: bool, content: str, attempts: int, start: float)
         "ok": ok,
         "content": content,
         "attempts": attempts,
-        "latency_ms": latency_ms,
+        "latency_ms": round(seconds * 1000, 3),
     }
 
 

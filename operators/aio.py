@@ -37,7 +37,7 @@ from prometheus_client import Gauge
 from operators import metrics
 from operators.stateful import shard_of
 
-__all__ = ["AsyncConfig", "Done", "Failed", "async_map", "event_loop"]
+__all__ = ["AsyncConfig", "Done", "Failed", "async_map", "attempts", "event_loop"]
 
 X = TypeVar("X")
 Y = TypeVar("Y")
@@ -109,7 +109,8 @@ def event_loop() -> asyncio.AbstractEventLoop:
         return _loop
 
 
-async def _attempts(fn: Callable[[X], Awaitable[Y]], item: X, config: AsyncConfig) -> Done[X, Y] | Failed[X]:
+async def attempts(fn: Callable[[X], Awaitable[Y]], item: X, config: AsyncConfig) -> Done[X, Y] | Failed[X]:
+    """``await fn(item)`` under ``config``'s timeout, retried as it says: :class:`Done` or :class:`Failed`."""
     start = time.perf_counter()
     for attempt in range(1, config.retries + 2):
         try:
@@ -147,7 +148,7 @@ class _AsyncLogic(StatefulBatchLogic[X, Done[X, Y] | Failed[X], list[X]], Generi
             item = self._waiting.popleft()
             call_id, self._next_id = self._next_id, self._next_id + 1
             self._running[call_id] = item
-            future = asyncio.run_coroutine_threadsafe(_attempts(self._fn, item, self._config), loop)
+            future = asyncio.run_coroutine_threadsafe(attempts(self._fn, item, self._config), loop)
             future.add_done_callback(partial(self._on_done, call_id))
 
     def _on_done(self, call_id: int, future: Future[Done[X, Y] | Failed[X]]) -> None:

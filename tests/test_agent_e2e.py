@@ -140,7 +140,7 @@ def test_a_hallucinated_tool_and_bad_arguments_go_back_to_the_model(agents: Agen
 
 def test_a_tool_timeout_is_told_to_the_model(agents: AgentClient, web: str) -> None:
     result = agents.wait(agents.submit(f"Fetch http://{web}/slow"), timeout_s=30)
-    assert result["status"] == "done" and result["answer"] == "The page says: ERROR: fetch timed out after 1 s"
+    assert result["status"] == "done" and result["answer"] == "The page says: ERROR: fetch: timed out after 1 s"
 
 
 def test_a_fetch_outside_the_allowlist_is_refused(agents: AgentClient) -> None:
@@ -217,6 +217,23 @@ def test_malformed_messages_go_to_dead_letters_and_the_runtime_goes_on(agents: A
     assert human == "no task 'ghost' of tenant 'default' waits for escalation 'nope'"
     (tool,) = reasons(topics.tool_results, 1)
     assert tool == "InvalidMessage: ok must be true or false"
+
+
+def test_a_long_task_is_summarised_as_it_nears_the_context_window(brokers: str, tmp_path: Path) -> None:
+    prefix = f"t-{uuid.uuid4().hex[:10]}"
+    model = ScriptedModel(orjson.loads(RECORDINGS.read_bytes()))
+    settings = {"AGENT_TOOLS": "calculator", "AGENT_TOOLS_TOOLS": "calculator", "AGENT_CONTEXT_TOKENS": "1000"}
+    with serve(model, free_port()) as url, AgentStack(brokers, tmp_path, url, prefix, **settings) as stack:
+        stack.start()
+        with AgentClient(brokers, topic_prefix=prefix) as agents:
+            task_id = agents.submit("Add up the numbers one to eight")
+            result = agents.wait(task_id)
+        stack.check()
+    assert result["status"] == "done" and result["answer"] == "The sum of one to eight is 36."
+    trail = audit(brokers, AgentTopics.prefixed(prefix), task_id)
+    summaries = [e for e in trail if e.get("action") == "summary"]
+    assert summaries and all(e["prompt_tokens"] > 0 for e in summaries), "summaries are charged"
+    assert result["usage"]["prompt_tokens"] == sum(e.get("prompt_tokens", 0) for e in trail)
 
 
 def test_kill_9_mid_task_resumes_without_running_finished_tool_calls_again(
