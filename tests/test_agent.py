@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from typing import Any
 
 import orjson
 import pytest
 
-from common import InvalidMessage
-from models.chat import ChatReply, Prices, ToolRequest, estimate_tokens, parse_reply, price_table
+from common import InvalidMessage, free_port
+from models.chat import ChatClient, ChatReply, Prices, ToolRequest, estimate_tokens, parse_reply, price_table
+from models.llm import LLMError, LLMRefused
+from models.scripted_llm import ScriptedModel, serve
 from operators import agent
 from operators.agent import (
     AgentTopics,
@@ -25,7 +28,7 @@ from operators.agent import (
 )
 from operators.dlq import DeadLetter
 from operators.kafka import KafkaMessage
-from operators.tools import ToolError, calculate, tools
+from operators.tools import TOOLS, ToolError, calculate, tools
 from state import MemoryBackend, StateStore
 
 TOPICS = AgentTopics()
@@ -363,3 +366,29 @@ def test_calculator(expression: str, value: str) -> None:
 def test_calculator_refuses_what_is_not_bounded_arithmetic(expression: str) -> None:
     with pytest.raises(ToolError):
         calculate(expression)
+
+
+def test_the_chat_client_over_http_against_the_scripted_double() -> None:
+    recording = {
+        "scripts": [
+            {"task": "calc", "turns": [{"tool_calls": [{"name": "calculator", "arguments": '{"expression": "1+1"}'}]}]},
+            {"task": "broken", "turns": [{"status": 500}]},
+        ]
+    }
+    tools_offered = [TOOLS["calculator"].spec()]
+
+    async def ask(url: str, task: str) -> ChatReply:
+        client = ChatClient(url, "scripted", timeout_s=5)
+        return await client.complete([{"role": "user", "content": task}], tools_offered, 64)
+
+    with serve(ScriptedModel(recording), free_port()) as url:
+        reply = asyncio.run(ask(url, "calc"))
+        assert reply.tool_calls == (ToolRequest("call_0_0", "calculator", '{"expression": "1+1"}'),)
+        assert reply.finish_reason == "tool_calls" and reply.prompt_tokens and reply.completion_tokens
+        with pytest.raises(LLMError, match="answered HTTP 500") as failed:
+            asyncio.run(ask(url, "broken"))
+        assert not isinstance(failed.value, LLMRefused), "a 5xx is worth a retry"
+        with pytest.raises(LLMRefused, match="HTTP 404"):
+            asyncio.run(ask(url.removesuffix("/v1") + "/nowhere", "calc"))
+    with pytest.raises(LLMError, match=r"Cannot connect|ClientConnectorError"):
+        asyncio.run(ask(url, "calc"))  # the server is gone
