@@ -18,6 +18,7 @@ ROOT = Path(__file__).parent.parent
         ("dataflows.event_counts", ["torch", "matplotlib", "sentence_transformers"]),
         ("clients.inference", ["bytewax", "torch", "operators.metrics"]),
         ("clients.gateway", ["bytewax", "torch", "operators.metrics"]),
+        ("advisor.cli", ["bytewax", "torch", "confluent_kafka"]),
     ],
 )
 def test_a_module_imports_nothing_its_install_may_lack(module: str, forbidden: list[str]) -> None:
