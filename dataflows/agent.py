@@ -135,7 +135,7 @@ def build(settings: Settings | None = None) -> Dataflow:
     policy = s.policy()
     key = os.environ.get("AGENT_LLM_API_KEY", "")
     model = ChatClient(s.llm_url, s.llm_model, key, s.llm_timeout_s, max_connections=s.llm_capacity)
-    metrics.serve(s.metrics_port)
+    metrics.serve(s.metrics_port, s)
 
     async def decide(call: LlmCall) -> ChatReply:
         return await model.complete(call.messages, call.tools or None, call.max_tokens)

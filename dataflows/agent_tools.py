@@ -209,7 +209,7 @@ def build(settings: Settings | None = None) -> Dataflow:
     process = os.environ.get("BYTEWAX_PROCESS_ID", "0")
     journal = Journal(s.journal_dir / f"process-{process}", s.journal_ttl_s)
     worker = Worker(specs, executors(s), journal, s.retries)
-    metrics.serve(s.metrics_port)
+    metrics.serve(s.metrics_port, s)
 
     flow = Dataflow("agent_tools")
     source = KafkaSource(brokers, [topics.tool_calls], start=s.start, outage_limit_s=outage_limit_s)

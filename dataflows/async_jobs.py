@@ -75,7 +75,7 @@ def build(settings: Settings | None = None) -> Dataflow:
     if s.torch_threads:
         torch.set_num_threads(s.torch_threads)
     models = load(s.models)
-    metrics.serve(s.metrics_port)
+    metrics.serve(s.metrics_port, s)
 
     flow = Dataflow("async_jobs")
     source = KafkaBatchSource(

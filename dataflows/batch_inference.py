@@ -423,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if s.torch_threads:
         torch.set_num_threads(s.torch_threads)
-    metrics.serve(s.metrics_port)
+    metrics.serve(s.metrics_port, s)
     metrics.BATCH_EXPECTED.labels(s.job).set(rows["expected"])
     recovery = s.directory / "recovery"
     if not recovery.exists():  # made aside and renamed into place: a kill leaves none or a whole one

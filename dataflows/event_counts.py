@@ -125,7 +125,7 @@ def build(settings: Settings | None = None) -> Dataflow:
     s = settings or from_env(Settings, prefix="EVENT_COUNTS_")
     brokers, outage_limit_s = s.kafka_bootstrap_servers, s.kafka_outage_limit_s
     ensure_topics(brokers, s.topics(), outage_limit_s=outage_limit_s)
-    metrics.serve(s.metrics_port)
+    metrics.serve(s.metrics_port, s)
     # The watermark waits for every input partition: an event in order within its partition is never late.
     clock: EventClock[Event] = EventClock(
         lambda e: e.ts_ms,

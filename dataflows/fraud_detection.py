@@ -277,7 +277,7 @@ def build(settings: Settings | None = None) -> Dataflow:
     if s.torch_threads:
         torch.set_num_threads(s.torch_threads)
     scorer = get_spec("tabular-risk").load()
-    metrics.serve(s.metrics_port)
+    metrics.serve(s.metrics_port, s)
     state = StateConfig(s.state_dir, shards=s.state_shards)
     flow = Dataflow("fraud_detection")
 

@@ -76,7 +76,7 @@ def build(settings: Settings | None = None) -> Dataflow:
         torch.set_num_threads(s.torch_threads)
     # Loaded and warmed up once per process, before any request is read; workers share them.
     models = load(s.models)
-    metrics.serve(s.metrics_port)
+    metrics.serve(s.metrics_port, s)
     # A reply goes only to a topic and partition the broker has, and never to the server's own topics.
     rules = ReplyRules(TopicCache(brokers).partitions, frozenset({s.request_topic, s.dlq_topic}))
     batching = BatchConfig(s.max_batch_size, s.max_wait_ms, s.max_queue)

@@ -139,7 +139,7 @@ def build(settings: Settings | None = None) -> Dataflow:
     chunker = Chunker(encoder.tokenizer, s.chunk_tokens, s.overlap_tokens)
     dim = embed(["dimension"]).shape[1]  # sentence-transformers renamed the method that says it
     answering = Answering(s.fusion, generator(s, Extractive(embed, s.support_threshold)), s.candidates, s.context_docs)
-    metrics.serve(s.metrics_port)
+    metrics.serve(s.metrics_port, s)
     rules = ReplyRules(TopicCache(brokers).partitions, frozenset({s.queries_topic, s.queries_topic + DLQ_SUFFIX}))
     state = StateConfig(s.state_dir, shards=s.shards)
 

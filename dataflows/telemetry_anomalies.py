@@ -142,7 +142,7 @@ def build(settings: Settings | None = None) -> Dataflow:
     s = settings or from_env(Settings, prefix="TELEMETRY_")
     brokers, outage_limit_s = s.kafka_bootstrap_servers, s.kafka_outage_limit_s
     ensure_topics(brokers, s.topics(), outage_limit_s=outage_limit_s)
-    metrics.serve(s.metrics_port)
+    metrics.serve(s.metrics_port, s)
 
     flow = Dataflow("telemetry_anomalies")
     source = KafkaSource(brokers, [s.input_topic], start=s.start, bounded=s.bounded, outage_limit_s=outage_limit_s)

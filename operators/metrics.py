@@ -6,11 +6,12 @@ dashboard can break a dataflow down step by step.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
 
 if TYPE_CHECKING:
     from models.quality import Prequential
@@ -21,6 +22,7 @@ __all__ = [
     "BATCH_EXPECTED",
     "BATCH_ROWS",
     "CONSUMER_LAG",
+    "DATAFLOW",
     "ERRORS",
     "INFERENCE_SECONDS",
     "ITEMS",
@@ -75,6 +77,8 @@ MODEL_PR_AUC = Gauge(
     ["step", "key"],
 )
 
+DATAFLOW = Info("patternflow_dataflow", "A running dataflow and its settings, one label each", ["dataflow"])
+
 _served: set[int] = set()
 _lock = threading.Lock()
 
@@ -85,9 +89,14 @@ def model_quality(step: str, key: str, quality: Prequential) -> None:
     MODEL_PR_AUC.labels(step, key).set(quality.pr_auc)
 
 
-def serve(port: int) -> None:
+def serve(port: int, settings: Any = None) -> None:
     """Serve ``/metrics`` on ``port`` plus ``BYTEWAX_PROCESS_ID`` (so processes on one
-    host do not collide), once per process; ``0`` disables it."""
+    host do not collide), once per process; ``0`` disables it. A dataflow passes its
+    settings (a dataclass of ``dataflows.<name>``): they are published as the labels of
+    ``patternflow_dataflow_info{dataflow="<name>"}``, for ``patternflow audit``."""
+    if settings is not None:
+        name = type(settings).__module__.removeprefix("dataflows.")
+        DATAFLOW.labels(name).info({f.name: str(getattr(settings, f.name)) for f in dataclasses.fields(settings)})
     if not port:
         return
     port += int(os.environ.get("BYTEWAX_PROCESS_ID", "0"))
