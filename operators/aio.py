@@ -32,7 +32,6 @@ from typing import Any, Generic, TypeVar
 import bytewax.operators as op
 from bytewax.dataflow import operator
 from bytewax.operators import KeyedStream, StatefulBatchLogic
-from prometheus_client import Gauge
 
 from operators import metrics
 from operators.stateful import shard_of
@@ -42,8 +41,6 @@ __all__ = ["AsyncConfig", "Done", "Failed", "async_map", "attempts", "event_loop
 X = TypeVar("X")
 Y = TypeVar("Y")
 
-IN_FLIGHT = Gauge("patternflow_async_in_flight", "Calls an async step has in flight", ["step"])
-WAITING = Gauge("patternflow_async_waiting", "Items an async step holds until a call slot frees", ["step"])
 
 
 def _never(exc: BaseException) -> bool:
@@ -137,8 +134,8 @@ class _AsyncLogic(StatefulBatchLogic[X, Done[X, Y] | Failed[X], list[X]], Generi
         self._running: dict[int, X] = {}
         self._completed: deque[tuple[int, Future[Done[X, Y] | Failed[X]]]] = deque()
         self._next_id = 0
-        self._in_flight = IN_FLIGHT.labels(step_id)
-        self._waiting_gauge = WAITING.labels(step_id)
+        self._in_flight = metrics.ASYNC_IN_FLIGHT.labels(step_id)
+        self._waiting_gauge = metrics.ASYNC_WAITING.labels(step_id)
         self._ok = metrics.ITEMS.labels(step_id, "ok")
         self._failed = metrics.ITEMS.labels(step_id, "failed")
 

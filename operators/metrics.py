@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 __all__ = [
     "AGENT_SPEND",
     "AGENT_TASKS",
+    "ASYNC_IN_FLIGHT",
+    "ASYNC_WAITING",
     "BATCH_EXPECTED",
     "BATCH_ROWS",
     "CONSUMER_LAG",
@@ -56,6 +58,9 @@ CONSUMER_LAG = Gauge(
 
 BATCH_ROWS = Counter("patternflow_batch_rows", "Rows a batch job has written, by outcome (ok, bad)", ["job", "outcome"])
 BATCH_EXPECTED = Gauge("patternflow_batch_rows_expected", "Rows in a batch job's input range", ["job"])
+
+ASYNC_IN_FLIGHT = Gauge("patternflow_async_in_flight", "Calls an async step has in flight", ["step"])
+ASYNC_WAITING = Gauge("patternflow_async_waiting", "Items an async step holds until a call slot frees", ["step"])
 
 AGENT_TASKS = Counter(
     "patternflow_agent_tasks",

@@ -3,15 +3,14 @@ found out (exit code 1, with the evidence); one with the default caps is clean (
 
 from __future__ import annotations
 
-import dataclasses
 import uuid
-from importlib import import_module
 from pathlib import Path
 
 import orjson
 import pytest
 from conftest import wait_for
 from test_advisor import patternflow
+from test_deploy import default_port
 
 from advisor.audit import DEFAULT_TARGETS, Scrape, audit, scrape, targets
 from common import free_port
@@ -33,9 +32,7 @@ DATAFLOWS = [
 
 @pytest.mark.parametrize("name", DATAFLOWS)
 def test_the_default_targets_cover_every_dataflows_default_metrics_port(name: str) -> None:
-    settings = import_module(f"dataflows.{name}").Settings
-    (port,) = [f.default for f in dataclasses.fields(settings) if f.name == "metrics_port"]
-    assert f"127.0.0.1:{port}" in targets(DEFAULT_TARGETS)
+    assert f"127.0.0.1:{default_port(name)}" in targets(DEFAULT_TARGETS)
 
 
 def test_tasks_ending_at_caps_are_evidence() -> None:

@@ -3,7 +3,9 @@ step with the local broker's configuration, the pom and the dataflows' ports."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from importlib import import_module
 from pathlib import Path
 
 import yaml
@@ -53,10 +55,20 @@ def targets_by_job() -> dict[str, list[str]]:
     }
 
 
+def default_port(dataflow: str) -> int:
+    settings = import_module(f"dataflows.{dataflow}").Settings
+    (port,) = [f.default for f in dataclasses.fields(settings) if f.name == "metrics_port"]
+    assert isinstance(port, int)
+    return port
+
+
 def test_prometheus_scrapes_every_dataflow_metrics_port() -> None:
     targets = targets_by_job()
     assert targets["event_counts"] == [f"host.docker.internal:{Settings().metrics_port}"]
     assert targets["online_inference"] == [f"host.docker.internal:{OnlineSettings().metrics_port}"]
+    assert targets["rag"] == [f"host.docker.internal:{default_port('rag')}"]
+    ports = (default_port("agent"), default_port("agent_tools"))
+    assert targets["agent"] == [f"host.docker.internal:{port}" for port in ports], "the runtime and its tool workers"
     mounted = COMPOSE["services"]["prometheus"]["volumes"]
     assert "./deploy/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in mounted
 
