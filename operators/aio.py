@@ -42,7 +42,6 @@ X = TypeVar("X")
 Y = TypeVar("Y")
 
 
-
 def _never(exc: BaseException) -> bool:
     return False
 
