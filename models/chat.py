@@ -110,6 +110,28 @@ class ChatReply:
             ]
         return msg
 
+    def to_json(self) -> dict[str, Any]:
+        """The reply as a JSON document (the runtime's ``agent.llm_replies``); :meth:`from_json` reads it back."""
+        calls = [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in self.tool_calls]
+        return {
+            "content": self.content,
+            "tool_calls": calls,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+        }
+
+    @classmethod
+    def from_json(cls, doc: Any) -> ChatReply:
+        """A document :meth:`to_json` wrote; ``ValueError`` naming what is wrong otherwise."""
+        try:
+            calls = tuple(ToolRequest(str(c["id"]), str(c["name"]), str(c["arguments"])) for c in doc["tool_calls"])
+            content, counts = doc["content"], (doc["prompt_tokens"], doc["completion_tokens"])
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not an LLM reply: {exc!r}") from None
+        if any(n is not None and _count(n) is None for n in counts):
+            raise ValueError(f"token counts must be integers >= 0 or null, got {counts}")
+        return cls(content if isinstance(content, str) else None, calls, *counts)
+
 
 def parse_reply(raw: bytes) -> ChatReply:
     """A chat-completions response body; :class:`LLMError` if it is not one."""
@@ -140,7 +162,7 @@ def _raw_arguments(function: dict[str, Any]) -> str:
 
 
 def _count(value: Any) -> int | None:
-    return value if isinstance(value, int) and value >= 0 else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 @dataclass

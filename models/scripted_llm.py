@@ -33,6 +33,7 @@ import math
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,8 @@ class ScriptedModel:
     def __init__(self, recording: dict[str, Any]) -> None:
         self.scripts = recording["scripts"]
         self.final = recording.get("final", "Stopped early ({reason}).")
-        self.requests: list[dict[str, Any]] = []  # what was asked, for tests: task and tools offered
+        # What was asked, for tests: task and tools offered (the latest, so a long-running server stays small).
+        self.requests: deque[dict[str, Any]] = deque(maxlen=100_000)
 
     def reply(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         messages = body["messages"]

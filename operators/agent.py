@@ -71,7 +71,7 @@ import orjson
 from common import InvalidMessage, wall_ms
 from models.chat import ChatReply, Prices, ToolRequest, estimate_tokens
 from operators import metrics
-from operators.dlq import DLQ_SUFFIX, DeadLetter, loads_json
+from operators.dlq import DLQ_SUFFIX, DeadLetter, decode_json
 from operators.kafka import TopicSpec
 from operators.kafka.message import KafkaMessage
 from operators.protocol import id_from_key
@@ -264,10 +264,11 @@ def task_id_of(key: bytes | None) -> str:
     return id_from_key(key, "task id", "an agent message")
 
 
-def json_object(msg: KafkaMessage, max_bytes: int = 1 << 20) -> dict[str, Any]:
-    if msg.value is None or len(msg.value) > max_bytes:
-        raise InvalidMessage(f"value must be a JSON object of at most {max_bytes} bytes")
-    doc = loads_json(msg.value)
+_decode = decode_json()
+
+
+def json_object(msg: KafkaMessage) -> dict[str, Any]:
+    doc = _decode(msg)
     if not isinstance(doc, dict):
         raise InvalidMessage(f"value must be a JSON object, got {type(doc).__name__}")
     return doc
@@ -343,13 +344,9 @@ def parse_input(msg: KafkaMessage, topics: AgentTopics, policy: Policy, now_ms: 
 
 def _chat_reply(doc: Any) -> ChatReply:
     try:
-        calls = tuple(ToolRequest(str(c["id"]), str(c["name"]), str(c["arguments"])) for c in doc["tool_calls"])
-        content = doc["content"]
-        return ChatReply(
-            content if isinstance(content, str) else None, calls, doc["prompt_tokens"], doc["completion_tokens"]
-        )
-    except (KeyError, TypeError) as exc:
-        raise InvalidMessage(f"reply is not an LLM reply: {exc!r}") from None
+        return ChatReply.from_json(doc)
+    except ValueError as exc:
+        raise InvalidMessage(f"reply: {exc}") from None
 
 
 def llm_reply_message(
@@ -358,12 +355,7 @@ def llm_reply_message(
     """A model call's outcome, for ``agent.llm_replies``."""
     doc: dict[str, Any] = {"task_id": call.task_id, "tenant": call.tenant, "seq": call.seq}
     if reply is not None:
-        doc["reply"] = {
-            "content": reply.content,
-            "tool_calls": [asdict(c) for c in reply.tool_calls],
-            "prompt_tokens": reply.prompt_tokens,
-            "completion_tokens": reply.completion_tokens,
-        }
+        doc["reply"] = reply.to_json()
     else:
         doc["error"] = error
     doc["latency_ms"] = round(seconds * 1000, 3)
@@ -647,9 +639,9 @@ class _Run:
             call: dict[str, Any] = {"call_id": f"{task.task_id}/{task.turn}/{n}", "model_id": req.id}
             call.update(tool=req.name, arguments=req.arguments, ok=None, result=None, kind="tool")
             task.calls.append(call)
-            error = self._invalid(task, req)
-            if error is not None:
-                call["ok"], call["result"] = False, error
+            arguments = self._arguments(task, req)
+            if isinstance(arguments, str):  # why it cannot run (every tool's arguments are an object)
+                call["ok"], call["result"] = False, arguments
                 self.audit(
                     task,
                     "tool",
@@ -657,12 +649,12 @@ class _Run:
                     tool=req.name,
                     arguments=_clip(req.arguments, 200),
                     ok=False,
-                    result=error,
+                    result=arguments,
                     executed=False,
                 )
                 continue
-            call["arguments"] = orjson.loads(req.arguments)
-            signature = req.name + orjson.dumps(call["arguments"], option=orjson.OPT_SORT_KEYS).decode()
+            call["arguments"] = arguments
+            signature = req.name + orjson.dumps(arguments, option=orjson.OPT_SORT_KEYS).decode()
             task.repeats[signature] = task.repeats.get(signature, 0) + 1
             looping |= task.repeats[signature] > self.policy.max_repeats
         if looping:
@@ -683,7 +675,8 @@ class _Run:
                 self.emit_tool_call(task, call)
         self.maybe_continue(task)
 
-    def _invalid(self, task: TaskState, req: ToolRequest) -> str | None:
+    def _arguments(self, task: TaskState, req: ToolRequest) -> dict[str, Any] | str:
+        """The call's arguments, checked against the tool's schema; or why the call cannot run."""
         if req.name not in task.tools:
             return f"unknown tool {req.name!r}: the tools you have are {', '.join(task.tools) or 'none'}"
         try:
@@ -691,7 +684,7 @@ class _Run:
         except orjson.JSONDecodeError as exc:
             return f"the arguments of {req.name} are not valid JSON ({exc}): send one JSON object"
         problem = self.policy.tools[req.name].invalid(arguments)
-        return None if problem is None else f"invalid arguments for {req.name}: {problem}"
+        return arguments if problem is None else f"invalid arguments for {req.name}: {problem}"
 
     def emit_tool_call(self, task: TaskState, call: dict[str, Any]) -> None:
         task.tool_calls += 1

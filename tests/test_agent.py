@@ -294,7 +294,11 @@ def test_wall_time_cap_by_timer_charges_the_unanswered_call(monkeypatch: pytest.
 
 
 def msg(topic: str, value: Any, key: bytes | None = b"a") -> KafkaMessage:
-    return KafkaMessage(value if isinstance(value, bytes) else orjson.dumps(value), key=key, topic=topic)
+    raw = value if value is None or isinstance(value, bytes) else orjson.dumps(value)
+    return KafkaMessage(raw, key=key, topic=topic)
+
+
+TOKENS = {"prompt_tokens": "many", "completion_tokens": 1}  # a count that would have stopped the runtime
 
 
 @pytest.mark.parametrize(
@@ -312,6 +316,11 @@ def msg(topic: str, value: Any, key: bytes | None = b"a") -> KafkaMessage:
         (msg(TOPICS.tasks, {"task": "x", "tenant": 7}), "tenant must be a string"),
         (msg(TOPICS.tool_results, {"call_id": "a/1/0", "ok": "yes"}), "ok must be true or false"),
         (msg(TOPICS.llm_replies, {"seq": 1, "latency_ms": 1}), "either reply or error"),
+        (
+            msg(TOPICS.llm_replies, {"seq": 1, "latency_ms": 1, "reply": {"content": "x", "tool_calls": [], **TOKENS}}),
+            "token counts must be integers >= 0 or null",
+        ),
+        (msg(TOPICS.tasks, None), "no value"),
         (msg(TOPICS.human_replies, {"escalation_id": "e"}), "reply must be a string"),
     ],
 )

@@ -33,6 +33,9 @@ INJECTION = (
 )
 
 
+FORGED_REPLY = {"content": "x", "tool_calls": [], "prompt_tokens": "many", "completion_tokens": 1}
+
+
 class Web(BaseHTTPRequestHandler):
     """Pages for the fetch tool: a slow one, a prompt injection, and counted ones."""
 
@@ -197,6 +200,9 @@ def test_malformed_messages_go_to_dead_letters_and_the_runtime_goes_on(agents: A
         KafkaMessage(orjson.dumps({"task": "x", "caps": {"max_iterations": "lots"}}), key=b"bad3", topic=topics.tasks),
         KafkaMessage(orjson.dumps({"escalation_id": "nope", "reply": "hi"}), key=b"ghost", topic=topics.human_replies),
         KafkaMessage(orjson.dumps({"call_id": 5}), key=b"ghost", topic=topics.tool_results),
+        KafkaMessage(
+            orjson.dumps({"seq": 1, "latency_ms": 1, "reply": FORGED_REPLY}), key=b"g", topic=topics.llm_replies
+        ),
     ]
     produce(brokers, bad)
     assert agents.wait(agents.submit("What is 17 * 23 + 4?"))["status"] == "done"
@@ -215,6 +221,8 @@ def test_malformed_messages_go_to_dead_letters_and_the_runtime_goes_on(agents: A
     assert any("caps.max_iterations must be a positive integer" in r for r in tasks)
     (human,) = reasons(topics.human_replies, 1)
     assert human == "no task 'ghost' of tenant 'default' waits for escalation 'nope'"
+    (llm,) = reasons(topics.llm_replies, 1)
+    assert "token counts must be integers >= 0 or null" in llm
     (tool,) = reasons(topics.tool_results, 1)
     assert tool == "InvalidMessage: ok must be true or false"
 
