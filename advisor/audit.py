@@ -8,8 +8,20 @@ on this host; an endpoint that does not answer is a dataflow not running) and
 runs each check on what it finds. A :class:`Finding` names the antipattern,
 the dataflow and its evidence.
 
-Checks so far:
+The checks:
 
+- **online serving for batch-shaped work** (``dataflows.online_inference``):
+  one client (a reply topic and partition) sent at least :data:`CLIENT_SHARE`
+  of at least :data:`MIN_REQUESTS` requests, and at least
+  :data:`RELAXED_SHARE` of its requests could wait (no deadline, or more than
+  ``RELAXED_BUDGET_S`` to it): work a batch job or the async jobs would do for
+  less. The batches' mean fill is shown beside it.
+- **streaming without state** (the streaming dataflows, :data:`STREAMING`):
+  one whose features need history running without a Bytewax recovery
+  directory, so its state is never snapshotted and a restart starts every key
+  from nothing.
+- **RAG without retrieval eval** (``dataflows.rag``): no eval run
+  (``scripts.eval_rag``) recorded for the index version it serves.
 - **agent loops without caps** (``dataflows.agent``): a cap set past what
   bounds anything (more than :data:`MAX_ITERATIONS` iterations, more than
   :data:`MAX_TASK_USD` per task, more than :data:`MAX_WALL_S` of wall time,
@@ -27,6 +39,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from operators.protocol import RELAXED_BUDGET_S
+
 __all__ = ["DEFAULT_TARGETS", "Finding", "Scrape", "audit", "scrape", "targets"]
 
 DEFAULT_TARGETS = "127.0.0.1:9100-9108"
@@ -36,6 +50,15 @@ MAX_WALL_S = 3_600.0
 MAX_TENANT_USD = 1_000.0
 CAPPED_SHARE = 0.2
 MIN_TASKS = 20
+MIN_REQUESTS = 500
+CLIENT_SHARE = 0.5
+RELAXED_SHARE = 0.9
+# The streaming dataflows, and the history their features need.
+STREAMING = {
+    "event_counts": "each key's open windows",
+    "fraud_detection": "each card's history, the merchants table and the models",
+    "telemetry_anomalies": "each series' model",
+}
 
 
 @dataclass(frozen=True)
@@ -119,7 +142,71 @@ def _agent_caps(s: Scrape) -> Finding | None:
     return Finding("agent loops without caps", s.dataflow, s.target, evidence) if evidence else None
 
 
-CHECKS: list[Callable[[Scrape], Finding | None]] = [_agent_caps]
+def _online_batch_shaped(s: Scrape) -> Finding | None:
+    if s.dataflow != "online_inference":
+        return None
+    requests = "patternflow_online_requests_total"
+    by_client: dict[str, float] = {}
+    for name, labels, value in s.samples:
+        if name == requests:
+            by_client[labels["client"]] = by_client.get(labels["client"], 0.0) + value
+    total = sum(by_client.values())
+    if total < MIN_REQUESTS:
+        return None
+    client, sent = max(by_client.items(), key=lambda kv: kv[1])
+    relaxed = s.total(requests, client=client, budget="relaxed")
+    if sent / total < CLIENT_SHARE or relaxed / sent < RELAXED_SHARE:
+        return None
+    batches = s.total("patternflow_online_batch_fill_count")
+    fill = s.total("patternflow_online_batch_fill_sum") / batches if batches else 0.0
+    return Finding(
+        "online serving for batch-shaped work",
+        s.dataflow,
+        s.target,
+        [
+            f"client {client} sent {sent:.0f} of {total:.0f} requests ({sent / total:.0%}), {relaxed / sent:.0%} "
+            f"of them with no deadline or more than {RELAXED_BUDGET_S:g} s to it",
+            f"{batches:.0f} batches filled {fill:.0%} of ONLINE_MAX_BATCH_SIZE={s.settings.get('max_batch_size')} "
+            "on average",
+            "work that can wait is cheaper as a batch job (python -m dataflows.batch_inference) "
+            "or submitted to the async jobs (dataflows.async_jobs)",
+        ],
+    )
+
+
+def _streaming_state(s: Scrape) -> Finding | None:
+    history = STREAMING.get(s.dataflow)
+    if history is None or s.settings.get("bytewax_recovery"):
+        return None
+    keys = s.total("patternflow_state_keys")
+    return Finding(
+        "streaming without state",
+        s.dataflow,
+        s.target,
+        [
+            f"runs without a recovery directory (python -m bytewax.run ... -r DIR): its state ({history}; "
+            f"{keys:.0f} keys now) is never snapshotted, and a restart starts every key from nothing",
+        ],
+    )
+
+
+def _rag_eval(s: Scrape) -> Finding | None:
+    if s.dataflow != "rag" or any(name == "patternflow_rag_eval" for name, _, _ in s.samples):
+        return None
+    version = next((ls["version"] for n, ls, _ in s.samples if n == "patternflow_rag_index_info"), "unknown")
+    return Finding(
+        "RAG without retrieval eval",
+        s.dataflow,
+        s.target,
+        [
+            f"no retrieval eval run is recorded for the index it serves ({version}): how well it retrieves "
+            "is unmeasured",
+            "run python -m scripts.eval_rag against it; the run is recorded on its evals topic",
+        ],
+    )
+
+
+CHECKS: list[Callable[[Scrape], Finding | None]] = [_online_batch_shaped, _streaming_state, _rag_eval, _agent_caps]
 
 
 def audit(scrapes: list[Scrape]) -> list[Finding]:

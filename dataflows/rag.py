@@ -46,15 +46,17 @@ from operators.dlq import DLQ_SUFFIX, to_dlq_message, try_map
 from operators.kafka import Position, TopicCache, TopicSpec, ensure_topics
 from operators.kafka.sink import KafkaSink, kafka_output
 from operators.kafka.source import KafkaSource
-from operators.protocol import RAG_ANSWERS_TOPIC, RAG_QUERIES_TOPIC
+from operators.protocol import RAG_ANSWERS_TOPIC, RAG_EVALS_TOPIC, RAG_QUERIES_TOPIC
 from operators.rag import (
     Answering,
     Catalog,
+    EvalRun,
     IndexShard,
     Query,
     answer,
     embed_documents,
     gather,
+    index_version,
     parse_document,
     parse_query,
 )
@@ -75,6 +77,7 @@ class Settings:
     documents_topic: str = "rag.documents"
     queries_topic: str = RAG_QUERIES_TOPIC
     answers_topic: str = RAG_ANSWERS_TOPIC  # the reply topic clients use by default
+    evals_topic: str = RAG_EVALS_TOPIC  # eval runs' figures (scripts.eval_rag), exported for this index
     partitions: int = 3
     # Documents read per poll: embedding them holds up the queries behind them (about 1 s per 16 on 2 CPU cores).
     documents_batch_size: int = 16
@@ -112,7 +115,11 @@ class Settings:
             TopicSpec(self.documents_topic, partitions=self.partitions, cleanup_policy="compact"),
             TopicSpec(self.queries_topic, partitions=self.partitions, retention_ms=HOUR_MS),
             TopicSpec(self.answers_topic, partitions=8, retention_ms=HOUR_MS),
-            *(TopicSpec(t + DLQ_SUFFIX, retention_ms=-1) for t in (self.documents_topic, self.queries_topic)),
+            TopicSpec(self.evals_topic, cleanup_policy="compact"),
+            *(
+                TopicSpec(t + DLQ_SUFFIX, retention_ms=-1)
+                for t in (self.documents_topic, self.queries_topic, self.evals_topic)
+            ),
         ]
 
 
@@ -130,7 +137,8 @@ def build(settings: Settings | None = None) -> Dataflow:
     ensure_topics(brokers, s.topics(), outage_limit_s=outage_limit_s)
     if s.torch_threads:
         torch.set_num_threads(s.torch_threads)
-    minilm = get_spec("minilm-embeddings").load()
+    spec = get_spec("minilm-embeddings")
+    minilm = spec.load()
 
     def embed(texts: list[str]) -> np.ndarray:
         return minilm.forward(texts)["embedding"]
@@ -138,8 +146,11 @@ def build(settings: Settings | None = None) -> Dataflow:
     encoder = minilm.model  # type: ignore[attr-defined]
     chunker = Chunker(encoder.tokenizer, s.chunk_tokens, s.overlap_tokens)
     dim = embed(["dimension"]).shape[1]  # sentence-transformers renamed the method that says it
-    answering = Answering(s.fusion, generator(s, Extractive(embed, s.support_threshold)), s.candidates, s.context_docs)
+    version = index_version(f"{spec.name}@{spec.version}", chunker, s.fusion)
+    generate = generator(s, Extractive(embed, s.support_threshold))
+    answering = Answering(s.fusion, generate, s.candidates, s.context_docs, version)
     metrics.serve(s.metrics_port, s)
+    metrics.RAG_INDEX.info({"version": version})
     rules = ReplyRules(TopicCache(brokers).partitions, frozenset({s.queries_topic, s.queries_topic + DLQ_SUFFIX}))
     state = StateConfig(s.state_dir, shards=s.shards)
 
@@ -175,10 +186,12 @@ def build(settings: Settings | None = None) -> Dataflow:
     # (query key, [ShardHits of every shard])
     answered = op.flat_map_batch("answer", op.key_rm("unkey", gathered), lambda batch: answer(batch, answering))
     # Reply
+    evals = try_map("parse_evals", op.input("evals", flow, source(s.evals_topic)), EvalRun.parse)
+    op.inspect("export_evals", evals.oks, lambda _step, run: run.export(version))
     parse_step = "rag.parse_queries"
     invalid = op.flat_map("answer_invalid", valid.rest, lambda reply: error_and_dead_letter(parse_step, reply))
     replies = op.map("encode", answered, Reply.to_message)
-    dead = op.map("dead", op.merge("errs", documents.errs, queries.errs), to_dlq_message)
+    dead = op.map("dead", op.merge("errs", documents.errs, queries.errs, evals.errs), to_dlq_message)
     # KafkaMessage: replies on their reply topics, dead letters on <input topic>.dlq
     # What the broker refuses to take is a reply (say, to a topic deleted since): the queries' DLQ.
     sink = KafkaSink(brokers, dlq_topic=s.queries_topic + DLQ_SUFFIX, outage_limit_s=outage_limit_s)

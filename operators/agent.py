@@ -826,6 +826,7 @@ class _Run:
             self.store.cancel_timer("due", task.task_id, task.due_ms)
         self.audit(task, "result", status=status, reason=reason, cost_usd=result["usage"]["cost_usd"])
         metrics.AGENT_TASKS.labels(status, (reason or "").split(":")[0]).inc()
+        metrics.AGENT_ITERATIONS.labels(status).observe(task.turn)
         self.publish(self.topics.results, task.task_id, result)
         # Only the result is kept, for resubmissions of the task.
         self.store.put("t:" + task.task_id, {"result": result}, ttl_ms=int(self.policy.result_ttl_s * 1000))

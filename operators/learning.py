@@ -81,12 +81,14 @@ class _Shard(StatefulBatchLogic[Any, tuple[str, Scored[Any]], bytes]):
         self,
         step_id: str,
         spec: ModelSpec,
+        shards: int,
         label_of: Callable[[Any], int | None] | None,
         ttl_ms: int | None,
         now_ms: Callable[[], int],
         resume: bytes | None,
     ) -> None:
         self._step_id, self._spec, self._label_of, self._ttl_ms = step_id, spec, label_of, ttl_ms
+        self._shards, self._shard = shards, ""
         self._now_ms = now_ms
         self._keys: dict[str, _Keyed] = pickle.loads(resume) if resume else {}
 
@@ -97,6 +99,7 @@ class _Shard(StatefulBatchLogic[Any, tuple[str, Scored[Any]], bytes]):
             if isinstance(value, Wake):
                 continue
             key, command = value
+            self._shard = self._shard or str(hash_key(key) % self._shards)
             keyed = self._keys.get(key)
             if keyed is None:
                 keyed = self._keys[key] = _Keyed(self._spec.make(), now)
@@ -117,6 +120,8 @@ class _Shard(StatefulBatchLogic[Any, tuple[str, Scored[Any]], bytes]):
         if self._ttl_ms is not None:
             oldest = self._now_ms() - self._ttl_ms
             self._keys = {key: keyed for key, keyed in self._keys.items() if keyed.seen_ms >= oldest}
+        if self._shard:
+            metrics.STATE_KEYS.labels(self._step_id, self._shard).set(len(self._keys))
         return pickle.dumps(self._keys)
 
 
@@ -135,6 +140,6 @@ def online_model(
     sharded = op.map("shard", up, lambda kv: (str(hash_key(kv[0]) % shards), kv))
     # (shard, (key, command)); every shard woken in each execution's first epoch
     outs = op.stateful_batch(
-        "models", woken(sharded, shards), lambda resume: _Shard(step_id, spec, label_of, ttl_ms, now_ms, resume)
+        "models", woken(sharded, shards), lambda resume: _Shard(step_id, spec, shards, label_of, ttl_ms, now_ms, resume)
     )
     return op.map("unshard", outs, lambda shard_out: shard_out[1])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
     from models.quality import Prequential
 
 __all__ = [
+    "AGENT_ITERATIONS",
     "AGENT_SPEND",
     "AGENT_TASKS",
     "ASYNC_IN_FLIGHT",
@@ -30,6 +32,12 @@ __all__ = [
     "ITEMS",
     "MODEL_PR_AUC",
     "MODEL_ROC_AUC",
+    "ONLINE_BATCH_FILL",
+    "ONLINE_REQUESTS",
+    "RAG_EVAL",
+    "RAG_EVAL_TIME",
+    "RAG_INDEX",
+    "STATE_KEYS",
     "STEP_SECONDS",
     "model_quality",
     "serve",
@@ -50,6 +58,18 @@ INFERENCE_SECONDS = Histogram(
     ["model", "stage"],
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0),
 )
+ONLINE_REQUESTS = Counter(
+    "patternflow_online_requests",
+    "Online inference requests, by model, client (its reply topic and partition) and deadline budget: "
+    "tight (under RELAXED_BUDGET_S from send to deadline) or relaxed (more, or no deadline)",
+    ["model", "client", "budget"],
+)
+ONLINE_BATCH_FILL = Histogram(
+    "patternflow_online_batch_fill",
+    "Size of each micro-batch formed, as a share of max_batch_size",
+    ["model"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 0.99, 1.0),
+)
 CONSUMER_LAG = Gauge(
     "patternflow_consumer_lag_messages",
     "Messages between a source partition's position and its end",
@@ -59,6 +79,12 @@ CONSUMER_LAG = Gauge(
 BATCH_ROWS = Counter("patternflow_batch_rows", "Rows a batch job has written, by outcome (ok, bad)", ["job", "outcome"])
 BATCH_EXPECTED = Gauge("patternflow_batch_rows_expected", "Rows in a batch job's input range", ["job"])
 
+STATE_KEYS = Gauge(
+    "patternflow_state_keys",
+    "Keys a stateful step's shard holds (RocksDB's estimate), at its last snapshot",
+    ["step", "shard"],
+)
+
 ASYNC_IN_FLIGHT = Gauge("patternflow_async_in_flight", "Calls an async step has in flight", ["step"])
 ASYNC_WAITING = Gauge("patternflow_async_waiting", "Items an async step holds until a call slot frees", ["step"])
 
@@ -66,6 +92,12 @@ AGENT_TASKS = Counter(
     "patternflow_agent_tasks",
     "Agent tasks finished, by status and reason (the cap hit, for cap_exceeded)",
     ["status", "reason"],
+)
+AGENT_ITERATIONS = Histogram(
+    "patternflow_agent_iterations",
+    "Model calls a finished agent task made, by status",
+    ["status"],
+    buckets=(1, 2, 3, 5, 8, 13, 21, 34, 55),
 )
 AGENT_SPEND = Counter(
     "patternflow_agent_llm",
@@ -82,6 +114,16 @@ MODEL_PR_AUC = Gauge(
     ["step", "key"],
 )
 
+RAG_INDEX = Info("patternflow_rag_index", "The version of the index a RAG dataflow serves (model, chunking, fusion)")
+RAG_EVAL = Gauge(
+    "patternflow_rag_eval",
+    "Figures of the latest retrieval eval run recorded for the index the RAG dataflow serves, by split and metric",
+    ["split", "metric"],
+)
+RAG_EVAL_TIME = Gauge(
+    "patternflow_rag_eval_timestamp_seconds", "When that eval run was recorded (epoch seconds)", ["split"]
+)
+
 DATAFLOW = Info("patternflow_dataflow", "A running dataflow and its settings, one label each", ["dataflow"])
 
 _served: set[int] = set()
@@ -94,14 +136,28 @@ def model_quality(step: str, key: str, quality: Prequential) -> None:
     MODEL_PR_AUC.labels(step, key).set(quality.pr_auc)
 
 
+def recovery_directory(argv: list[str] | None = None) -> str:
+    """The ``-r`` / ``--recovery-directory`` that ``python -m bytewax.run`` was given, or its
+    environment variable; empty when the dataflow runs without recovery."""
+    args = sys.argv if argv is None else argv
+    for i, arg in enumerate(args):
+        if arg in ("-r", "--recovery-directory") and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--recovery-directory="):
+            return arg.split("=", 1)[1]
+    return os.environ.get("BYTEWAX_RECOVERY_DIRECTORY", "")
+
+
 def serve(port: int, settings: Any = None) -> None:
     """Serve ``/metrics`` on ``port`` plus ``BYTEWAX_PROCESS_ID`` (so processes on one
     host do not collide), once per process; ``0`` disables it. A dataflow passes its
     settings (a dataclass of ``dataflows.<name>``): they are published as the labels of
-    ``patternflow_dataflow_info{dataflow="<name>"}``, for ``patternflow audit``."""
+    ``patternflow_dataflow_info{dataflow="<name>"}``, for ``patternflow audit``, with
+    ``bytewax_recovery``: the recovery directory the process runs with (empty: none)."""
     if settings is not None:
         name = type(settings).__module__.removeprefix("dataflows.")
-        DATAFLOW.labels(name).info({f.name: str(getattr(settings, f.name)) for f in dataclasses.fields(settings)})
+        labels = {f.name: str(getattr(settings, f.name)) for f in dataclasses.fields(settings)}
+        DATAFLOW.labels(name).info({**labels, "bytewax_recovery": recovery_directory()})
     if not port:
         return
     port += int(os.environ.get("BYTEWAX_PROCESS_ID", "0"))

@@ -36,8 +36,10 @@ __all__ = [
     "MAX_CORRELATION_ID_BYTES",
     "MAX_JOB_ID_BYTES",
     "RAG_ANSWERS_TOPIC",
+    "RAG_EVALS_TOPIC",
     "RAG_MODEL",
     "RAG_QUERIES_TOPIC",
+    "RELAXED_BUDGET_S",
     "REPLY_TOPIC",
     "REQUEST_TOPIC",
     "ReplyTo",
@@ -57,6 +59,9 @@ MAX_JOB_ID_BYTES = 256  # job ids, task ids and document ids: the message key
 RAG_MODEL = "rag"
 RAG_QUERIES_TOPIC = "rag.queries"
 RAG_ANSWERS_TOPIC = "rag.answers"
+RAG_EVALS_TOPIC = "rag.evals"
+# A request with more than this from send to deadline (or none) could have waited for a batch job.
+RELAXED_BUDGET_S = 1.0
 MAX_CORRELATION_ID_BYTES = 256
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -55,6 +56,7 @@ __all__ = [
     "Catalog",
     "Deletion",
     "Document",
+    "EvalRun",
     "IndexShard",
     "Indexed",
     "Query",
@@ -62,6 +64,7 @@ __all__ = [
     "answer",
     "embed_documents",
     "gather",
+    "index_version",
     "parse_document",
     "parse_query",
 ]
@@ -161,6 +164,59 @@ def parse_document(msg: KafkaMessage, max_chars: int) -> Document | Deletion:
     if not isinstance(title, str):
         raise InvalidMessage(f"title must be a string, got {type(title).__name__}")
     return Document(doc_id, title, doc["text"], _metadata(doc.get("metadata") or {}, "metadata"), produced_ms)
+
+
+def index_version(model: str, chunker: Chunker, fusion: Fusion) -> str:
+    """What an eval run's figures hold for: the embedding model's version, the chunking and
+    the fusion. A run recorded for another version says nothing about this index."""
+    return (
+        f"{model}/chunks {chunker.chunk_tokens}+{chunker.overlap_tokens}"
+        f"/fusion {fusion.dense_weight:g}:{fusion.bm25_weight:g}:rrf{fusion.rrf_k}"
+    )
+
+
+@dataclass(frozen=True)
+class EvalRun:
+    """A retrieval eval run's figures (``scripts.eval_rag``), recorded on the compacted evals
+    topic under its index version and split; the RAG dataflow exports the latest for its own."""
+
+    index_version: str
+    split: str
+    queries: int
+    figures: dict[str, float]
+    recorded_ms: int
+
+    def to_message(self, topic: str) -> KafkaMessage:
+        key = f"{self.index_version}|{self.split}".encode()
+        return KafkaMessage(orjson.dumps(self.__dict__), key=key, topic=topic)
+
+    @classmethod
+    def parse(cls, msg: KafkaMessage) -> EvalRun:
+        """The run a message holds; :class:`InvalidMessage` says what is wrong with it."""
+        doc = loads_json(msg.value or b"")
+
+        def number(v: object) -> bool:
+            return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+        shape = '{"index_version": str, "split": str, "queries": int, "figures": {str: number}, "recorded_ms": int}'
+        if not (
+            isinstance(doc, dict)
+            and set(doc) == set(cls.__dataclass_fields__)
+            and isinstance(doc["index_version"], str)
+            and isinstance(doc["split"], str)
+            and all(isinstance(doc[k], int) and not isinstance(doc[k], bool) for k in ("queries", "recorded_ms"))
+            and isinstance(doc["figures"], dict)
+            and all(number(v) for v in doc["figures"].values())
+        ):
+            raise InvalidMessage(f"an eval run is a JSON object {shape}")
+        return cls(**doc)
+
+    def export(self, serving: str) -> None:
+        """Set the eval gauges, if the run is of the index version ``serving``."""
+        if self.index_version == serving:
+            for metric, value in self.figures.items():
+                metrics.RAG_EVAL.labels(self.split, metric).set(value)
+            metrics.RAG_EVAL_TIME.labels(self.split).set(self.recorded_ms / 1000)
 
 
 def parse_query(msg: KafkaMessage, rules: ReplyRules, now_ms: Callable[[], int] = wall_ms) -> Query | Reply:
@@ -334,6 +390,7 @@ class Answering:
     generator: Generator
     candidates: int = 100
     context_docs: int = 3
+    index_version: str = ""
     now_ms: Callable[[], int] = wall_ms
 
 
@@ -383,5 +440,7 @@ def answer(gathered: list[list[ShardHits]], how: Answering) -> list[Reply]:
         }
         if query.answer:
             timings["generate"] = generate_ms
-        replies.append(Reply(request, "ok", outputs=outputs, timings_ms=timings, batch_size=len(questions)))
+        version = how.index_version
+        reply = Reply(request, "ok", outputs=outputs, version=version, timings_ms=timings, batch_size=len(questions))
+        replies.append(reply)
     return replies

@@ -39,8 +39,8 @@ from common import wall_ms
 from models.registry import Model, get_spec
 from operators.dlq import DeadLetter, InvalidMessage, loads_json, to_dlq_message, try_map
 from operators.kafka.message import KafkaMessage
-from operators.metrics import INFERENCE_SECONDS, ITEMS
-from operators.protocol import deadline_ms, reply_to
+from operators.metrics import INFERENCE_SECONDS, ITEMS, ONLINE_BATCH_FILL, ONLINE_REQUESTS
+from operators.protocol import RELAXED_BUDGET_S, deadline_ms, reply_to
 from operators.streams import split
 
 __all__ = [
@@ -180,9 +180,18 @@ def parse_request(msg: KafkaMessage, rules: ReplyRules, now_ms: Callable[[], int
             raise InvalidMessage('request value must be a JSON object {"model": ..., "inputs": ...}')
         model = str(doc["model"])[:200]
         spec = get_spec(model)
-        return replace(request, model=spec.name, inputs=spec.schema.validate(doc["inputs"]), deadline_ms=deadline)
+        request = replace(request, model=spec.name, inputs=spec.schema.validate(doc["inputs"]), deadline_ms=deadline)
     except InvalidMessage as exc:  # bad JSON or deadline, unknown model, schema violation
         return Reply(replace(request, model=model, source=msg), "error", error=f"{type(exc).__name__}: {exc}")
+    _count(request)
+    return request
+
+
+def _count(r: Request) -> None:
+    """Who asks, and how long they can wait: the audit's evidence of batch-shaped work sent online."""
+    client = f"{r.reply_topic}:{'*' if r.reply_partition is None else r.reply_partition}"
+    tight = r.deadline_ms is not None and r.deadline_ms - r.sent_ms < RELAXED_BUDGET_S * 1000
+    ONLINE_REQUESTS.labels(r.model, client, "tight" if tight else "relaxed").inc()
 
 
 class _Batcher(StatefulBatchLogic[Request, Batch | Reply, tuple[Request, ...]]):
@@ -200,6 +209,7 @@ class _Batcher(StatefulBatchLogic[Request, Batch | Reply, tuple[Request, ...]]):
         out: list[Batch | Reply] = [Reply(r, "timeout", error="deadline passed before compute") for r in expired]
         if live:
             out.append(Batch(live[0].model, live, now))
+            ONLINE_BATCH_FILL.labels(live[0].model).observe(len(live) / self._config.max_batch_size)
         return out
 
     def on_batch(self, values: list[Request]) -> tuple[list[Batch | Reply], bool]:

@@ -214,6 +214,7 @@ class _ShardLogic(StatefulBatchLogic[tuple[str, str, V] | Wake, tuple[str, W], _
     def snapshot(self) -> tuple[str, int, str]:
         assert self._store is not None, "Bytewax snapshots a logic only after it saw items"
         seq = self._store.commit()
+        metrics.STATE_KEYS.labels(self._step_id, self._shard).set(self._store.backend.estimated_keys())
         return self._shard, seq, self._store.lineage
 
 

@@ -10,6 +10,11 @@ on the train split (:func:`tune`) and reported on test.
 
     python -m scripts.eval_rag --split test     # against the dataflow serving rag.queries
 
+The run is recorded on ``rag.evals`` under the index version the dataflow
+serves (embedding model, chunking, fusion); the dataflow exports the latest
+run's figures for its version (``patternflow_rag_eval``), and ``patternflow
+audit`` reports a RAG dataflow serving a version no run was recorded for.
+
 Without SciFact's documents in the index the figures mean nothing: ``python -m
 bench.rag`` loads them into a fresh dataflow and runs this suite.
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -27,8 +33,11 @@ import numpy as np
 import orjson
 
 from clients.inference import InferenceClient
-from common import default_brokers
+from common import default_brokers, wall_ms
 from models.quality import retrieval_metrics
+from operators.kafka import produce
+from operators.protocol import RAG_ANSWERS_TOPIC, RAG_EVALS_TOPIC, RAG_QUERIES_TOPIC
+from operators.rag import EvalRun
 from operators.retrieval import Fusion, Hit, fuse
 from scripts.beir import SCIFACT, Beir, load
 
@@ -130,19 +139,37 @@ def tune(dense: Asked, bm25: Asked, qrels: Mapping[str, Mapping[str, int]]) -> l
     return sorted(scored, key=lambda fs: -fs[1]["ndcg@10"])
 
 
+def record(brokers: str, asked: Asked, split: str, figures: dict[str, float], topic: str = RAG_EVALS_TOPIC) -> EvalRun:
+    """Record the run on the evals topic, under the index version the replies name: the RAG
+    dataflow serving that version exports its figures, and ``patternflow audit`` finds them."""
+    (version,) = {reply.get("version", "") for reply in asked.replies.values()} or {""}
+    if not version:
+        raise RuntimeError("the RAG dataflow's replies name no index version: is it older than this script?")
+    run = EvalRun(version, split, len(asked.runs), {k: round(v, 6) for k, v in figures.items()}, wall_ms())
+    produce(brokers, [run.to_message(topic)])
+    return run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--split", default="test")
     parser.add_argument("--limit", type=int, default=0, help="ask only the first N queries")
+    parser.add_argument("--queries-topic", default=RAG_QUERIES_TOPIC)
+    parser.add_argument("--answers-topic", default=RAG_ANSWERS_TOPIC)
+    parser.add_argument("--evals-topic", default=RAG_EVALS_TOPIC, help="where the run is recorded")
     args = parser.parse_args()
     data: Beir = load(SCIFACT)
     queries, qrels = data.split(args.split)
     if args.limit:
         queries = dict(list(queries.items())[: args.limit])
-    with InferenceClient(default_brokers(), request_topic="rag.queries", reply_topic="rag.answers", timeout_s=30) as c:
+    brokers = default_brokers()
+    topics = {"request_topic": args.queries_topic, "reply_topic": args.answers_topic}
+    with InferenceClient(brokers, **topics, timeout_s=30) as c:
         asked = ask(c, queries)
     figures = asked.metrics({qid: qrels[qid] for qid in queries})
+    run = record(brokers, asked, args.split, figures, args.evals_topic)
     print(orjson.dumps({name: round(value, 4) for name, value in figures.items()}).decode())
+    print(f"recorded on {args.evals_topic} for index {run.index_version}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,10 @@ class Backend(Protocol):
 
     def clear(self) -> None: ...
 
+    def estimated_keys(self) -> int:
+        """About how many keys the backend holds (for the state-size gauges)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -63,6 +67,9 @@ class MemoryBackend:
 
     def clear(self) -> None:
         self._data.clear()
+
+    def estimated_keys(self) -> int:
+        return len(self._data)
 
     def close(self) -> None:
         pass
@@ -130,6 +137,9 @@ class RocksDBBackend:
         shutil.rmtree(self._discarded())
         self.path.mkdir(parents=True)
         self._db = self._open()
+
+    def estimated_keys(self) -> int:
+        return int(self._db.property_int_value("rocksdb.estimate-num-keys") or 0)
 
     def close(self) -> None:
         self._db.close()
