@@ -1,10 +1,14 @@
 """The command line that runs a dataflow as users run it: ``python -m bytewax.run``
 with a recovery directory (created on first use). Tests, the demo and the
 benchmarks start every dataflow through it; :class:`AgentStack` starts the agent
-runtime with its tool workers."""
+runtime with its tool workers. The container image runs a dataflow with it::
+
+    python -m dataflows.launch event_counts     # recovery in var/recovery/event_counts
+"""
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
@@ -13,9 +17,20 @@ from pathlib import Path
 
 from common import free_port
 
-__all__ = ["AgentStack", "exited", "run_command"]
+__all__ = ["LONG_RUNNING", "AgentStack", "exited", "main", "run_command"]
 
 ROOT = Path(__file__).resolve().parent.parent
+# The dataflows that run until stopped (dataflows.batch_inference runs one job and exits).
+LONG_RUNNING = (
+    "event_counts",
+    "online_inference",
+    "async_jobs",
+    "telemetry_anomalies",
+    "fraud_detection",
+    "rag",
+    "agent",
+    "agent_tools",
+)
 
 
 def run_command(flow: str, recovery: Path, *, snapshot_s: int = 1, workers: int = 1) -> list[str]:
@@ -92,3 +107,21 @@ class AgentStack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m dataflows.launch", description="Run a dataflow with recovery; settings from the environment."
+    )
+    parser.add_argument("dataflow", choices=LONG_RUNNING)
+    parser.add_argument("--recovery", type=Path, help="the recovery directory (var/recovery/DATAFLOW)")
+    parser.add_argument("--snapshot-s", type=int, default=5, help="seconds between snapshots (5)")
+    parser.add_argument("--workers", type=int, default=1, help="worker threads (1)")
+    args = parser.parse_args(argv)
+    recovery = args.recovery or Path("var/recovery") / args.dataflow
+    cmd = run_command(f"dataflows.{args.dataflow}:build()", recovery, snapshot_s=args.snapshot_s, workers=args.workers)
+    os.execv(cmd[0], cmd)
+
+
+if __name__ == "__main__":
+    main()

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import subprocess
+import sys
 from importlib import import_module
 from pathlib import Path
 
+import pytest
 import yaml
 
 from dataflows.event_counts import Settings
-from dataflows.online_inference import Settings as OnlineSettings
+from dataflows.launch import LONG_RUNNING
 
 ROOT = Path(__file__).parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
@@ -23,7 +26,9 @@ def properties() -> dict[str, str]:
 
 
 def without_hosts(value: str) -> str:
+    """The value with hosts and compose's listener for containers (DOCKER) left out."""
     value = value.replace("@PORT@", "9092").replace("@CONTROLLER_PORT@", "9093")
+    value = ",".join(part for part in value.split(",") if not part.startswith("DOCKER:"))
     return re.sub(r"(//|@)[A-Za-z0-9_.@-]*:", r"\1:", value)
 
 
@@ -48,10 +53,12 @@ def test_compose_publishes_the_default_bootstrap_port() -> None:
     assert f"{port}:{port}" in COMPOSE["services"]["kafka"]["ports"]
 
 
-def targets_by_job() -> dict[str, list[str]]:
+def scrape_configs() -> dict[str, dict[str, list[str]]]:
+    """Per Prometheus job, each dataflow label's targets."""
     config = yaml.safe_load((ROOT / "deploy/prometheus.yml").read_text())
     return {
-        job["job_name"]: [t for sc in job["static_configs"] for t in sc["targets"]] for job in config["scrape_configs"]
+        job["job_name"]: {sc["labels"]["dataflow"]: sc["targets"] for sc in job["static_configs"]}
+        for job in config["scrape_configs"]
     }
 
 
@@ -62,15 +69,76 @@ def default_port(dataflow: str) -> int:
     return port
 
 
-def test_prometheus_scrapes_every_dataflow_metrics_port() -> None:
-    targets = targets_by_job()
-    assert targets["event_counts"] == [f"host.docker.internal:{Settings().metrics_port}"]
-    assert targets["online_inference"] == [f"host.docker.internal:{OnlineSettings().metrics_port}"]
-    assert targets["rag"] == [f"host.docker.internal:{default_port('rag')}"]
-    ports = (default_port("agent"), default_port("agent_tools"))
-    assert targets["agent"] == [f"host.docker.internal:{port}" for port in ports], "the runtime and its tool workers"
+def env_prefix(dataflow: str) -> str:
+    """The prefix of the dataflow's settings in the environment, as its ``build`` reads them."""
+    source = (ROOT / f"dataflows/{dataflow}.py").read_text()
+    (prefix,) = set(re.findall(r'from_(?:env|args)\(Settings, (?:prefix=)?"([A-Z_]+)"', source))
+    return prefix
+
+
+DATAFLOWS = sorted([*LONG_RUNNING, "batch_inference"])
+PATTERNS = {"online", "batch", "streaming", "rag", "agent"}
+
+
+def service(dataflow: str) -> str:
+    return dataflow.replace("_", "-")
+
+
+def test_every_dataflow_module_is_deployed() -> None:
+    modules = {p.stem for p in (ROOT / "dataflows").glob("*.py")} - {"__init__", "launch"}
+    assert modules == set(DATAFLOWS)
+
+
+def test_prometheus_scrapes_every_dataflow_by_service_name_and_on_the_host_in_its_patterns_job() -> None:
+    jobs = scrape_configs()
+    assert set(jobs) == PATTERNS, "a job per pattern"
+    scraped = {dataflow: targets for by_dataflow in jobs.values() for dataflow, targets in by_dataflow.items()}
+    assert sorted(scraped) == DATAFLOWS
+    for dataflow, targets in scraped.items():
+        port = default_port(dataflow)
+        assert targets == [f"{service(dataflow)}:{port}", f"host.docker.internal:{port}"], dataflow
+    assert set(jobs["agent"]) == {"agent", "agent_tools"}, "the runtime and its tool workers"
     mounted = COMPOSE["services"]["prometheus"]["volumes"]
     assert "./deploy/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in mounted
+
+
+@pytest.mark.parametrize("dataflow", DATAFLOWS)
+def test_compose_runs_the_dataflow_from_the_image_with_its_state_on_a_volume(dataflow: str) -> None:
+    svc = COMPOSE["services"][service(dataflow)]
+    assert svc["build"] == "." and svc["image"] == "patternflow"
+    assert svc["depends_on"]["kafka"]["condition"] == "service_healthy"
+    if dataflow == "batch_inference":
+        assert svc["entrypoint"] == ["python", "-m", "dataflows.batch_inference"] and svc["profiles"] == ["jobs"]
+    else:
+        assert svc["command"] == [dataflow], "the image's entry point: python -m dataflows.launch"
+        assert svc["profiles"] == (["agent"] if dataflow.startswith("agent") else ["dataflows"])
+    volume = f"{service(dataflow)}-var"
+    assert svc["volumes"] == [f"{volume}:/app/var"], "recovery and state under var/, on the service's volume"
+    assert volume in COMPOSE["volumes"]
+
+
+@pytest.mark.parametrize("dataflow", DATAFLOWS)
+def test_compose_sets_only_settings_the_dataflow_reads(dataflow: str) -> None:
+    env = COMPOSE["services"][service(dataflow)]["environment"]
+    prefix = env_prefix(dataflow)
+    fields = dataclasses.fields(import_module(f"dataflows.{dataflow}").Settings)
+    known = {prefix + f.name.upper() for f in fields} | {"KAFKA_BOOTSTRAP_SERVERS", f"{prefix}LLM_API_KEY"}
+    assert set(env) <= known, set(env) - known
+    assert env["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:29092", "the broker's listener for containers"
+    assert "DOCKER://kafka:29092" in COMPOSE["services"]["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
+
+
+def test_the_image_holds_every_package_and_launches_only_long_running_dataflows() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    include = re.search(r"include = \[(.*)\]", pyproject).group(1)  # type: ignore[union-attr]
+    for package in re.findall(r'"(\w+)\*"', include):
+        assert f"COPY {package} {package}" in dockerfile, package
+    assert 'ENTRYPOINT ["python", "-m", "dataflows.launch"]' in dockerfile
+    out = subprocess.run(
+        [sys.executable, "-m", "dataflows.launch", "--help"], capture_output=True, text=True, cwd=ROOT, check=True
+    )
+    assert all(name in out.stdout for name in LONG_RUNNING)
 
 
 def test_grafana_datasource_points_at_the_compose_prometheus() -> None:
@@ -88,7 +156,9 @@ def test_dashboards_query_only_metrics_the_dataflows_export() -> None:
     suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "gauge": [""]}
     exported = {m.name + s for m in REGISTRY.collect() for s in suffixes.get(m.type, [""])}
     dashboards = list((ROOT / "deploy/grafana/dashboards").glob("*.json"))
-    assert {d.stem for d in dashboards} == set(targets_by_job()), "a dashboard per scraped dataflow"
+    assert {d.stem for d in dashboards} == PATTERNS, "a dashboard per pattern"
+    for d in dashboards:
+        assert set(re.findall(r'job=\\"(\w+)\\"', d.read_text())) == {d.stem}, "each selects its own job"
     queried = {name for d in dashboards for name in re.findall(r"patternflow_[a-z_]+", d.read_text())}
     assert dashboards and queried
     assert queried <= exported, queried - exported
