@@ -38,6 +38,7 @@ import orjson
 
 from common import wall_ms
 from models.registry import Model, get_spec
+from operators import metrics
 from operators.dlq import DeadLetter, InvalidMessage, loads_json
 from operators.kafka.message import KafkaBatch, KafkaMessage
 from operators.protocol import id_from_key
@@ -100,12 +101,14 @@ def parse_jobs(step_id: str, batch: KafkaBatch, max_inputs: int, now_ms: int | N
             job_id = id_from_key(msg.key, "job id", "a job submission")
         except InvalidMessage as exc:
             out.dead.append(DeadLetter(msg, step_id, str(exc)))
+            metrics.ERRORS.labels(step_id, type(exc).__name__).inc()
             continue
         try:
             out.jobs.append(_job(job_id, msg, max_inputs, now))
         except InvalidMessage as exc:
             failed = JobResult(job_id, "failed", "", 0, msg.timestamp_ms or now, now, now, error=str(exc))
             out.failed.append((failed, DeadLetter(msg, step_id, str(exc))))
+            metrics.ERRORS.labels(step_id, type(exc).__name__).inc()
     return out
 
 

@@ -61,7 +61,7 @@ INFERENCE_SECONDS = Histogram(
 ONLINE_REQUESTS = Counter(
     "patternflow_online_requests",
     "Online inference requests, by model, client (its reply topic and partition) and deadline budget: "
-    "tight (under RELAXED_BUDGET_S from send to deadline) or relaxed (more, or no deadline)",
+    "tight (at most RELAXED_BUDGET_S from send to deadline) or relaxed (more, or no deadline)",
     ["model", "client", "budget"],
 )
 ONLINE_BATCH_FILL = Histogram(

@@ -190,7 +190,7 @@ def parse_request(msg: KafkaMessage, rules: ReplyRules, now_ms: Callable[[], int
 def _count(r: Request) -> None:
     """Who asks, and how long they can wait: the audit's evidence of batch-shaped work sent online."""
     client = f"{r.reply_topic}:{'*' if r.reply_partition is None else r.reply_partition}"
-    tight = r.deadline_ms is not None and r.deadline_ms - r.sent_ms < RELAXED_BUDGET_S * 1000
+    tight = r.deadline_ms is not None and r.deadline_ms - r.sent_ms <= RELAXED_BUDGET_S * 1000
     ONLINE_REQUESTS.labels(r.model, client, "tight" if tight else "relaxed").inc()
 
 

@@ -27,6 +27,7 @@ import sys
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -152,13 +153,14 @@ def record(brokers: str, asked: Asked, split: str, figures: dict[str, float], to
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=SCIFACT, help="a labelled query set in BEIR's format (SciFact)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--limit", type=int, default=0, help="ask only the first N queries")
     parser.add_argument("--queries-topic", default=RAG_QUERIES_TOPIC)
     parser.add_argument("--answers-topic", default=RAG_ANSWERS_TOPIC)
     parser.add_argument("--evals-topic", default=RAG_EVALS_TOPIC, help="where the run is recorded")
     args = parser.parse_args()
-    data: Beir = load(SCIFACT)
+    data: Beir = load(args.data)
     queries, qrels = data.split(args.split)
     if args.limit:
         queries = dict(list(queries.items())[: args.limit])

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Debian's packages the tests use besides Python and Java: Prometheus (tests/test_platform.py
+# scrapes the running dataflows with it and asks it every dashboard panel's PromQL) and
+# Chromium (the same test opens `patternflow report`'s page headless). Installed once.
+set -euo pipefail
+need=()
+command -v prometheus >/dev/null || need+=(prometheus)
+command -v chromium >/dev/null || need+=(chromium)
+if ((${#need[@]})); then
+    sudo=$([ "$(id -u)" = 0 ] || echo sudo)
+    echo "installing ${need[*]} (Debian packages) for the tests"
+    $sudo apt-get update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "${need[@]}" >/dev/null
+fi
