@@ -77,3 +77,54 @@ def test_an_agent_runtime_without_real_caps_is_found_and_one_with_caps_is_clean(
 def test_audit_says_when_nothing_answers() -> None:
     out = patternflow("audit", "--targets", f"127.0.0.1:{free_port()}")
     assert out.returncode == 2 and "no dataflow answered" in out.stderr
+
+
+def online(samples: list[tuple[str, dict[str, str], float]]) -> list[Scrape]:
+    return [Scrape("h:1", "online_inference", {"max_batch_size": "32"}, samples)]
+
+
+def requests(client: str, budget: str, n: float) -> tuple[str, dict[str, str], float]:
+    return ("patternflow_online_requests_total", {"model": "m", "client": client, "budget": budget}, n)
+
+
+def test_one_client_sending_most_requests_with_relaxed_deadlines_is_batch_shaped_work() -> None:
+    fill = [("patternflow_online_batch_fill_sum", {"model": "m"}, 5.0), ("patternflow_online_batch_fill_count", {}, 20)]
+    (finding,) = audit(online([requests("r:1", "relaxed", 950), requests("r:1", "tight", 50), *fill]))
+    assert (
+        finding.evidence[0]
+        == "client r:1 sent 1000 of 1000 requests (100%), 95% of them with no deadline or more than 1 s to it"
+    )
+    assert finding.evidence[1] == "20 batches filled 25% of ONLINE_MAX_BATCH_SIZE=32 on average"
+    # Too few requests, a client among many, or callers that cannot wait: online serving is right.
+    assert audit(online([requests("r:1", "relaxed", 499)])) == []
+    assert audit(online([requests("r:1", "relaxed", 400), requests("r:2", "tight", 600)])) == []
+    assert audit(online([requests("r:1", "relaxed", 850), requests("r:1", "tight", 150)])) == []
+
+
+def test_a_streaming_dataflow_is_clean_with_a_recovery_directory_and_found_without_one() -> None:
+    keys = [("patternflow_state_keys", {"step": "s", "shard": "0"}, 12.0)]
+    (finding,) = audit([Scrape("h:1", "fraud_detection", {"bytewax_recovery": ""}, keys)])
+    assert finding.antipattern == "streaming without state" and "12 keys now" in finding.evidence[0]
+    assert audit([Scrape("h:1", "fraud_detection", {"bytewax_recovery": "var/recovery/fraud"}, keys)]) == []
+    assert audit([Scrape("h:1", "online_inference", {"bytewax_recovery": ""}, [])]) == [], "not a streaming dataflow"
+
+
+def test_a_rag_dataflow_is_clean_once_an_eval_run_of_its_index_is_exported() -> None:
+    index = [("patternflow_rag_index_info", {"version": "v1"}, 1.0)]
+    (finding,) = audit([Scrape("h:1", "rag", {}, index)])
+    assert "(v1)" in finding.evidence[0]
+    evaluated = [*index, ("patternflow_rag_eval", {"split": "test", "metric": "ndcg@10"}, 0.7)]
+    assert audit([Scrape("h:1", "rag", {}, evaluated)]) == []
+
+
+def test_the_recovery_directory_is_read_from_bytewax_runs_arguments_or_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from operators.metrics import recovery_directory
+
+    monkeypatch.delenv("BYTEWAX_RECOVERY_DIRECTORY", raising=False)
+    assert recovery_directory(["bytewax.run", "f:build()", "-r", "var/r", "-s", "1"]) == "var/r"
+    assert recovery_directory(["bytewax.run", "f:build()", "--recovery-directory=var/r"]) == "var/r"
+    assert recovery_directory(["bytewax.run", "f:build()"]) == ""
+    monkeypatch.setenv("BYTEWAX_RECOVERY_DIRECTORY", "var/e")
+    assert recovery_directory(["bytewax.run", "f:build()"]) == "var/e"

@@ -40,7 +40,7 @@ from clients.jobs import JobsClient
 from common import free_port, wall_ms
 from dataflows.launch import run_command
 from models.scripted_llm import RECORDINGS, ScriptedModel, serve
-from operators.kafka import KafkaMessage, TopicSpec, ensure_topics, produce
+from operators.kafka import KafkaMessage, TopicSpec, ensure_topics, produce, read_topic
 from scripts.beir import load
 from scripts.evaluate_anomalies import shuttle
 from scripts.fraud_traffic import generate, table_messages
@@ -286,6 +286,7 @@ def test_rag_without_eval_is_found_until_an_eval_run_is_recorded_for_its_index(
     topics = [d.topic("rag", f) for f in ("queries_topic", "answers_topic", "evals_topic")]
     args = ["--data", str(MINI), "--limit", "10", "--queries-topic", topics[0], "--answers-topic", topics[1]]
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": d.brokers}
+    produce(d.brokers, [bad(topics[2])])  # a malformed eval record is dead-lettered, and the dataflow runs on
     run = [sys.executable, "-m", "scripts.eval_rag", *args, "--evals-topic", topics[2]]
     out = subprocess.run(run, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -295,6 +296,8 @@ def test_rag_without_eval_is_found_until_an_eval_run_is_recorded_for_its_index(
     recorded = until(target, "the eval run exported", lambda s: s.total("patternflow_rag_eval", metric="ndcg@10") > 0)
     assert abs(recorded.total("patternflow_rag_eval", split="test", metric="ndcg@10") - figures["ndcg@10"]) < 1e-3
     assert audit(target) == (0, [])
+    (dead,) = read_topic(d.brokers, topics[2] + ".dlq")
+    assert dead.header("dlq.step") == b"rag.parse_evals" and b"an eval run is" in (dead.header("dlq.reason") or b"")
 
 
 def test_batch_jobs_and_async_jobs_report_progress(platform: tuple[Deployment, Prometheus]) -> None:

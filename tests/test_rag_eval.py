@@ -10,9 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common import InvalidMessage
 from models.quality import retrieval_metrics
 from models.registry import get_spec
-from operators.rag import Deletion, Document, Indexed, embed_documents
+from operators.kafka import KafkaMessage
+from operators.rag import Deletion, Document, EvalRun, Indexed, embed_documents
 from operators.retrieval import Fusion, ShardIndex, best_per_doc, fuse
 from operators.text import Chunker, terms
 from scripts.beir import load
@@ -65,3 +67,25 @@ def test_hybrid_beats_each_retriever_alone(runs: dict[str, dict[str, list[str]]]
     qrels = load(MINI).split("test")[1]
     ndcg = {name: retrieval_metrics(run, qrels)["ndcg@10"] for name, run in runs.items()}
     assert ndcg["hybrid"] > max(ndcg["bm25"], ndcg["dense"]), ndcg
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        b"{not json",
+        b"[]",
+        b'{"index_version": "v", "split": "test", "queries": 3, "figures": {}}',
+        b'{"index_version": "v", "split": "test", "queries": 3, "figures": {"ndcg@10": "high"}, "recorded_ms": 1}',
+        b'{"index_version": "v", "split": "test", "queries": 3, "figures": {"ndcg@10": 0.5}, "recorded_ms": "now"}',
+        b'{"index_version": 1, "split": "test", "queries": 3, "figures": {}, "recorded_ms": 1}',
+    ],
+)
+def test_a_malformed_eval_record_is_refused_with_its_shape(value: bytes) -> None:
+    with pytest.raises(InvalidMessage):
+        EvalRun.parse(KafkaMessage(value, key=b"k", topic="rag.evals"))
+
+
+def test_an_eval_run_reads_back_as_written() -> None:
+    run = EvalRun("minilm@1/chunks 256+32/fusion 1:1:rrf60", "test", 30, {"ndcg@10": 0.78}, 1_767_225_600_000)
+    assert EvalRun.parse(run.to_message("rag.evals")) == run
+    assert run.to_message("rag.evals").key == b"minilm@1/chunks 256+32/fusion 1:1:rrf60|test"
