@@ -39,11 +39,12 @@ from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from operators.protocol import RELAXED_BUDGET_S
+from common import RELAXED_BUDGET_S
 
 __all__ = ["DEFAULT_TARGETS", "Finding", "Scrape", "audit", "scrape", "targets"]
 
 DEFAULT_TARGETS = "127.0.0.1:9100-9108"
+MAX_SCRAPE_BYTES = 64 << 20
 MAX_ITERATIONS = 50
 MAX_TASK_USD = 5.0
 MAX_WALL_S = 3_600.0
@@ -98,12 +99,11 @@ def scrape(target: str, timeout_s: float = 2.0) -> Scrape | None:
     """The endpoint's dataflow and samples; ``None`` if nothing answers there or it is not a dataflow."""
     try:
         with urllib.request.urlopen(f"http://{target}/metrics", timeout=timeout_s) as response:
-            text = response.read().decode()
-    except (urllib.error.URLError, OSError):
+            text = response.read(MAX_SCRAPE_BYTES).decode()
+        families = text_string_to_metric_families(text)
+        samples = [(s.name, dict(s.labels), s.value) for family in families for s in family.samples]
+    except (urllib.error.URLError, OSError, ValueError):  # nothing there, or not Prometheus' text format
         return None
-    samples = [
-        (s.name, dict(s.labels), s.value) for family in text_string_to_metric_families(text) for s in family.samples
-    ]
     info = next((labels for name, labels, _ in samples if name == "patternflow_dataflow_info"), None)
     if info is None:
         return None

@@ -39,7 +39,6 @@ __all__ = [
     "RAG_EVALS_TOPIC",
     "RAG_MODEL",
     "RAG_QUERIES_TOPIC",
-    "RELAXED_BUDGET_S",
     "REPLY_TOPIC",
     "REQUEST_TOPIC",
     "ReplyTo",
@@ -60,8 +59,6 @@ RAG_MODEL = "rag"
 RAG_QUERIES_TOPIC = "rag.queries"
 RAG_ANSWERS_TOPIC = "rag.answers"
 RAG_EVALS_TOPIC = "rag.evals"
-# A request with more than this from send to deadline (or none) could have waited for a batch job.
-RELAXED_BUDGET_S = 1.0
 MAX_CORRELATION_ID_BYTES = 256
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 

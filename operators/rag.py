@@ -175,6 +175,9 @@ def index_version(model: str, chunker: Chunker, fusion: Fusion) -> str:
     )
 
 
+MAX_EVAL_FIGURES = 64  # each a gauge: a record cannot make thousands
+
+
 @dataclass(frozen=True)
 class EvalRun:
     """A retrieval eval run's figures (``scripts.eval_rag``), recorded on the compacted evals
@@ -206,9 +209,12 @@ class EvalRun:
             and isinstance(doc["split"], str)
             and all(isinstance(doc[k], int) and not isinstance(doc[k], bool) for k in ("queries", "recorded_ms"))
             and isinstance(doc["figures"], dict)
-            and all(number(v) for v in doc["figures"].values())
+            and len(doc["figures"]) <= MAX_EVAL_FIGURES
+            and all(len(k) <= 64 and number(v) for k, v in doc["figures"].items())
+            and len(doc["index_version"]) <= 300
+            and len(doc["split"]) <= 64
         ):
-            raise InvalidMessage(f"an eval run is a JSON object {shape}")
+            raise InvalidMessage(f"an eval run is a JSON object {shape} (at most {MAX_EVAL_FIGURES} figures)")
         return cls(**doc)
 
     def export(self, serving: str) -> None:

@@ -128,3 +128,24 @@ def test_the_recovery_directory_is_read_from_bytewax_runs_arguments_or_environme
     assert recovery_directory(["bytewax.run", "f:build()"]) == ""
     monkeypatch.setenv("BYTEWAX_RECOVERY_DIRECTORY", "var/e")
     assert recovery_directory(["bytewax.run", "f:build()"]) == "var/e"
+
+
+def test_an_endpoint_that_is_not_a_prometheus_one_is_not_a_dataflow() -> None:
+    import http.server
+    import threading
+
+    class Garbage(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"<html>{{{ not metrics \\x00")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Garbage)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert scrape(f"127.0.0.1:{server.server_port}") is None
+    finally:
+        server.shutdown()

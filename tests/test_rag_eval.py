@@ -89,3 +89,10 @@ def test_an_eval_run_reads_back_as_written() -> None:
     run = EvalRun("minilm@1/chunks 256+32/fusion 1:1:rrf60", "test", 30, {"ndcg@10": 0.78}, 1_767_225_600_000)
     assert EvalRun.parse(run.to_message("rag.evals")) == run
     assert run.to_message("rag.evals").key == b"minilm@1/chunks 256+32/fusion 1:1:rrf60|test"
+
+
+def test_an_eval_record_with_too_many_figures_is_refused() -> None:
+    many = {f"m{i}": 0.5 for i in range(65)}
+    run = EvalRun("v", "test", 3, many, 1)
+    with pytest.raises(InvalidMessage, match="at most 64 figures"):
+        EvalRun.parse(run.to_message("rag.evals"))
