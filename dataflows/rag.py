@@ -21,7 +21,9 @@ vector and by BM25; the per-document rankings are fused with weighted
 reciprocal rank fusion (tuned on SciFact's train split) and the generator
 answers from the top documents: by default the extractive generator (cited
 sentences, or "not found in the sources"), or an OpenAI-compatible server when
-``RAG_LLM_URL`` is set. Run::
+``RAG_LLM_URL`` is set. Each reply names the index version (embedding model,
+chunking, fusion); eval runs of ``scripts.eval_rag`` recorded for that version on
+``rag.evals`` are exported as ``patternflow_rag_eval``. Run::
 
     python -m bytewax.run "dataflows.rag:build()" -r var/recovery/rag -s 1 -b 0
 """

@@ -168,6 +168,13 @@ def audit(*targets: str) -> tuple[int, list[dict[str, Any]]]:
     return out.returncode, orjson.loads(out.stdout)["findings"]
 
 
+def found(target: str, antipattern: str) -> dict[str, Any]:
+    """The one finding at ``target``, which must be ``antipattern`` (and the exit code 1)."""
+    code, findings = audit(target)
+    assert code == 1 and [f["antipattern"] for f in findings] == [antipattern], findings
+    return findings[0]
+
+
 def until(target: str, what: str, check: Any, timeout_s: float = 120) -> Scrape:
     def met() -> Scrape | None:
         s = scrape(target)
@@ -219,10 +226,8 @@ def test_streaming_without_state_is_found_and_the_dataflows_with_recovery_are_cl
     time.sleep(2.5)
     produce(d.brokers, shuttle_events[1_500:])
     until(clean[1], "the model's PR-AUC", lambda s: s.total("patternflow_model_pr_auc") > 0)
-    code, findings = audit(stateless)
-    assert code == 1
-    (finding,) = findings
-    assert finding["antipattern"] == "streaming without state" and finding["dataflow"] == "event_counts"
+    finding = found(stateless, "streaming without state")
+    assert finding["dataflow"] == "event_counts"
     assert finding["evidence"][0].startswith("runs without a recovery directory (python -m bytewax.run ... -r DIR)")
     assert audit(*clean) == (0, [])
     d.stop("stateless")
@@ -250,10 +255,7 @@ def test_online_serving_for_batch_shaped_work_is_found_and_tight_deadlines_are_c
                 futures = [c.submit("tabular-risk", features(i))[1] for i in range(first, first + 50)]
                 assert all(f.result(timeout=60)["status"] in ("ok", "timeout") for f in futures)
 
-    code, findings = audit(bulk)
-    assert code == 1
-    (finding,) = findings
-    assert finding["antipattern"] == "online serving for batch-shaped work"
+    finding = found(bulk, "online serving for batch-shaped work")
     assert "100% of them with no deadline or more than 1 s to it" in finding["evidence"][0]
     assert "batch job" in finding["evidence"][2]
     tight = until(clean, "the tight requests counted", lambda s: s.total("patternflow_online_requests_total") >= 600)
@@ -267,10 +269,7 @@ def test_rag_without_eval_is_found_until_an_eval_run_is_recorded_for_its_index(
 ) -> None:
     d, _ = platform
     target = d.start("rag", RAG_SHARDS="2")
-    code, findings = audit(target)
-    assert code == 1
-    (finding,) = findings
-    assert finding["antipattern"] == "RAG without retrieval eval"
+    finding = found(target, "RAG without retrieval eval")
     assert "minilm-embeddings@" in finding["evidence"][0] and "chunks 256+32" in finding["evidence"][0]
 
     documents = d.topic("rag", "documents_topic")
