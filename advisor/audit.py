@@ -18,7 +18,7 @@ The checks:
   less. The batches' mean fill is shown beside it.
 - **streaming without state** (the streaming dataflows, :data:`STREAMING`):
   one whose features need history running without a Bytewax recovery
-  directory, so its state is never snapshotted and a restart starts every key
+  directory, so its state is not recoverable and a restart starts every key
   from nothing.
 - **RAG without retrieval eval** (``dataflows.rag``): no eval run
   (``scripts.eval_rag``) recorded for the index version it serves.
@@ -185,7 +185,7 @@ def _streaming_state(s: Scrape) -> Finding | None:
         s.target,
         [
             f"runs without a recovery directory (python -m bytewax.run ... -r DIR): its state ({history}; "
-            f"{keys:.0f} keys now) is never snapshotted, and a restart starts every key from nothing",
+            f"{keys:.0f} keys now) is not recoverable, and a restart starts every key from nothing",
         ],
     )
 

@@ -82,7 +82,10 @@ def query_range(prometheus: str, expr: str, start: float, end: float) -> list[Se
     except urllib.error.HTTPError as exc:  # a bad query: Prometheus says why in the body
         doc = json.loads(exc.read() or b"{}")
     except (urllib.error.URLError, OSError) as exc:
-        raise ReportError(f"cannot reach Prometheus at {prometheus}: {exc}") from exc
+        raise ReportError(
+            f"cannot reach Prometheus at {prometheus} ({exc}): start it (docker compose up starts one), "
+            "or name yours with --prometheus URL"
+        ) from exc
     if doc.get("status") != "success":
         raise ReportError(f"Prometheus refused {expr!r}: {doc.get('error', doc)}")
     return [(r["metric"], [(float(t), float(v)) for t, v in r["values"]]) for r in doc["data"]["result"]]
