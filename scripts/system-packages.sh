@@ -9,6 +9,6 @@ command -v chromium >/dev/null || need+=(chromium)
 if ((${#need[@]})); then
     sudo=$([ "$(id -u)" = 0 ] || echo sudo)
     echo "installing ${need[*]} (Debian packages) for the tests"
-    $sudo apt-get update -q >/dev/null
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "${need[@]}" >/dev/null
+    $sudo apt-get update -q >/dev/null || echo "apt-get update failed; trying the package lists there are"
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}" >/dev/null
 fi
