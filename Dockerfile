@@ -10,10 +10,10 @@ COPY pyproject.toml README.md ./
 COPY advisor advisor
 COPY bench bench
 COPY clients clients
-COPY common common
 COPY dataflows dataflows
 COPY models models
 COPY operators operators
+COPY patternflow patternflow
 COPY scripts scripts
 COPY state state
 RUN pip install --no-cache-dir ".[online,batch,streaming,rag,agent]"

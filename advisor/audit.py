@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from common import RELAXED_BUDGET_S
+from patternflow import RELAXED_BUDGET_S
 
 __all__ = ["DEFAULT_TARGETS", "Finding", "Scrape", "audit", "scrape", "targets"]
 

@@ -35,12 +35,12 @@ import orjson
 
 from bench.report import parse_args, progress, write_report
 from clients.agents import AgentClient
-from common import default_brokers, free_port
+from dataflows.agent.program import SYSTEM
+from dataflows.agent.tools import TOOLS, fetcher
 from dataflows.launch import AgentStack
 from models.chat import ChatClient
-from operators.agent import SYSTEM
 from operators.kafka import read_topic
-from operators.tools import TOOLS, fetcher
+from patternflow import default_brokers, free_port
 
 LLM_MS = 200
 TOOL_MS = 50

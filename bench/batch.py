@@ -41,10 +41,10 @@ from confluent_kafka import Consumer, TopicPartition
 
 from bench.online import max_sustained, run_patternflow
 from bench.report import parse_args, progress, write_report
-from common import default_brokers
 from models.registry import REGISTRY, Model
 from models.tabular import make_data
 from operators.kafka import KafkaMessage, TopicSpec, consumer_config, ensure_topics, produce
+from patternflow import default_brokers
 from scripts import beir
 
 BROKERS = default_brokers()

@@ -20,10 +20,10 @@ from bytewax.testing import TestingSink, TestingSource, run_main
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from bench.report import bar_chart, parse_args, progress, write_report
-from common import default_brokers
 from operators.kafka import KafkaMessage, TopicSpec, consumer_config, ensure_topics, producer_config
 from operators.kafka.sink import KafkaSink, kafka_output
 from operators.kafka.source import KafkaBatchSource, KafkaSource
+from patternflow import default_brokers
 
 BROKERS = default_brokers()
 # Our source's and sink's own settings, so both sides fetch and batch alike.

@@ -34,11 +34,11 @@ import torch
 
 from bench.report import parse_args, progress, write_report
 from clients.inference import AsyncInferenceClient, InferenceTimeout
-from common import default_brokers, free_port
 from dataflows.launch import exited, run_command
 from dataflows.online_inference import Settings
 from models.registry import REGISTRY, Model
 from operators.kafka import ensure_topics
+from patternflow import default_brokers, free_port
 
 BROKERS = default_brokers()
 ROOT = Path(__file__).parent.parent

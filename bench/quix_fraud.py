@@ -3,7 +3,7 @@
 which ``bench.streaming`` makes; it is not part of the platform.
 
 The same steps and the same code for every computation (parsing, the velocity features of
-``operators.features.observe``, the decision's features, the river model, the torch model's
+``dataflows.fraud_detection.features.observe``, the decision's features, the river model, the torch model's
 inputs, the decision), written the way Quix Streams' documentation shows:
 
 - payments (keyed by card) → ``apply(stateful=True)``: the card's history in Quix's RocksDB state;
@@ -34,12 +34,12 @@ import numpy as np
 import torch
 from quixstreams import Application
 
-from common import wall_ms
 from dataflows import fraud_detection as fraud
+from dataflows.fraud_detection.features import Features, new_history, observe
 from models.registry import get_spec
-from operators.features import Features, new_history, observe
 from operators.joins import Enriched
 from operators.kafka import KafkaMessage
+from patternflow import wall_ms
 
 
 @dataclass(frozen=True)

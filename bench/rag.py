@@ -38,14 +38,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench.report import parse_args, progress, write_report
 from clients.inference import InferenceClient
-from common import default_brokers, free_port
 from dataflows.launch import exited, run_command
 from dataflows.rag import Settings
+from dataflows.rag.retrieval import Fusion
+from dataflows.rag.text import Chunker
 from models.quality import retrieval_metrics
 from models.registry import get_spec
 from operators.kafka import KafkaMessage, produce
-from operators.retrieval import Fusion
-from operators.text import Chunker
+from patternflow import default_brokers, free_port
 from scripts.beir import SCIFACT, load
 from scripts.eval_rag import Asked, ask, fused_runs, generation_metrics, tune
 

@@ -41,7 +41,6 @@ import orjson
 from confluent_kafka import Consumer, TopicPartition
 
 from bench.report import parse_args, progress, write_report
-from common import default_brokers
 from dataflows.fraud_detection import Settings
 from dataflows.launch import exited, run_command
 from models.quality import pr_auc, roc_auc
@@ -53,6 +52,7 @@ from operators.kafka import (
     produce,
     read_topic,
 )
+from patternflow import default_brokers
 from scripts.fraud_traffic import Traffic, event_messages, generate, paced, table_messages, warm_up
 
 BROKERS = default_brokers()

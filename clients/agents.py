@@ -10,7 +10,7 @@
 
 A background consumer follows ``agent.results`` and ``agent.escalations`` from
 their beginning. A client started before the runtime waits for its topics (up
-to ``wait_for_runtime_s``). Message formats: see :mod:`operators.agent`.
+to ``wait_for_runtime_s``). Message formats: see :mod:`dataflows.agent.program`.
 """
 
 from __future__ import annotations
@@ -18,15 +18,38 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from dataclasses import dataclass, fields
 from typing import Any
 
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
 
-from operators.agent import AgentTopics
 from operators.kafka import consumer_config, partition_count, producer_config, wait_for_topics
 
-__all__ = ["AgentClient"]
+__all__ = ["AgentClient", "AgentTopics"]
+
+
+@dataclass(frozen=True)
+class AgentTopics:
+    """The agent runtime's topics (formats: :mod:`dataflows.agent.program`)."""
+
+    tasks: str = "agent.tasks"
+    tool_calls: str = "agent.tool_calls"
+    tool_results: str = "agent.tool_results"
+    llm_replies: str = "agent.llm_replies"
+    human_replies: str = "agent.human_replies"
+    escalations: str = "agent.escalations"
+    results: str = "agent.results"
+    audit: str = "agent.audit"
+
+    @classmethod
+    def prefixed(cls, prefix: str) -> AgentTopics:
+        """The topics named ``<prefix>.tasks`` and so on."""
+        return cls(*(f"{prefix}.{f.name}" for f in fields(cls)))
+
+    @property
+    def inputs(self) -> list[str]:
+        return [self.tasks, self.tool_results, self.llm_replies, self.human_replies]
 
 
 class AgentClient:

@@ -4,7 +4,7 @@ Reads the calls the agent runtime (:mod:`dataflows.agent`) validated on
 ``agent.tool_calls``, runs them on an asyncio loop (``AGENT_TOOLS_CAPACITY`` at a
 time, each tool under its own timeout, transient failures retried with
 backoff) and answers on ``agent.tool_results``. Formats: see
-:mod:`operators.agent`. A call's failure (a bad argument, an exception, a
+:mod:`dataflows.agent.program`. A call's failure (a bad argument, an exception, a
 timeout) is a result with ``ok: false`` and the reason, for the model to read;
 only a message that is not a tool call goes to ``agent.tool_calls.dlq``.
 
@@ -31,17 +31,10 @@ import bytewax.operators as op
 import orjson
 from bytewax.dataflow import Dataflow
 
+from clients.agents import AgentTopics
 from clients.inference import AsyncInferenceClient
-from operators import metrics
-from operators.agent import AgentTopics, json_object, task_id_of, text_field
-from operators.aio import AsyncConfig, Done, Failed, async_map, attempts
-from operators.dlq import DLQ_SUFFIX, to_dlq_message, try_map
-from operators.kafka import KafkaError, KafkaMessage, Position, ensure_topics
-from operators.kafka.sink import KafkaSink, kafka_output
-from operators.kafka.source import KafkaSource
-from operators.protocol import RAG_ANSWERS_TOPIC, RAG_MODEL, RAG_QUERIES_TOPIC
-from operators.settings import brokers_field, from_env, outage_limit_field
-from operators.tools import (
+from dataflows.agent.program import json_object, task_id_of, text_field, topic_specs
+from dataflows.agent.tools import (
     HUMAN,
     Executor,
     Tool,
@@ -51,6 +44,14 @@ from operators.tools import (
     run_calculator,
     tools,
 )
+from operators import metrics
+from operators.aio import AsyncConfig, Done, Failed, async_map, attempts
+from operators.dlq import DLQ_SUFFIX, to_dlq_message, try_map
+from operators.kafka import KafkaError, KafkaMessage, Position, ensure_topics
+from operators.kafka.sink import KafkaSink, kafka_output
+from operators.kafka.source import KafkaSource
+from operators.protocol import RAG_ANSWERS_TOPIC, RAG_MODEL, RAG_QUERIES_TOPIC
+from operators.settings import brokers_field, from_env, outage_limit_field
 from state.journal import Journal
 
 DAY_S = 86_400
@@ -202,7 +203,7 @@ def _result(call: ToolCall, ok: bool, content: str, attempts: int, seconds: floa
 def build(settings: Settings | None = None) -> Dataflow:
     s = settings or from_env(Settings, prefix="AGENT_TOOLS_")
     brokers, outage_limit_s, topics = s.kafka_bootstrap_servers, s.kafka_outage_limit_s, s.topics
-    ensure_topics(brokers, topics.specs(), outage_limit_s=outage_limit_s)
+    ensure_topics(brokers, topic_specs(topics), outage_limit_s=outage_limit_s)
     specs = tools(s.tools)
     if "fetch" in specs:
         specs["fetch"] = replace(specs["fetch"], timeout_s=s.fetch_timeout_s)

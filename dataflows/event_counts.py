@@ -28,7 +28,6 @@ import bytewax.operators as op
 import orjson
 from bytewax.dataflow import Dataflow
 
-from common import LATEST_MS
 from operators import metrics
 from operators.dlq import DLQ_SUFFIX, InvalidMessage, decode_json, to_dlq_message, try_map
 from operators.kafka import KafkaMessage, Position, TopicSpec, ensure_topics, partition_count
@@ -37,6 +36,7 @@ from operators.kafka.source import KafkaSource
 from operators.settings import brokers_field, from_env, outage_limit_field
 from operators.stateful import StateConfig
 from operators.windowing import EventClock, Late, TumblingWindower, WindowResult, window
+from patternflow import LATEST_MS
 
 LATE_SUFFIX = ".late"
 

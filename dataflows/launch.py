@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import free_port
+from patternflow import free_port
 
 __all__ = ["LONG_RUNNING", "AgentStack", "exited", "main", "run_command"]
 

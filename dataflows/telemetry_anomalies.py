@@ -39,7 +39,6 @@ import orjson
 from bytewax.dataflow import Dataflow
 from river import anomaly, preprocessing
 
-from common import InvalidMessage, wall_ms
 from operators import metrics
 from operators.dlq import DLQ_SUFFIX, decode_json, to_dlq_message, try_map
 from operators.kafka import KafkaMessage, Position, TopicSpec, ensure_topics
@@ -47,6 +46,7 @@ from operators.kafka.sink import KafkaSink, kafka_output
 from operators.kafka.source import KafkaSource
 from operators.learning import Learn, ModelSpec, Score, Scored, online_model
 from operators.settings import brokers_field, from_env, outage_limit_field
+from patternflow import InvalidMessage, wall_ms
 
 __all__ = ["DETECTOR", "Metric", "Settings", "build", "parse_metric"]
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from common import InvalidMessage
+from patternflow import InvalidMessage
 
 __all__ = ["InvalidInput", "Text", "Vector"]
 

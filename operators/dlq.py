@@ -24,10 +24,10 @@ import bytewax.operators as op
 import orjson
 from bytewax.dataflow import Stream, operator
 
-from common import InvalidMessage
 from operators import metrics
 from operators.kafka.message import KafkaMessage
 from operators.streams import split
+from patternflow import InvalidMessage
 
 __all__ = [
     "DLQ_SUFFIX",

@@ -32,10 +32,10 @@ import bytewax.operators as op
 from bytewax.dataflow import operator
 from bytewax.operators import KeyedStream, StatefulBatchLogic
 
-from common import hash_key, wall_ms
 from models.quality import Prequential
 from operators import metrics
 from operators.stateful import Wake, woken
+from patternflow import hash_key, wall_ms
 
 __all__ = ["Learn", "ModelSpec", "Score", "Scored", "online_model"]
 

@@ -26,9 +26,9 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from common import InvalidMessage
 from operators.kafka.admin import valid_topic_name
 from operators.kafka.message import KafkaMessage
+from patternflow import InvalidMessage
 
 __all__ = [
     "JOBS_RESULTS_TOPIC",
@@ -50,11 +50,11 @@ __all__ = [
 
 REQUEST_TOPIC = "inference.requests"
 REPLY_TOPIC = "inference.replies"
-# Async jobs (the protocol is in operators.jobs): submissions in, every status out.
+# Async jobs (the protocol is in dataflows.async_jobs.jobs): submissions in, every status out.
 JOBS_SUBMIT_TOPIC = "jobs.submit"
 JOBS_RESULTS_TOPIC = "jobs.results"
 MAX_JOB_ID_BYTES = 256  # job ids, task ids and document ids: the message key
-# RAG (the query format is in operators.rag): queries in, answers out, over this protocol.
+# RAG (the query format is in dataflows.rag.steps): queries in, answers out, over this protocol.
 RAG_MODEL = "rag"
 RAG_QUERIES_TOPIC = "rag.queries"
 RAG_ANSWERS_TOPIC = "rag.answers"

@@ -35,13 +35,13 @@ import orjson
 from bytewax.dataflow import Stream, operator
 from bytewax.operators import KeyedStream, StatefulBatchLogic
 
-from common import RELAXED_BUDGET_S, wall_ms
 from models.registry import Model, get_spec
 from operators.dlq import DeadLetter, InvalidMessage, loads_json, to_dlq_message, try_map
 from operators.kafka.message import KafkaMessage
 from operators.metrics import INFERENCE_SECONDS, ITEMS, ONLINE_BATCH_FILL, ONLINE_REQUESTS
 from operators.protocol import deadline_ms, reply_to
 from operators.streams import split
+from patternflow import RELAXED_BUDGET_S, wall_ms
 
 __all__ = [
     "BatchConfig",

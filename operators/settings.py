@@ -18,9 +18,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from common import BROKERS_ENV, DEFAULT_BROKERS
 from operators.kafka.client import DEFAULT_OUTAGE_LIMIT_S, OUTAGE_LIMIT_ENV
 from operators.kafka.position import Position
+from patternflow import BROKERS_ENV, DEFAULT_BROKERS
 
 __all__ = ["SettingsError", "brokers_field", "from_args", "from_env", "outage_limit_field"]
 

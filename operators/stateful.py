@@ -44,8 +44,8 @@ from bytewax.dataflow import operator
 from bytewax.inputs import DynamicSource, StatelessSourcePartition
 from bytewax.operators import KeyedStream, StatefulBatchLogic
 
-from common import LATEST_MS, hash_key, wall_ms
 from operators import metrics
+from patternflow import LATEST_MS, hash_key, wall_ms
 from state import MemoryBackend, RocksDBBackend, StateError, StateStore
 
 __all__ = [

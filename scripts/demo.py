@@ -62,7 +62,6 @@ import pyarrow.parquet as pq
 from clients.agents import AgentClient
 from clients.inference import InferenceClient
 from clients.jobs import JobsClient
-from common import default_brokers, free_port
 from dataflows.event_counts import Settings
 from dataflows.fraud_detection import Settings as FraudSettings
 from dataflows.launch import AgentStack, exited, run_command
@@ -72,6 +71,7 @@ from models.quality import pr_auc, roc_auc
 from models.scripted_llm import RECORDINGS, ScriptedModel, serve
 from models.tabular import make_data
 from operators.kafka import KafkaMessage, TopicSpec, ensure_topics, produce, read_topic
+from patternflow import default_brokers, free_port
 from scripts.evaluate_anomalies import evaluate, shuttle
 from scripts.evaluate_fraud import online_vs_frozen, threshold_for_precision
 from scripts.fraud_traffic import generate as generate_payments

@@ -34,12 +34,12 @@ import numpy as np
 import orjson
 
 from clients.inference import InferenceClient
-from common import default_brokers, wall_ms
+from dataflows.rag.retrieval import Fusion, Hit, fuse
+from dataflows.rag.steps import EvalRun
 from models.quality import retrieval_metrics
 from operators.kafka import produce
 from operators.protocol import RAG_ANSWERS_TOPIC, RAG_EVALS_TOPIC, RAG_QUERIES_TOPIC
-from operators.rag import EvalRun
-from operators.retrieval import Fusion, Hit, fuse
+from patternflow import default_brokers, wall_ms
 from scripts.beir import SCIFACT, Beir, load
 
 __all__ = ["Asked", "ask", "generation_metrics", "tune"]

@@ -28,11 +28,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import orjson
 
-from common import default_brokers
 from dataflows.launch import run_command
 from dataflows.telemetry_anomalies import Settings
 from models.quality import pr_auc, roc_auc
 from operators.kafka import KafkaMessage, ensure_topics, produce, read_topic
+from patternflow import default_brokers
 
 __all__ = ["evaluate", "shuttle"]
 

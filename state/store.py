@@ -52,7 +52,7 @@ from typing import Any
 
 import orjson
 
-from common import wall_ms
+from patternflow import wall_ms
 from state.backends import Backend
 from state.errors import StateError, StateRecoveryError
 

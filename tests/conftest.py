@@ -21,7 +21,7 @@ import pytest
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
-from common import default_brokers
+from patternflow import default_brokers
 
 ROOT = Path(__file__).parent.parent
 T = TypeVar("T")
@@ -111,7 +111,7 @@ def gateway(**settings: Any) -> Iterator[str]:
     import uvicorn
 
     from clients.gateway import Settings, create_app
-    from common import free_port
+    from patternflow import free_port
 
     port = free_port()
     http = uvicorn.Server(uvicorn.Config(create_app(Settings(port=port, **settings)), port=port, log_level="warning"))

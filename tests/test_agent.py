@@ -9,13 +9,9 @@ from typing import Any
 import orjson
 import pytest
 
-from common import InvalidMessage, free_port
-from models.chat import ChatClient, ChatReply, Prices, ToolRequest, estimate_tokens, parse_reply, price_table
-from models.llm import LLMError, LLMRefused
-from models.scripted_llm import ScriptedModel, serve
-from operators import agent
-from operators.agent import (
-    AgentTopics,
+from clients.agents import AgentTopics
+from dataflows.agent import program
+from dataflows.agent.program import (
     Caps,
     HumanReplied,
     LlmCall,
@@ -26,9 +22,13 @@ from operators.agent import (
     ToolReplied,
     parse_input,
 )
+from dataflows.agent.tools import TOOLS, ToolError, calculate, tools
+from models.chat import ChatClient, ChatReply, Prices, ToolRequest, estimate_tokens, parse_reply, price_table
+from models.llm import LLMError, LLMRefused
+from models.scripted_llm import ScriptedModel, serve
 from operators.dlq import DeadLetter
 from operators.kafka import KafkaMessage
-from operators.tools import TOOLS, ToolError, calculate, tools
+from patternflow import InvalidMessage, free_port
 from state import MemoryBackend, StateStore
 
 TOPICS = AgentTopics()
@@ -63,7 +63,7 @@ class Runtime:
 
     def submit(self, text: str = "task", task_id: str = "a", caps: Caps | None = None, tenant: str = "t") -> None:
         names = ("calculator", "fetch", "human")
-        now = agent.wall_ms()  # the runtime's clock, which a test may have set
+        now = program.wall_ms()  # the runtime's clock, which a test may have set
         self.send(TaskSubmitted(task_id, tenant, text, names, caps or self.program.policy.caps, now))
 
     def answer(
@@ -267,7 +267,7 @@ def test_a_tool_needing_approval_runs_only_once_approved() -> None:
 
 def test_no_human_reply_within_the_timeout_tells_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
     now = [1_000_000]
-    monkeypatch.setattr("operators.agent.wall_ms", lambda: now[0])
+    monkeypatch.setattr("dataflows.agent.program.wall_ms", lambda: now[0])
     rt = Runtime(policy(human_timeout_s=60))
     rt.submit()
     rt.answer(None, ("human", '{"question": "?"}'))
@@ -280,7 +280,7 @@ def test_no_human_reply_within_the_timeout_tells_the_model(monkeypatch: pytest.M
 
 def test_wall_time_cap_by_timer_charges_the_unanswered_call(monkeypatch: pytest.MonkeyPatch) -> None:
     now = [0]
-    monkeypatch.setattr("operators.agent.wall_ms", lambda: now[0])
+    monkeypatch.setattr("dataflows.agent.program.wall_ms", lambda: now[0])
     rt = Runtime(policy(caps=Caps(max_wall_s=30), on_cap="stop"))
     rt.submit()
     reserved = rt.store.get("b:t:1970-01-01")["reserved"]

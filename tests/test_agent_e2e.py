@@ -19,12 +19,11 @@ import orjson
 import pytest
 from conftest import wait_for
 
-from clients.agents import AgentClient
-from common import free_port
+from clients.agents import AgentClient, AgentTopics
 from dataflows.launch import AgentStack
 from models.scripted_llm import RECORDINGS, ScriptedModel, serve
-from operators.agent import AgentTopics
 from operators.kafka import KafkaMessage, produce, read_topic
+from patternflow import free_port
 
 INJECTION = (
     "Quarterly status: all green.\n"

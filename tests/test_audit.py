@@ -13,9 +13,9 @@ from test_advisor import patternflow
 from test_deploy import default_port
 
 from advisor.audit import DEFAULT_TARGETS, Scrape, audit, scrape, targets
-from common import free_port
 from dataflows.launch import AgentStack
 from models.scripted_llm import RECORDINGS, ScriptedModel, serve
+from patternflow import free_port
 
 DATAFLOWS = [
     "agent",

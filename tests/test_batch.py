@@ -24,10 +24,10 @@ from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.testing import run_main
 
 from dataflows.batch_inference import Progress, Settings
+from dataflows.batch_inference.files import FileOutput, JsonlSource, ParquetSource, commit_files, committed_counts
+from dataflows.batch_inference.scoring import BadRow, Lines, RowFields, Scored, Table, decode, score
 from models.registry import REGISTRY
 from models.schema import InvalidInput, Vector
-from operators.batch import BadRow, Lines, RowFields, Scored, Table, decode, score
-from operators.files import FileOutput, JsonlSource, ParquetSource, commit_files, committed_counts
 from operators.kafka.message import KafkaBatch
 from operators.settings import SettingsError, from_args
 

@@ -20,10 +20,10 @@ from confluent_kafka import TopicPartition
 from confluent_kafka.admin import AdminClient
 from conftest import ROOT, Logged, wait_for
 
-from common import default_brokers
 from dataflows.batch_inference import Job, Settings, job_lock
-from operators.files import committed_counts
+from dataflows.batch_inference.files import committed_counts
 from operators.kafka import KafkaMessage, TopicSpec, ensure_topics, produce, read_topic
+from patternflow import default_brokers
 
 JOB = [sys.executable, "-m", "dataflows.batch_inference"]
 

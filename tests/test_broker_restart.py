@@ -17,10 +17,10 @@ from test_online_e2e import Load, Server
 from test_rag_e2e import DOCS, Rag, doc_message, top
 
 from clients.agents import AgentClient
-from common import free_port
 from dataflows.launch import AgentStack
 from models.scripted_llm import RECORDINGS, ScriptedModel, serve
 from operators.kafka import read_topic
+from patternflow import free_port
 
 OUTAGE_S = 8  # the broker stays down this long, under load
 

@@ -4,6 +4,7 @@ step with the local broker's configuration, the pom and the dataflows' ports."""
 from __future__ import annotations
 
 import dataclasses
+import pkgutil
 import re
 import subprocess
 import sys
@@ -71,7 +72,8 @@ def default_port(dataflow: str) -> int:
 
 def env_prefix(dataflow: str) -> str:
     """The prefix of the dataflow's settings in the environment, as its ``build`` reads them."""
-    source = (ROOT / f"dataflows/{dataflow}.py").read_text()
+    module = import_module(f"dataflows.{dataflow}")
+    source = Path(module.__file__ or "").read_text()
     (prefix,) = set(re.findall(r'from_(?:env|args)\(Settings, (?:prefix=)?"([A-Z_]+)"', source))
     return prefix
 
@@ -85,7 +87,7 @@ def service(dataflow: str) -> str:
 
 
 def test_every_dataflow_module_is_deployed() -> None:
-    modules = {p.stem for p in (ROOT / "dataflows").glob("*.py")} - {"__init__", "launch"}
+    modules = {m.name for m in pkgutil.iter_modules([str(ROOT / "dataflows")])} - {"launch"}
     assert modules == set(DATAFLOWS)
 
 

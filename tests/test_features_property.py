@@ -11,7 +11,7 @@ from bytewax.testing import TestingSink, TestingSource, run_main
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from operators.features import Features, _Lookback, lookback_features
+from dataflows.fraud_detection.features import Features, _Lookback, lookback_features
 from operators.stateful import StateConfig
 from operators.windowing import EventClock, Late
 from state import MemoryBackend, StateStore

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import orjson
 
-from operators.jobs import JobResult, JobTable, parse_jobs
+from dataflows.async_jobs.jobs import JobResult, JobTable, parse_jobs
 from operators.kafka.message import KafkaBatch
 from state import MemoryBackend, StateStore
 

@@ -11,9 +11,10 @@ from typing import Any, ClassVar
 import orjson
 import pytest
 
-from models.llm import Extractive, LLMError, LLMRefused, OpenAIChat, Question
+from dataflows.rag.answers import Extractive, OpenAIChat, Question
+from dataflows.rag.retrieval import Hit
+from models.llm import LLMError, LLMRefused
 from models.registry import get_spec
-from operators.retrieval import Hit
 
 DOC = (
     "Background text about trials. Aspirin lowers the risk of a second heart attack in adults. "

@@ -19,11 +19,11 @@ import pytest
 from conftest import Logged, gateway, wait_for
 
 from clients.inference import InferenceClient, InferenceTimeout
-from common import free_port
 from dataflows.launch import run_command
 from dataflows.online_inference import Settings
 from models.registry import REGISTRY
 from operators.kafka import KafkaMessage, ensure_topics, produce, read_topic
+from patternflow import free_port
 
 ROOT = Path(__file__).parent.parent
 

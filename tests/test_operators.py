@@ -12,11 +12,11 @@ import pytest
 from bytewax.dataflow import Dataflow
 from bytewax.testing import TestingSink, TestingSource, run_main
 
-from common import hash_key
 from operators.kafka import Position
 from operators.settings import SettingsError, from_env
 from operators.stateful import StateConfig, _Fold, running_aggregate
 from operators.windowing import EventClock, TumblingWindower, _Windows, window
+from patternflow import hash_key
 from state import MemoryBackend, StateStore
 
 

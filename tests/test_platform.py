@@ -37,10 +37,10 @@ from advisor.report import Panel, dashboards, query_range
 from clients.agents import AgentClient
 from clients.inference import InferenceClient
 from clients.jobs import JobsClient
-from common import free_port, wall_ms
 from dataflows.launch import run_command
 from models.scripted_llm import RECORDINGS, ScriptedModel, serve
 from operators.kafka import KafkaMessage, TopicSpec, ensure_topics, produce, read_topic
+from patternflow import free_port, wall_ms
 from scripts.beir import load
 from scripts.evaluate_anomalies import shuttle
 from scripts.fraud_traffic import generate, table_messages

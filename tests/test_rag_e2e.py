@@ -16,13 +16,13 @@ from conftest import Logged, gateway, wait_for
 from bench.rag import step_figures
 from clients.agents import AgentClient
 from clients.inference import InferenceClient
-from common import free_port
 from dataflows.launch import AgentStack, exited, run_command
 from dataflows.online_inference import Settings as OnlineSettings
 from dataflows.rag import Settings
 from models.scripted_llm import RECORDINGS, ScriptedModel, serve
 from operators.kafka import KafkaMessage, ensure_topics, produce, read_topic
 from operators.protocol import request_headers
+from patternflow import free_port
 
 DOCS = {
     "aspirin": (

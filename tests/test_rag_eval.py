@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common import InvalidMessage
+from dataflows.rag.retrieval import Fusion, ShardIndex, best_per_doc, fuse
+from dataflows.rag.steps import Deletion, Document, EvalRun, Indexed, embed_documents
+from dataflows.rag.text import Chunker, terms
 from models.quality import retrieval_metrics
 from models.registry import get_spec
 from operators.kafka import KafkaMessage
-from operators.rag import Deletion, Document, EvalRun, Indexed, embed_documents
-from operators.retrieval import Fusion, ShardIndex, best_per_doc, fuse
-from operators.text import Chunker, terms
+from patternflow import InvalidMessage
 from scripts.beir import load
 
 MINI = Path(__file__).parent / "data" / "scifact-mini"

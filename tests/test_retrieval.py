@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import Stemmer
 
-from operators.retrieval import Fusion, Hit, IndexedChunk, ShardIndex, best_per_doc, fuse
-from operators.text import Chunker, sentences, terms
+from dataflows.rag.retrieval import Fusion, Hit, IndexedChunk, ShardIndex, best_per_doc, fuse
+from dataflows.rag.text import Chunker, sentences, terms
 
 CORPUS = [
     "Aspirin reduces the risk of heart attacks in adults over fifty.",

@@ -35,11 +35,11 @@ from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 from confluent_kafka import KafkaError as RdKafkaError
 from confluent_kafka import Producer
 
-from common import hash_key
 from operators import metrics
 from operators.kafka.client import DEFAULT_OUTAGE_LIMIT_S, OUTAGE_LIMIT_ENV, producer_config, send
 from operators.kafka.errors import KafkaDeliveryError
 from operators.kafka.message import KafkaMessage
+from patternflow import hash_key
 
 __all__ = ["DEAD_LETTER_MAX_VALUE_BYTES", "KafkaSink", "kafka_output"]
 

@@ -20,7 +20,7 @@ the document's text), and the answer, each sentence cited.
 Steps: :class:`Catalog` keeps each document's content hash and passes on only
 real changes, so an unchanged document is never embedded again; :func:`embed_documents`
 chunks and embeds them in micro-batches; :class:`IndexShard` keeps its shard's
-chunks in keyed state and in a :class:`~operators.retrieval.ShardIndex` rebuilt
+chunks in keyed state and in a :class:`~dataflows.rag.retrieval.ShardIndex` rebuilt
 from that state when the shard opens, and answers each query with its top hits
 by vector and by BM25; :func:`gather` waits for every shard's hits;
 :func:`answer` fuses them and has the generator answer.
@@ -39,16 +39,16 @@ from typing import Any
 import numpy as np
 import orjson
 
-from common import InvalidMessage, wall_ms
-from models.llm import Generator, Question
+from dataflows.rag.answers import Generator, Question
+from dataflows.rag.retrieval import Fusion, Hit, IndexedChunk, ShardIndex, best_per_doc, fuse
+from dataflows.rag.text import Chunker, terms
 from operators import metrics
 from operators.dlq import loads_json
 from operators.kafka.message import KafkaMessage
 from operators.protocol import RAG_MODEL, deadline_ms, id_from_key
-from operators.retrieval import Fusion, Hit, IndexedChunk, ShardIndex, best_per_doc, fuse
 from operators.serving import Reply, ReplyRules, Request, answerable
 from operators.stateful import Expiring, shard_of
-from operators.text import Chunker, terms
+from patternflow import InvalidMessage, wall_ms
 from state import StateStore
 
 __all__ = [

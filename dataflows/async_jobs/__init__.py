@@ -1,6 +1,6 @@
 """Async jobs: submit to ``jobs.submit``, workers run them at their own pace, results by job id.
 
-Protocol: see :mod:`operators.jobs`. A submission is keyed by its job id, its
+Protocol: see :mod:`dataflows.async_jobs.jobs`. A submission is keyed by its job id, its
 value ``{"model": "tabular-risk", "inputs": [[...], ...]}``; every status goes
 to ``jobs.results`` (compacted) keyed by the job id. Clients and the HTTP
 gateway (``POST /v1/jobs``, ``GET /v1/jobs/{id}``) use
@@ -18,10 +18,10 @@ import bytewax.operators as op
 import torch
 from bytewax.dataflow import Dataflow
 
+from dataflows.async_jobs.jobs import JobTable, parse_jobs, run_jobs
 from models.registry import load, specs
 from operators import metrics
 from operators.dlq import DLQ_SUFFIX, to_dlq_message
-from operators.jobs import JobTable, parse_jobs, run_jobs
 from operators.kafka import Position, TopicSpec, ensure_topics
 from operators.kafka.sink import KafkaSink, kafka_output
 from operators.kafka.source import KafkaBatchSource

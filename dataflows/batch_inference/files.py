@@ -1,9 +1,9 @@
 """Files in and out of a Bytewax dataflow: bounded, resumable reads, and output committed once.
 
 Inputs. :class:`ParquetSource` reads Parquet files, one Bytewax partition per
-row group, a :class:`~operators.batch.Table` per record batch;
+row group, a :class:`~dataflows.batch_inference.scoring.Table` per record batch;
 :class:`JsonlSource` reads JSONL files, one partition per file, a
-:class:`~operators.batch.Lines` per chunk. Both keep their position (rows or
+:class:`~dataflows.batch_inference.scoring.Lines` per chunk. Both keep their position (rows or
 bytes read) in Bytewax's snapshots, so a resumed job reads on from there, and
 end by themselves when their files are read.
 
@@ -43,8 +43,8 @@ from bytewax.dataflow import operator
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.operators import KeyedStream, StatefulBatchLogic
 
+from dataflows.batch_inference.scoring import BadRow, Lines, Scored, Table
 from operators import metrics
-from operators.batch import BadRow, Lines, Scored, Table
 from operators.stateful import Wake, woken
 
 __all__ = [

@@ -1,7 +1,7 @@
 """The agent loop as a durable dataflow: the LLM decides, the runtime checks, tools act, and it loops through Kafka.
 
 A task on ``agent.tasks`` starts a state machine held in RocksDB-backed keyed
-state (:class:`operators.agent.TaskProgram`: the conversation, the tools, the
+state (:class:`dataflows.agent.program.TaskProgram`: the conversation, the tools, the
 usage). Each turn the model is asked what to do, through an OpenAI-compatible
 server (``AGENT_LLM_URL``), ``AGENT_LLM_CAPACITY`` calls in flight at once; its
 reply goes to ``agent.llm_replies`` and comes back as the task's next event. The
@@ -10,7 +10,7 @@ runtime checks the tool calls it asked for and publishes the valid ones on
 ``agent.tool_results``, which brings the task to its next turn, until the model
 answers without tools: the result goes to ``agent.results``. Every event of a
 task is appended to ``agent.audit``. Caps, budgets, escalation to humans and
-the message formats: see :mod:`operators.agent`.
+the message formats: see :mod:`dataflows.agent.program`.
 
 Because every turn is an event on Kafka and the task's state is snapshotted
 with the source offsets, a kill -9 resumes each task at its last completed
@@ -32,10 +32,12 @@ from pathlib import Path
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow
 
+from clients.agents import AgentTopics
+from dataflows.agent.program import Caps, LlmCall, Policy, TaskProgram, llm_reply_message, parse_input, topic_specs
+from dataflows.agent.tools import tools
 from models.chat import ChatClient, ChatReply, price_table
 from models.llm import LLMError, LLMRefused
 from operators import metrics
-from operators.agent import AgentTopics, Caps, LlmCall, Policy, TaskProgram, llm_reply_message, parse_input
 from operators.aio import AsyncConfig, Done, Failed, async_map
 from operators.dlq import DLQ_SUFFIX, DeadLetter, to_dlq_message, try_map
 from operators.kafka import KafkaMessage, Position, ensure_topics
@@ -44,7 +46,6 @@ from operators.kafka.source import KafkaSource
 from operators.settings import brokers_field, from_env, outage_limit_field
 from operators.stateful import StateConfig, keyed_state
 from operators.streams import split
-from operators.tools import tools
 
 SCRIPTED_HINT = (
     "set AGENT_LLM_URL to an OpenAI-compatible server (vLLM, llama.cpp server, Ollama, a hosted API), "
@@ -131,7 +132,7 @@ def _retryable(exc: BaseException) -> bool:
 def build(settings: Settings | None = None) -> Dataflow:
     s = settings or from_env(Settings, prefix="AGENT_")
     brokers, outage_limit_s, topics = s.kafka_bootstrap_servers, s.kafka_outage_limit_s, s.topics
-    ensure_topics(brokers, topics.specs(s.partitions), outage_limit_s=outage_limit_s)
+    ensure_topics(brokers, topic_specs(topics, s.partitions), outage_limit_s=outage_limit_s)
     policy = s.policy()
     key = os.environ.get("AGENT_LLM_API_KEY", "")
     model = ChatClient(s.llm_url, s.llm_model, key, s.llm_timeout_s, max_connections=s.llm_capacity)

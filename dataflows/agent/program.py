@@ -62,24 +62,24 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 import orjson
 
-from common import InvalidMessage, wall_ms
+from clients.agents import AgentTopics
+from dataflows.agent.tools import HUMAN, Tool
 from models.chat import ChatReply, Prices, ToolRequest, estimate_tokens
 from operators import metrics
 from operators.dlq import DLQ_SUFFIX, DeadLetter, decode_json
 from operators.kafka import TopicSpec
 from operators.kafka.message import KafkaMessage
 from operators.protocol import id_from_key
-from operators.tools import HUMAN, Tool
+from patternflow import InvalidMessage, wall_ms
 from state import StateStore
 
 __all__ = [
-    "AgentTopics",
     "Caps",
     "HumanReplied",
     "LlmCall",
@@ -94,6 +94,7 @@ __all__ = [
     "parse_input",
     "task_id_of",
     "text_field",
+    "topic_specs",
 ]
 
 Purpose = Literal["decide", "final", "summary"]
@@ -114,40 +115,20 @@ SUMMARISE = (
 )
 
 
-@dataclass(frozen=True)
-class AgentTopics:
-    tasks: str = "agent.tasks"
-    tool_calls: str = "agent.tool_calls"
-    tool_results: str = "agent.tool_results"
-    llm_replies: str = "agent.llm_replies"
-    human_replies: str = "agent.human_replies"
-    escalations: str = "agent.escalations"
-    results: str = "agent.results"
-    audit: str = "agent.audit"
-
-    @classmethod
-    def prefixed(cls, prefix: str) -> AgentTopics:
-        """The topics named ``<prefix>.tasks`` and so on."""
-        return cls(*(f"{prefix}.{f.name}" for f in fields(cls)))
-
-    @property
-    def inputs(self) -> list[str]:
-        return [self.tasks, self.tool_results, self.llm_replies, self.human_replies]
-
-    def specs(self, partitions: int = 3) -> list[TopicSpec]:
-        """Every topic of the runtime and its tool workers (either may start first)."""
-        day, week = DAY_MS, 7 * DAY_MS
-        return [
-            TopicSpec(self.tasks, partitions=partitions, retention_ms=week),
-            TopicSpec(self.tool_calls, partitions=partitions, retention_ms=day),
-            TopicSpec(self.tool_results, partitions=partitions, retention_ms=day),
-            TopicSpec(self.llm_replies, partitions=partitions, retention_ms=day),
-            TopicSpec(self.human_replies, partitions=partitions, retention_ms=week),
-            TopicSpec(self.escalations, partitions=partitions, retention_ms=week),
-            TopicSpec(self.results, partitions=partitions, cleanup_policy="compact"),
-            TopicSpec(self.audit, partitions=partitions, retention_ms=30 * DAY_MS),
-            *(TopicSpec(t + DLQ_SUFFIX, retention_ms=-1) for t in (*self.inputs, self.tool_calls)),
-        ]
+def topic_specs(topics: AgentTopics, partitions: int = 3) -> list[TopicSpec]:
+    """Every topic of the runtime and its tool workers (either may start first)."""
+    day, week = DAY_MS, 7 * DAY_MS
+    return [
+        TopicSpec(topics.tasks, partitions=partitions, retention_ms=week),
+        TopicSpec(topics.tool_calls, partitions=partitions, retention_ms=day),
+        TopicSpec(topics.tool_results, partitions=partitions, retention_ms=day),
+        TopicSpec(topics.llm_replies, partitions=partitions, retention_ms=day),
+        TopicSpec(topics.human_replies, partitions=partitions, retention_ms=week),
+        TopicSpec(topics.escalations, partitions=partitions, retention_ms=week),
+        TopicSpec(topics.results, partitions=partitions, cleanup_policy="compact"),
+        TopicSpec(topics.audit, partitions=partitions, retention_ms=30 * DAY_MS),
+        *(TopicSpec(t + DLQ_SUFFIX, retention_ms=-1) for t in (*topics.inputs, topics.tool_calls)),
+    ]
 
 
 @dataclass(frozen=True)

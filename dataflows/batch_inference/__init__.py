@@ -25,7 +25,7 @@ was read, when absent); Parquet files with ``id`` and ``inputs`` columns
 (``--id-field`` and ``--input-field`` rename them). Output rows: ``id`` and the
 model's output columns (``risk`` and ``label``; ``embedding``). Files are
 committed atomically per snapshot and writer shard (see
-:mod:`operators.files`); a topic gets one message per row keyed by its id:
+:mod:`dataflows.batch_inference.files`); a topic gets one message per row keyed by its id:
 a resumed job may write a row twice, so readers keep one message per key (or
 compact the topic).
 """
@@ -56,12 +56,7 @@ from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.run import cli_main
 from prometheus_client import REGISTRY
 
-from common import hash_key
-from models.registry import get_spec
-from operators import metrics
-from operators.batch import RowFields, Scored, decode, score
-from operators.dlq import DLQ_SUFFIX
-from operators.files import (
+from dataflows.batch_inference.files import (
     FileOutput,
     Format,
     JsonlSource,
@@ -70,11 +65,16 @@ from operators.files import (
     committed_counts,
     write_atomically,
 )
+from dataflows.batch_inference.scoring import RowFields, Scored, decode, score
+from models.registry import get_spec
+from operators import metrics
+from operators.dlq import DLQ_SUFFIX
 from operators.kafka import KafkaMessage, Position, TopicSpec, ensure_topics
 from operators.kafka.errors import KafkaSourceError
 from operators.kafka.sink import KafkaSink, kafka_output
 from operators.kafka.source import KafkaBatchSource, fixed_range
 from operators.settings import SettingsError, brokers_field, from_args, outage_limit_field
+from patternflow import hash_key
 
 __all__ = ["Job", "Settings", "build", "job_lock", "main"]
 
@@ -479,7 +479,3 @@ def _counted(job: str) -> int:
         REGISTRY.get_sample_value("patternflow_batch_rows_total", {"job": job, "outcome": o}) for o in ("ok", "bad")
     )
     return int(sum(value or 0 for value in samples))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

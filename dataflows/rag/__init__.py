@@ -5,7 +5,7 @@ deletes) are searchable a moment later; queries on ``rag.queries`` are answered
 on the reply topic they name, over the online-inference protocol, so
 :class:`clients.inference.InferenceClient` and the HTTP gateway serve them
 (``client.predict("rag", {"query": "...", "k": 5})``). Message formats: see
-:mod:`operators.rag`.
+:mod:`dataflows.rag.steps`.
 
 Ingest: a document whose content did not change is dropped before embedding;
 a changed one is cut into chunks of ``RAG_CHUNK_TOKENS`` tokens (MiniLM's
@@ -41,15 +41,9 @@ import numpy as np
 import torch
 from bytewax.dataflow import Dataflow
 
-from models.llm import Extractive, Generator, OpenAIChat
-from models.registry import get_spec
-from operators import metrics
-from operators.dlq import DLQ_SUFFIX, to_dlq_message, try_map
-from operators.kafka import Position, TopicCache, TopicSpec, ensure_topics
-from operators.kafka.sink import KafkaSink, kafka_output
-from operators.kafka.source import KafkaSource
-from operators.protocol import RAG_ANSWERS_TOPIC, RAG_EVALS_TOPIC, RAG_QUERIES_TOPIC
-from operators.rag import (
+from dataflows.rag.answers import Extractive, Generator, OpenAIChat
+from dataflows.rag.retrieval import Fusion
+from dataflows.rag.steps import (
     Answering,
     Catalog,
     EvalRun,
@@ -62,12 +56,18 @@ from operators.rag import (
     parse_document,
     parse_query,
 )
-from operators.retrieval import Fusion
+from dataflows.rag.text import Chunker
+from models.registry import get_spec
+from operators import metrics
+from operators.dlq import DLQ_SUFFIX, to_dlq_message, try_map
+from operators.kafka import Position, TopicCache, TopicSpec, ensure_topics
+from operators.kafka.sink import KafkaSink, kafka_output
+from operators.kafka.source import KafkaSource
+from operators.protocol import RAG_ANSWERS_TOPIC, RAG_EVALS_TOPIC, RAG_QUERIES_TOPIC
 from operators.serving import Reply, ReplyRules, error_and_dead_letter
 from operators.settings import brokers_field, from_env, outage_limit_field
 from operators.stateful import StateConfig, keyed_state, sharded_state
 from operators.streams import split
-from operators.text import Chunker
 
 HOUR_MS = 3_600_000
 

@@ -36,13 +36,13 @@ from typing import Any, Literal
 
 import orjson
 
-from common import wall_ms
 from models.registry import Model, get_spec
 from operators import metrics
 from operators.dlq import DeadLetter, InvalidMessage, loads_json
 from operators.kafka.message import KafkaBatch, KafkaMessage
 from operators.protocol import id_from_key
 from operators.stateful import Expiring
+from patternflow import wall_ms
 from state import StateStore
 
 __all__ = ["Job", "JobResult", "JobTable", "Parsed", "parse_jobs", "run_jobs"]

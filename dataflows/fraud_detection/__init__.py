@@ -45,12 +45,11 @@ import torch
 from bytewax.dataflow import Dataflow
 from river import compose, linear_model, optim, preprocessing
 
-from common import InvalidMessage, hash_key, wall_ms
+from dataflows.fraud_detection.features import Features, lookback_features
 from models.quality import Prequential
 from models.registry import get_spec
 from operators import metrics
 from operators.dlq import DLQ_SUFFIX, decode_json, to_dlq_message, try_map
-from operators.features import Features, lookback_features
 from operators.joins import Enriched, Joined, join_table, join_within
 from operators.kafka import KafkaMessage, Position, TopicSpec, ensure_topics, partition_count
 from operators.kafka.sink import KafkaSink, kafka_output
@@ -59,6 +58,7 @@ from operators.learning import Learn, ModelSpec, Score, Scored, online_model
 from operators.settings import brokers_field, from_env, outage_limit_field
 from operators.stateful import StateConfig
 from operators.windowing import EventClock
+from patternflow import InvalidMessage, hash_key, wall_ms
 
 __all__ = [
     "FRAUD_MODEL",

@@ -4,10 +4,10 @@
 row each of a matrix, searched exactly: at tens of thousands of chunks per
 shard a matrix product beats building an approximate graph) and BM25 postings,
 updated in place as chunks come and go. The shard's durable copy is its keyed
-state (:class:`operators.rag.IndexShard`); this index is rebuilt from it when a shard opens.
+state (:class:`dataflows.rag.steps.IndexShard`); this index is rebuilt from it when a shard opens.
 
 BM25 is Lucene's variant with bm25s's defaults (``k1=1.5``, ``b=0.75``; terms
-from :func:`operators.text.terms`), with statistics (document count, average
+from :func:`dataflows.rag.text.terms`), with statistics (document count, average
 length, document frequencies) of the shard: like a search engine's shard
 without a global-statistics round, scores of different shards are comparable
 only as far as the shards' statistics agree, which hash-spread documents make

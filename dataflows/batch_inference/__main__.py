@@ -1,0 +1,7 @@
+"""``python -m dataflows.batch_inference --job NAME --input ...``: run one batch job to its end."""
+
+import sys
+
+from dataflows.batch_inference import main
+
+sys.exit(main())
