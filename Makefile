@@ -1,4 +1,5 @@
-# patternflow: `make demo` runs the demo on the local broker, `make test` runs every check.
+# patternflow: `make demo` runs the demo on the local broker, `make test` runs every check,
+# `make test-fast` the inner loop (every check, and the tests that run no dataflow process).
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
@@ -8,11 +9,12 @@ PY := $(VENV)/bin/python
 export KAFKA_BOOTSTRAP_SERVERS ?= 127.0.0.1:9092
 export PATTERNFLOW_CACHE ?= $(HOME)/.cache/patternflow
 
-.PHONY: help venv kafka-up kafka-down kafka-wipe test check demo bench clean
+.PHONY: help venv system-packages kafka-up kafka-down kafka-wipe test test-fast check demo bench clean
 
 help:
-	@echo "make demo        start the local Kafka broker and run the demo dataflow on demo traffic"
-	@echo "make test        install, start the broker, run ruff, mypy and pytest"
+	@echo "make demo        start the local Kafka broker and run the demo of every pattern (PATTERN=rag: one part)"
+	@echo "make test        install, start the broker, run ruff, import contracts, mypy and every test"
+	@echo "make test-fast   the same checks with the tests that run no dataflow process (the inner loop)"
 	@echo "make kafka-up    start the local Apache Kafka broker (KRaft) at $$KAFKA_BOOTSTRAP_SERVERS"
 	@echo "make kafka-down  stop it;  make kafka-wipe  stop it and delete its data"
 	@echo "make bench       run the benchmarks in quick mode"
@@ -23,6 +25,10 @@ venv:
 	@# pip leaves installed packages alone, so a warm venv costs seconds
 	@$(PY) -m pip install -q --disable-pip-version-check -e ".[dev]" > $(VENV)/pip.log 2>&1 \
 		|| { tail -n 30 $(VENV)/pip.log; echo "pip install failed: full log in $(VENV)/pip.log"; exit 1; }
+
+# Prometheus and Chromium for the platform tests (Debian packages, installed once).
+system-packages:
+	@scripts/system-packages.sh
 
 kafka-up: venv
 	@PYTHON=$(PY) scripts/kafka.sh up
@@ -36,10 +42,14 @@ kafka-wipe:
 check: venv
 	@PY=$(PY) scripts/check
 
-test: kafka-up check
+test: system-packages kafka-up
+	@PY=$(PY) scripts/check
+
+test-fast: kafka-up
+	@PY=$(PY) scripts/check -m "not e2e and not outage and not platform"
 
 demo: kafka-up
-	@$(PY) -m scripts.demo
+	@$(PY) -m scripts.demo $(PATTERN)
 
 bench: kafka-up
 	$(PY) -m bench.kafka_io --quick

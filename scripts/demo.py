@@ -39,6 +39,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import random
 import subprocess
@@ -98,16 +99,25 @@ def traffic(start_ms: int, n: int = 20_000) -> list[KafkaMessage]:
     return msgs
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    parts = {
+        "streaming": event_counts_demo,
+        "online": online_demo,
+        "batch": batch_demo,
+        "async": async_jobs_demo,
+        "telemetry": telemetry_demo,
+        "fraud": fraud_demo,
+        "rag": rag_demo,
+        "agent": agent_demo,
+    }
+    parser = argparse.ArgumentParser(description="Run the demo of every pattern, or of those named.")
+    parser.add_argument("patterns", nargs="*", metavar="PATTERN", help="any of: " + ", ".join(parts))
+    chosen = parser.parse_args(argv).patterns or list(parts)
+    if unknown := [p for p in chosen if p not in parts]:
+        parser.error(f"no demo part {', '.join(unknown)}: choose from {', '.join(parts)}")
     workdir = Path("var/demo") / time.strftime("%Y%m%d-%H%M%S")
-    event_counts_demo(workdir)
-    online_demo(workdir)
-    batch_demo(workdir)
-    async_jobs_demo(workdir)
-    telemetry_demo(workdir)
-    fraud_demo(workdir)
-    rag_demo(workdir)
-    agent_demo(workdir)
+    for name in chosen:
+        parts[name](workdir)
 
 
 def event_counts_demo(workdir: Path) -> None:

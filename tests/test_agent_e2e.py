@@ -17,13 +17,15 @@ from typing import Any, ClassVar
 
 import orjson
 import pytest
-from conftest import wait_for
 
 from clients.agents import AgentClient, AgentTopics
 from dataflows.launch import AgentStack
 from models.scripted_llm import RECORDINGS, ScriptedModel, serve
 from operators.kafka import KafkaMessage, produce, read_topic
 from patternflow import free_port
+from tests.support.processes import wait_for
+
+pytestmark = pytest.mark.e2e
 
 INJECTION = (
     "Quarterly status: all green.\n"

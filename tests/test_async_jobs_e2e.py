@@ -11,13 +11,15 @@ from typing import Any
 
 import orjson
 import pytest
-from conftest import Logged, gateway, wait_for
 
 from clients.jobs import JobsClient
 from dataflows.async_jobs import Settings
 from dataflows.launch import run_command
 from models.registry import REGISTRY
 from operators.kafka import KafkaMessage, ensure_topics, produce, read_topic
+from tests.support.processes import Logged, gateway, wait_for
+
+pytestmark = pytest.mark.e2e
 
 
 def features(i: int) -> list[float]:
@@ -177,6 +179,7 @@ def test_http_gateway_submits_and_looks_up_jobs(workers: Workers, topic: str) ->
     ensure_topics(workers.brokers, online.topics())  # the gateway also fronts online inference
     with (
         gateway(
+            topic,
             kafka_bootstrap_servers=workers.brokers,
             request_topic=online.request_topic,
             reply_topic=online.reply_topic,

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import wait_for
-from test_advisor import patternflow
-from test_deploy import default_port
 
 from advisor.audit import DEFAULT_TARGETS, Scrape, audit, scrape, targets
 from dataflows.launch import AgentStack
 from models.scripted_llm import RECORDINGS, ScriptedModel, serve
 from patternflow import free_port
+from tests.support.processes import wait_for
+from tests.test_advisor import patternflow
+from tests.test_deploy import default_port
 
 DATAFLOWS = [
     "agent",
@@ -48,6 +48,7 @@ def test_tasks_ending_at_caps_are_evidence() -> None:
     assert audit([Scrape("h:1", "agent", settings, samples[:1])]) == []
 
 
+@pytest.mark.e2e
 def test_an_agent_runtime_without_real_caps_is_found_and_one_with_caps_is_clean(brokers: str, tmp_path: Path) -> None:
     model = ScriptedModel(orjson.loads(RECORDINGS.read_bytes()))
     unbounded = {"AGENT_MAX_ITERATIONS": "100000", "AGENT_MAX_COST_USD": "1000"}

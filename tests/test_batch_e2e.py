@@ -18,12 +18,14 @@ import pyarrow.parquet as pq
 import pytest
 from confluent_kafka import TopicPartition
 from confluent_kafka.admin import AdminClient
-from conftest import ROOT, Logged, wait_for
 
 from dataflows.batch_inference import Job, Settings, job_lock
 from dataflows.batch_inference.files import committed_counts
 from operators.kafka import KafkaMessage, TopicSpec, ensure_topics, produce, read_topic
 from patternflow import default_brokers
+from tests.support.processes import ROOT, Logged, wait_for
+
+pytestmark = pytest.mark.e2e
 
 JOB = [sys.executable, "-m", "dataflows.batch_inference"]
 

@@ -10,11 +10,13 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import Logged
 
 from dataflows.event_counts import Settings
 from dataflows.launch import run_command
 from operators.kafka import KafkaMessage, ensure_topics, produce, read_topic
+from tests.support.processes import Logged
+
+pytestmark = pytest.mark.e2e
 
 WINDOW_MS = 10_000
 BASE_MS = 1_767_225_600_000  # 2026-01-01T00:00:00Z

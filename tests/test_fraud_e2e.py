@@ -9,13 +9,15 @@ from typing import Any
 
 import orjson
 import pytest
-from conftest import Logged, wait_for
 
 from dataflows.fraud_detection import Settings
 from dataflows.launch import run_command
 from operators.kafka import KafkaMessage, ensure_topics, produce, read_topic
 from operators.settings import from_env
 from scripts.fraud_traffic import Traffic, generate, table_messages
+from tests.support.processes import Logged, wait_for
+
+pytestmark = pytest.mark.e2e
 
 VELOCITY = ("count_1m", "count_1h", "count_24h", "log_sum_1h", "amount_z", "log_history", "log_since_previous_s")
 

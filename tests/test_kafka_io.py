@@ -9,7 +9,6 @@ import bytewax.operators as op
 import pytest
 from bytewax.dataflow import Dataflow
 from bytewax.testing import TestingSink, TestingSource, run_main
-from conftest import wait_for
 
 from operators.kafka import (
     KafkaBatch,
@@ -25,6 +24,7 @@ from operators.kafka import (
 )
 from operators.kafka.sink import KafkaSink, kafka_output
 from operators.kafka.source import KafkaBatchSource, KafkaSource
+from tests.support.processes import wait_for
 
 
 def read_with(source: KafkaSource) -> list[KafkaMessage]:

@@ -16,7 +16,6 @@ from typing import Any
 
 import orjson
 import pytest
-from conftest import Logged, gateway, wait_for
 
 from clients.inference import InferenceClient, InferenceTimeout
 from dataflows.launch import run_command
@@ -24,6 +23,9 @@ from dataflows.online_inference import Settings
 from models.registry import REGISTRY
 from operators.kafka import KafkaMessage, ensure_topics, produce, read_topic
 from patternflow import free_port
+from tests.support.processes import Logged, gateway, wait_for
+
+pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).parent.parent
 
@@ -322,6 +324,7 @@ def test_http_gateway_maps_replies_to_status_codes(server: Server) -> None:
 
     with (
         gateway(
+            server.topic,
             kafka_bootstrap_servers=server.brokers,
             request_topic=f"{server.topic}.requests",
             reply_topic=f"{server.topic}.replies",

@@ -27,10 +27,6 @@ from typing import Any
 import orjson
 import pytest
 import yaml
-from conftest import ROOT, Logged, wait_for
-from test_advisor import patternflow
-from test_deploy import DATAFLOWS, env_prefix
-from test_event_counts_e2e import KEYS
 
 from advisor.audit import Scrape, scrape
 from advisor.report import Panel, dashboards, query_range
@@ -44,6 +40,12 @@ from patternflow import free_port, wall_ms
 from scripts.beir import load
 from scripts.evaluate_anomalies import shuttle
 from scripts.fraud_traffic import generate, table_messages
+from tests.support.processes import ROOT, Logged, wait_for
+from tests.test_advisor import patternflow
+from tests.test_deploy import DATAFLOWS, env_prefix
+from tests.test_event_counts_e2e import KEYS
+
+pytestmark = pytest.mark.platform
 
 MINI = ROOT / "tests" / "data" / "scifact-mini"
 PANELS = [panel for _, panels in dashboards() for panel in panels]

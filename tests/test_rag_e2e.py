@@ -11,7 +11,6 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from conftest import Logged, gateway, wait_for
 
 from bench.rag import step_figures
 from clients.agents import AgentClient
@@ -23,6 +22,9 @@ from models.scripted_llm import RECORDINGS, ScriptedModel, serve
 from operators.kafka import KafkaMessage, ensure_topics, produce, read_topic
 from operators.protocol import request_headers
 from patternflow import free_port
+from tests.support.processes import Logged, gateway, wait_for
+
+pytestmark = pytest.mark.e2e
 
 DOCS = {
     "aspirin": (
@@ -198,6 +200,7 @@ def test_bad_documents_and_queries_get_reasons_and_the_dataflow_goes_on(rag: Rag
     ensure_topics(brokers, online.topics())
     with (
         gateway(
+            topic,
             kafka_bootstrap_servers=brokers,
             request_topic=online.request_topic,
             reply_topic=online.reply_topic,

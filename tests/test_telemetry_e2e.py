@@ -9,13 +9,15 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
-from conftest import Logged, wait_for
 
 from dataflows.launch import run_command
 from dataflows.telemetry_anomalies import Settings, parse_metric
 from models.quality import roc_auc
 from operators.kafka import KafkaMessage, ensure_topics, produce, read_topic
 from scripts.evaluate_anomalies import evaluate, shuttle
+from tests.support.processes import Logged, wait_for
+
+pytestmark = pytest.mark.e2e
 
 NOW = 1_767_225_600_000
 

@@ -1,0 +1,1 @@
+"""Test fixtures and helpers, loaded as plugins by ``tests/conftest.py``."""
