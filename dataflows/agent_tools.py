@@ -38,6 +38,7 @@ from dataflows.agent.tools import (
     HUMAN,
     Executor,
     Tool,
+    ToolError,
     TransientToolError,
     fetcher,
     retriever,
@@ -183,7 +184,7 @@ class Worker:
         if isinstance(outcome, Done):
             return _result(call, True, outcome.value, outcome.attempts, outcome.seconds)
         # A ToolError's message is for the model as it is; any other exception is named.
-        error = outcome.error.removeprefix("ToolError: ").removeprefix("TransientToolError: ")
+        error = str(outcome.exception) if isinstance(outcome.exception, ToolError) else outcome.error
         return _result(call, False, f"{call.tool}: {error}", outcome.attempts, outcome.seconds)
 
 

@@ -6,7 +6,7 @@ subclass :class:`LLMRefused` (the server refused the request: not retried).
 
 from __future__ import annotations
 
-__all__ = ["LLMError", "LLMRefused", "check_status"]
+__all__ = ["LLMError", "LLMRefused", "check_status", "worth_retrying"]
 
 
 class LLMError(RuntimeError):
@@ -23,3 +23,8 @@ def check_status(url: str, status: int, body: bytes) -> None:
         raise LLMError(f"{url} answered HTTP {status}")
     if status != 200:
         raise LLMRefused(f"{url} refused the request: HTTP {status}: {body[:200].decode(errors='replace')}")
+
+
+def worth_retrying(exc: BaseException) -> bool:
+    """Whether another attempt may succeed: an :class:`LLMError` other than :class:`LLMRefused`."""
+    return isinstance(exc, LLMError) and not isinstance(exc, LLMRefused)

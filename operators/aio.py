@@ -18,13 +18,12 @@ kill -9 every item gets its result; a call in flight at the kill runs twice
 from __future__ import annotations
 
 import asyncio
-import random
 import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, Generic, TypeVar
@@ -35,6 +34,7 @@ from bytewax.operators import KeyedStream, StatefulBatchLogic
 
 from operators import metrics
 from operators.stateful import shard_of
+from patternflow.retry import RetryPolicy
 
 __all__ = ["AsyncConfig", "Done", "Failed", "async_map", "attempts", "event_loop"]
 
@@ -53,9 +53,10 @@ class AsyncConfig:
     ``capacity`` calls in flight per step and process at most (split over its
     ``shards``, which spread the items over the workers); ``timeout_s`` per
     attempt; up to ``retries`` more attempts for failures ``retry_if`` accepts,
-    after ``backoff_s`` doubling each time (jittered). A timeout is not retried:
-    a call that hung once mostly hangs again, and retrying it multiplies the wait.
-    ``poll_ms``: how often the step looks for completed calls.
+    after ``backoff_s`` doubling each time (jittered): :attr:`retry` is that
+    policy. A timeout is not retried: a call that hung once mostly hangs again,
+    and retrying it multiplies the wait. ``poll_ms``: how often the step looks
+    for completed calls.
     """
 
     capacity: int = 1_000
@@ -70,6 +71,19 @@ class AsyncConfig:
         if self.capacity < 1 or self.shards < 1:
             raise ValueError(f"capacity and shards must be >= 1, got {self.capacity} and {self.shards}")
 
+    @property
+    def retry(self) -> RetryPolicy:
+        """The policy ``retries``, ``backoff_s`` and ``retry_if`` describe; a timeout is never retried."""
+        return RetryPolicy(
+            retry_on=partial(_retried, self.retry_if),
+            initial_interval_s=self.backoff_s,
+            max_attempts=self.retries + 1,
+        )
+
+
+def _retried(retry_if: Callable[[BaseException], bool], exc: BaseException) -> bool:
+    return not isinstance(exc, TimeoutError) and retry_if(exc)
+
 
 @dataclass(frozen=True)
 class Done(Generic[X, Y]):
@@ -81,13 +95,15 @@ class Done(Generic[X, Y]):
 
 @dataclass(frozen=True)
 class Failed(Generic[X]):
-    """The call failed past its retries (``error`` says how) or timed out."""
+    """The call failed past its retries (``error`` says how) or timed out; ``exception`` is what the
+    last attempt raised, so a caller can tell failures apart by type."""
 
     item: X
     error: str
     timed_out: bool
     attempts: int
     seconds: float
+    exception: Exception = field(compare=False)
 
 
 _loop: asyncio.AbstractEventLoop | None = None
@@ -108,18 +124,21 @@ def event_loop() -> asyncio.AbstractEventLoop:
 async def attempts(fn: Callable[[X], Awaitable[Y]], item: X, config: AsyncConfig) -> Done[X, Y] | Failed[X]:
     """``await fn(item)`` under ``config``'s timeout, retried as it says: :class:`Done` or :class:`Failed`."""
     start = time.perf_counter()
-    for attempt in range(1, config.retries + 2):
-        try:
-            value = await asyncio.wait_for(fn(item), config.timeout_s)
-            return Done(item, value, attempt, time.perf_counter() - start)
-        except TimeoutError:
-            error = f"timed out after {config.timeout_s:g} s"
-            return Failed(item, error, True, attempt, time.perf_counter() - start)
-        except Exception as exc:
-            if attempt > config.retries or not config.retry_if(exc):
-                return Failed(item, f"{type(exc).__name__}: {exc}", False, attempt, time.perf_counter() - start)
-            await asyncio.sleep(config.backoff_s * 2 ** (attempt - 1) * (0.5 + random.random()))
-    raise AssertionError("unreachable")
+    tries = 0
+
+    async def once() -> Y:
+        nonlocal tries
+        tries += 1
+        return await asyncio.wait_for(fn(item), config.timeout_s)
+
+    try:
+        value = await config.retry.acall(once)
+    except TimeoutError as exc:
+        error = f"timed out after {config.timeout_s:g} s"
+        return Failed(item, error, True, tries, time.perf_counter() - start, exc)
+    except Exception as exc:
+        return Failed(item, f"{type(exc).__name__}: {exc}", False, tries, time.perf_counter() - start, exc)
+    return Done(item, value, tries, time.perf_counter() - start)
 
 
 class _AsyncLogic(StatefulBatchLogic[X, Done[X, Y] | Failed[X], list[X]], Generic[X, Y]):
@@ -210,8 +229,6 @@ def async_map(
     def unshard(shard_out: tuple[str, Done[Any, Y] | Failed[Any]]) -> tuple[str, Done[X, Y] | Failed[X]]:
         result = shard_out[1]
         key, item = result.item
-        if isinstance(result, Done):
-            return key, Done(item, result.value, result.attempts, result.seconds)
-        return key, Failed(item, result.error, result.timed_out, result.attempts, result.seconds)
+        return key, replace(result, item=item)
 
     return op.map("unshard", outs, unshard)

@@ -20,8 +20,6 @@ Failures are :mod:`models.llm`'s errors.
 
 from __future__ import annotations
 
-import random
-import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,7 +31,8 @@ import orjson
 
 from dataflows.rag.retrieval import Hit
 from dataflows.rag.text import sentences
-from models.llm import LLMError, LLMRefused, check_status
+from models.llm import LLMError, check_status, worth_retrying
+from patternflow.retry import RetryPolicy
 
 __all__ = [
     "Answer",
@@ -182,16 +181,15 @@ class OpenAIChat:
         }
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         url = self.base_url.rstrip("/") + "/chat/completions"
-        for attempt in range(self.retries + 1):
-            try:
-                return Answer(_checked(self._post(url, body, headers), question.contexts), f"llm:{self.model}")
-            except LLMRefused:
-                raise
-            except LLMError:
-                if attempt == self.retries:
-                    raise
-                time.sleep(min(4.0, 0.25 * 2**attempt) * (0.5 + random.random()))
-        raise AssertionError("unreachable")
+        replied = self.retry.call(lambda: _checked(self._post(url, body, headers), question.contexts))
+        return Answer(replied, f"llm:{self.model}")
+
+    @property
+    def retry(self) -> RetryPolicy:
+        """``retries`` more attempts for a failure that may pass, after 0.25 s doubling up to 4 s (jittered)."""
+        return RetryPolicy(
+            retry_on=worth_retrying, initial_interval_s=0.25, max_interval_s=4.0, max_attempts=self.retries + 1
+        )
 
     def _post(self, url: str, body: dict[str, Any], headers: dict[str, str]) -> bytes:
         try:

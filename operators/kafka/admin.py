@@ -89,13 +89,13 @@ def ensure_topics(brokers: str, specs: Iterable[TopicSpec], *, outage_limit_s: f
     specs = list(by_name.values())
     admin = _admin(brokers)
     outage = _outage("creating topics", brokers, outage_limit_s)
-    while not _create_missing(admin, specs, outage, brokers):
-        time.sleep(0.5)
+    outage.call(lambda: _create_missing(admin, specs, outage, brokers))
     _wait_ready(admin, [s.name for s in specs], outage, timeout_s=60, brokers=brokers)
 
 
-def _create_missing(admin: AdminClient, specs: list[TopicSpec], outage: Outage, brokers: str) -> bool:
-    """One round of creating the topics that are missing; ``False`` if a transient error calls for another."""
+def _create_missing(admin: AdminClient, specs: list[TopicSpec], outage: Outage, brokers: str) -> None:
+    """One round of creating the topics that are missing; a transient error is raised as librdkafka's
+    ``KafkaException``, for :meth:`Outage.call` to retry the round."""
     existing = _topics(admin, outage)
     wanted = [spec.new_topic() for spec in specs if spec.name not in existing]
     for name, future in (admin.create_topics(wanted, operation_timeout=30) if wanted else {}).items():
@@ -107,9 +107,7 @@ def _create_missing(admin: AdminClient, specs: list[TopicSpec], outage: Outage, 
                 continue
             if not is_transient(err):
                 raise KafkaAdminError(f"cannot create topic {name!r} at {brokers}: {exc}") from exc
-            outage.failed(err)  # raises once the outage is past its limit
-            return False
-    return True
+            raise
 
 
 def _wait_ready(admin: AdminClient, names: list[str], outage: Outage, *, timeout_s: float, brokers: str) -> None:

@@ -23,8 +23,9 @@ from confluent_kafka import KafkaException, Producer
 
 from operators.kafka.errors import KafkaUnavailable, is_transient
 from operators.kafka.message import KafkaMessage
+from patternflow.retry import RetryPolicy
 
-__all__ = ["OUTAGE_LIMIT_ENV", "Outage", "consumer_config", "producer_config", "send"]
+__all__ = ["BROKER_RETRY", "OUTAGE_LIMIT_ENV", "Outage", "consumer_config", "producer_config", "send"]
 
 OUTAGE_LIMIT_ENV = "KAFKA_OUTAGE_LIMIT_S"
 DEFAULT_OUTAGE_LIMIT_S = 120.0
@@ -87,13 +88,24 @@ def producer_config(
     }
 
 
+def _transient(exc: BaseException) -> bool:
+    # librdkafka's exception carries its KafkaError, with the code, as its one argument.
+    return isinstance(exc, KafkaException) and is_transient(exc.args[0])
+
+
+# No attempt limit: the outage clock (Outage.failed) decides when to give up, across calls.
+BROKER_RETRY = RetryPolicy(
+    retry_on=_transient, initial_interval_s=0.05, max_interval_s=2.0, max_attempts=None, jitter=False
+)
+
+
 @dataclass
 class Outage:
     """Tracks how long the broker has been failing, for code that must not block.
 
     Call :meth:`failed` on each transient error (it raises once the outage is
     older than ``limit_s``) and :meth:`ok` on each success. :meth:`call` retries
-    a blocking call with backoff until it succeeds or the limit passes.
+    a blocking call by :data:`BROKER_RETRY` until it succeeds or the limit passes.
     """
 
     what: str
@@ -116,22 +128,13 @@ class Outage:
                 f"Check that it runs (make kafka-up) and is reachable; {OUTAGE_LIMIT_ENV} sets how long to wait."
             )
 
-    def call(self, fn: Callable[[], T], *, max_backoff_s: float = 2.0) -> T:
-        """``fn()``, retried with backoff while it raises a transient broker error."""
-        backoff = 0.05
-        while True:
-            try:
-                result = fn()
-            except KafkaException as exc:
-                err = exc.args[0]
-                if not is_transient(err):
-                    raise
-                self.failed(err)
-                time.sleep(backoff)
-                backoff = min(backoff * 2, max_backoff_s)
-                continue
-            self.ok()
-            return result
+    def call(self, fn: Callable[[], T]) -> T:
+        """``fn()``, retried by :data:`BROKER_RETRY` while it raises a transient broker error,
+        until the outage (which may have begun before this call) is older than ``limit_s``."""
+        # BROKER_RETRY retries only librdkafka's exception, whose one argument is its KafkaError.
+        result = BROKER_RETRY.call(fn, on_retry=lambda exc: self.failed(exc.args[0]))
+        self.ok()
+        return result
 
 
 DeliveryCallback = Callable[[RdKafkaError | None, Any], None]
