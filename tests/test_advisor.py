@@ -146,8 +146,8 @@ def test_the_console_script_refuses_bad_input_with_exit_code_2(tmp_path: Path) -
     assert out.returncode == 2 and "is not a valid use case" in out.stderr
 
 
-def test_the_readme_shows_what_the_command_prints() -> None:
-    section = (ROOT / "README.md").read_text().split("## Pattern advisor", 1)[1]
+def test_the_docs_show_what_the_command_prints() -> None:
+    section = (ROOT / "docs" / "advisor.md").read_text().split("## Pattern advisor", 1)[1]
     shown = section.split("```")[3].removeprefix("\n")  # the block after the command's
     out = patternflow("advise", "advisor/examples/ops-agent.yaml")
     assert out.stdout == shown

@@ -267,9 +267,9 @@ def test_kill_9_mid_task_resumes_without_running_finished_tool_calls_again(
     assert [Web.hits[f"{path}/{n}"] for n in (1, 2, 3)] == [1, 1, 1]
 
 
-def test_the_readme_example_works(agents: AgentClient, brokers: str) -> None:
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    block = readme.split("## Dataflow: the agent loop", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+def test_the_docs_example_works(agents: AgentClient, brokers: str) -> None:
+    page = (Path(__file__).parent.parent / "docs" / "agent.md").read_text()
+    block = page.split("## Using it", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     prefix = agents.topics.tasks.removesuffix(".tasks")
     code = block.replace('AgentClient("127.0.0.1:9092")', f'AgentClient("{brokers}", topic_prefix="{prefix}")')
     assert code != block

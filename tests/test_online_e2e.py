@@ -348,9 +348,9 @@ def test_http_gateway_maps_replies_to_status_codes(server: Server) -> None:
         assert rag.status_code == 503 and "dataflows.rag" in rag.json()["error"]
 
 
-def test_the_readme_plain_kafka_client_example_works(server: Server) -> None:
-    readme = (ROOT / "README.md").read_text()
-    block = readme.split("**With any Kafka client**", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+def test_the_docs_plain_kafka_client_example_works(server: Server) -> None:
+    page = (ROOT / "docs" / "online.md").read_text()
+    block = page.split("**With any Kafka client**", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     code = block.replace('"inference.requests"', f'"{server.topic}.requests"').replace(
         'TopicPartition("inference.replies", 0)', f'TopicPartition("{server.topic}.replies", 0)'
     )
