@@ -17,13 +17,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+from patternflow.errors import PatternflowError
+
 __all__ = ["Advice", "UseCase", "UseCaseError", "advise"]
 
 Arrives = Literal["on_request", "on_schedule", "continuously"]
 ARRIVALS = ("on_request", "on_schedule", "continuously")
 
 
-class UseCaseError(ValueError):
+class UseCaseError(PatternflowError, ValueError):
     """The use case is not a valid description: the message says which field and why."""
 
 

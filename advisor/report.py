@@ -23,6 +23,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from patternflow.errors import PatternflowError
+
 __all__ = ["DASHBOARDS", "Panel", "ReportError", "dashboards", "query_range", "render"]
 
 DASHBOARDS = Path(__file__).resolve().parents[1] / "deploy" / "grafana" / "dashboards"
@@ -30,7 +32,7 @@ ORDER = ["online", "batch", "streaming", "rag", "agent"]  # the patterns, as the
 POINTS = 240  # per series: a step of range / POINTS, at least 1 s
 
 
-class ReportError(Exception):
+class ReportError(PatternflowError):
     """Prometheus could not be asked, or refused a query (the message says which and why)."""
 
 

@@ -32,12 +32,13 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from operators.kafka import Outage, consumer_config, partition_count, producer_config, wait_for_topics
 from operators.protocol import RAG_QUERIES_TOPIC, REPLY_TOPIC, REQUEST_TOPIC, request_headers
+from patternflow.errors import PatternflowError
 
 __all__ = ["AsyncInferenceClient", "InferenceClient", "InferenceTimeout"]
 
 
-class InferenceTimeout(TimeoutError):
-    pass
+class InferenceTimeout(PatternflowError, TimeoutError):
+    """No reply came within the caller's timeout (or the server was given up on while waiting)."""
 
 
 class InferenceClient:

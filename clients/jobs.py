@@ -32,13 +32,14 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 
 from operators.kafka import Outage, consumer_config, partition_count, producer_config, wait_for_topics
 from operators.protocol import JOBS_RESULTS_TOPIC, JOBS_SUBMIT_TOPIC, MAX_JOB_ID_BYTES
+from patternflow.errors import PatternflowError
 
 __all__ = ["JobSubmitError", "JobsClient"]
 
 _RANK = {"unknown": -1, "pending": 0, "running": 1, "done": 2, "failed": 2}
 
 
-class JobSubmitError(RuntimeError):
+class JobSubmitError(PatternflowError, RuntimeError):
     """The broker did not take a submission (it names why); nothing was enqueued."""
 
 

@@ -1,15 +1,18 @@
 """What every LLM backend shares: its errors, and which HTTP answers are worth a retry.
 
-Exceptions: :class:`LLMError` (the server failed or answered in another form), and its
-subclass :class:`LLMRefused` (the server refused the request: not retried).
+Exceptions, under :class:`~patternflow.errors.PatternflowError`: :class:`LLMError` (the
+server failed or answered in another form), and its subclass :class:`LLMRefused` (the
+server refused the request: not retried).
 """
 
 from __future__ import annotations
 
+from patternflow.errors import PatternflowError
+
 __all__ = ["LLMError", "LLMRefused", "check_status", "worth_retrying"]
 
 
-class LLMError(RuntimeError):
+class LLMError(PatternflowError, RuntimeError):
     """The LLM server failed, timed out, or answered in a form other than the one asked for."""
 
 

@@ -35,7 +35,7 @@ __all__ = ["REGISTRY", "Model", "ModelSpec", "UnknownModel", "default_device", "
 
 
 class UnknownModel(InvalidInput):
-    pass
+    """A request names a model the registry does not hold."""
 
 
 class Model(Protocol):

@@ -23,7 +23,8 @@ __all__ = ["InvalidInput", "Text", "Vector"]
 
 
 class InvalidInput(InvalidMessage):
-    """A request's ``inputs`` do not match its model's schema (or name no known model)."""
+    """A request's ``inputs`` do not match its model's schema (:class:`~models.registry.UnknownModel`:
+    or it names no known model)."""
 
 
 @dataclass(frozen=True)

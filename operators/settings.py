@@ -21,14 +21,15 @@ from typing import Any, TypeVar
 from operators.kafka.client import DEFAULT_OUTAGE_LIMIT_S, OUTAGE_LIMIT_ENV
 from operators.kafka.position import Position
 from patternflow import BROKERS_ENV, DEFAULT_BROKERS
+from patternflow.errors import PatternflowError
 
 __all__ = ["SettingsError", "brokers_field", "from_args", "from_env", "outage_limit_field"]
 
 T = TypeVar("T")
 
 
-class SettingsError(ValueError):
-    pass
+class SettingsError(PatternflowError, ValueError):
+    """An environment variable or argument holds a value its setting cannot take; the message names both."""
 
 
 _FORMS: dict[Any, tuple[str, Any]] = {

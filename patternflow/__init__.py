@@ -2,6 +2,8 @@
 
 Both the dataflows (which run Bytewax) and the clients (which must not) import
 from here: the wall clock, the routing hash and the broker address default.
+The exception tree's root and :class:`InvalidMessage` live in
+:mod:`patternflow.errors`, the retry policy in :mod:`patternflow.retry`.
 """
 
 from __future__ import annotations
@@ -11,12 +13,16 @@ import socket
 import time
 import zlib
 
+# Re-exported: every decoder and validator raises it, and imports it from here.
+from patternflow.errors import InvalidMessage, PatternflowError
+
 __all__ = [
     "BROKERS_ENV",
     "DEFAULT_BROKERS",
     "LATEST_MS",
     "RELAXED_BUDGET_S",
     "InvalidMessage",
+    "PatternflowError",
     "default_brokers",
     "free_port",
     "hash_key",
@@ -29,13 +35,6 @@ LATEST_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z, the latest time a d
 # An online request with more than this from send to deadline (or none) could have waited for a
 # batch job: online serving counts such requests, and ``patternflow audit`` weighs them.
 RELAXED_BUDGET_S = 1.0
-
-
-class InvalidMessage(ValueError):
-    """A message's content or headers are invalid: the one exception that makes a dead letter.
-
-    Decoders, validators and schemas raise it; any other exception is a bug and stops the dataflow.
-    """
 
 
 def default_brokers() -> str:

@@ -1,4 +1,4 @@
-"""The keyed-state exception tree::
+"""The keyed-state exception tree, under :class:`~patternflow.errors.PatternflowError`::
 
 StateError               the state cannot be opened or used (a path, a lock, a shard count)
  └── StateRecoveryError  the store cannot return to the snapshot asked for
@@ -6,10 +6,12 @@ StateError               the state cannot be opened or used (a path, a lock, a s
 
 from __future__ import annotations
 
+from patternflow.errors import PatternflowError
+
 __all__ = ["StateError", "StateRecoveryError"]
 
 
-class StateError(Exception):
+class StateError(PatternflowError):
     """Keyed state cannot be opened or used as asked; the message says what to do."""
 
 

@@ -19,8 +19,9 @@ Shipped tools, each with the least power it needs (there is no shell):
 - ``human``: asks a person (escalation). It has no executor: the runtime pauses
   the task and waits for a reply on ``agent.human_replies``.
 
-Exceptions: :class:`ToolError` (the call failed on its arguments or the world:
-the model is told) and its subclass :class:`TransientToolError` (worth a retry).
+Exceptions, under :class:`~patternflow.errors.PatternflowError`: :class:`ToolError`
+(the call failed on its arguments or the world: the model is told) and its
+subclass :class:`TransientToolError` (worth a retry).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from jsonschema import Draft202012Validator
+
+from patternflow.errors import PatternflowError
 
 __all__ = [
     "HUMAN",
@@ -54,7 +57,7 @@ __all__ = [
 HUMAN = "human"
 
 
-class ToolError(Exception):
+class ToolError(PatternflowError):
     """A tool could not do what its arguments asked: the model is told why."""
 
 

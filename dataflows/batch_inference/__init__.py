@@ -75,6 +75,7 @@ from operators.kafka.sink import KafkaSink, kafka_output
 from operators.kafka.source import KafkaBatchSource, fixed_range
 from operators.settings import SettingsError, brokers_field, from_args, outage_limit_field
 from patternflow import hash_key
+from patternflow.errors import PatternflowError
 
 __all__ = ["Job", "Settings", "build", "job_lock", "main"]
 
@@ -140,7 +141,7 @@ class Settings:
         return {key: str(getattr(self, key)) for key in keys}
 
 
-class JobError(Exception):
+class JobError(PatternflowError):
     """The job cannot run as asked (its input is missing, or its settings changed since it started)."""
 
 

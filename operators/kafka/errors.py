@@ -1,6 +1,6 @@
 """The Kafka exception tree, and which broker errors are worth waiting out.
 
-::
+Under :class:`~patternflow.errors.PatternflowError`::
 
     KafkaError
      ├── KafkaSourceError       the broker refused a read (unknown topic, auth, ...)
@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from confluent_kafka import KafkaError as RdKafkaError
 
+from patternflow.errors import PatternflowError
+
 __all__ = [
     "KafkaAdminError",
     "KafkaDeliveryError",
@@ -25,8 +27,8 @@ __all__ = [
 ]
 
 
-class KafkaError(Exception):
-    """Base of every Kafka error raised by patternflow."""
+class KafkaError(PatternflowError):
+    """Base of every Kafka error patternflow raises; never raised itself."""
 
 
 class KafkaSourceError(KafkaError):
