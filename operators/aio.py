@@ -70,6 +70,8 @@ class AsyncConfig:
     def __post_init__(self) -> None:
         if self.capacity < 1 or self.shards < 1:
             raise ValueError(f"capacity and shards must be >= 1, got {self.capacity} and {self.shards}")
+        if self.retries < 0 or self.backoff_s <= 0:  # refused here rather than at an item's first call
+            raise ValueError(f"retries must be >= 0 and backoff_s > 0, got {self.retries} and {self.backoff_s}")
 
     @property
     def retry(self) -> RetryPolicy:

@@ -8,10 +8,14 @@ import itertools
 import random
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 from confluent_kafka import KafkaError as RdKafkaError
 from confluent_kafka import KafkaException
 
+from dataflows.rag.answers import Extractive, OpenAIChat
+from models.llm import LLMError, LLMRefused
+from operators.aio import AsyncConfig
 from operators.kafka.client import Outage
 from operators.kafka.errors import KafkaUnavailable
 from patternflow.retry import RetryPolicy
@@ -174,3 +178,15 @@ def test_the_broker_outage_clock_runs_across_calls_and_refusals_are_not_retried(
     with pytest.raises(KafkaException):
         Outage("test").call(failing(1_000, refused, calls := []))
     assert len(calls) == 1
+
+
+def test_the_settings_of_each_retry_loop_map_onto_its_old_waits() -> None:
+    steps = AsyncConfig(retries=2, backoff_s=0.2, retry_if=lambda exc: True).retry
+    assert steps.max_attempts == 3 and [steps.interval_s(n, lambda: 0.5) for n in (1, 2)] == [0.2, 0.4]
+    assert steps.retries(ConnectionError()) and not steps.retries(TimeoutError()), "a timeout is never retried"
+    unused = Extractive(lambda texts: np.zeros((len(texts), 8)))
+    llm = OpenAIChat("http://127.0.0.1:9/v1", "m", fallback=unused, retries=4).retry
+    assert llm.max_attempts == 5 and [llm.interval_s(n, lambda: 0.5) for n in range(1, 7)] == [0.25, 0.5, 1, 2, 4, 4]
+    assert llm.retries(LLMError("HTTP 503")) and not llm.retries(LLMRefused("HTTP 400"))
+    with pytest.raises(ValueError, match="retries must be >= 0"):
+        AsyncConfig(retries=-1)
