@@ -59,4 +59,4 @@ bench: kafka-up
 	$(PY) -m bench.rag --quick
 
 clean:
-	rm -rf var bench/results/*.md bench/results/*.png
+	rm -rf var $(filter-out bench/results/README.md,$(wildcard bench/results/*.md)) bench/results/*.png

@@ -89,8 +89,7 @@ class Advice:
     def command(self) -> str:
         if self.dataflow == "dataflows.batch_inference":  # a bounded job: a command for orchestrators
             return "python -m dataflows.batch_inference --help"
-        name = self.dataflow.removeprefix("dataflows.")
-        return f'python -m bytewax.run "{self.dataflow}:build()" -r var/recovery/{name} -s 1 -b 0'
+        return f"python -m dataflows.launch {self.dataflow.removeprefix('dataflows.')} --snapshot-s 1"
 
     def to_json(self) -> dict[str, Any]:
         return {**self.__dict__, "command": self.command}

@@ -129,7 +129,7 @@ def test_the_console_script_advises_in_text_and_json(tmp_path: Path) -> None:
     out = patternflow("advise", str(EXAMPLES / "ops-agent.yaml"))
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("on-call assistant: agent loop\n")
-    assert 'python -m bytewax.run "dataflows.agent:build()"' in out.stdout and "AGENT_MAX_ITERATIONS=8" in out.stdout
+    assert "python -m dataflows.launch agent --snapshot-s 1" in out.stdout and "AGENT_MAX_ITERATIONS=8" in out.stdout
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\narrives: on_request\nneeds_tools: true\n")
     out = patternflow("advise", "--json", str(bad))
