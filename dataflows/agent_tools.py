@@ -22,7 +22,6 @@ executors get no more power than their tool needs: no shell, HTTP only to
 from __future__ import annotations
 
 import asyncio
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -45,35 +44,31 @@ from dataflows.agent.tools import (
     run_calculator,
     tools,
 )
-from operators import metrics
 from operators.aio import AsyncConfig, Done, Failed, async_map, attempts
 from operators.dlq import DLQ_SUFFIX, to_dlq_message, try_map
-from operators.kafka import KafkaError, KafkaMessage, Position, ensure_topics
-from operators.kafka.sink import KafkaSink, kafka_output
-from operators.kafka.source import KafkaSource
+from operators.kafka import KafkaError, KafkaMessage
+from operators.kafka.sink import kafka_output
 from operators.protocol import RAG_ANSWERS_TOPIC, RAG_MODEL, RAG_QUERIES_TOPIC
-from operators.settings import brokers_field, from_env, outage_limit_field
+from operators.settings import from_env, process_id
+from operators.setup import Application, DataflowSettings
 from state.journal import Journal
 
 DAY_S = 86_400
 
 
 @dataclass(frozen=True)
-class Settings:
-    kafka_bootstrap_servers: str = brokers_field()
-    kafka_outage_limit_s: float = outage_limit_field()
+class Settings(DataflowSettings):
     topic_prefix: str = "agent"
-    tools: str = "calculator,retrieve,fetch"  # the runtime's tools, less human (the runtime carries that out)
+    tools: tuple[str, ...] = ("calculator", "retrieve", "fetch")  # the runtime's, less human (the runtime asks)
     capacity: int = 1_000  # calls in flight at once
     retries: int = 2  # more attempts for a transient failure
-    fetch_allowlist: str = ""  # hosts (or host:port) fetch may reach, comma-separated; empty: none
+    fetch_allowlist: tuple[str, ...] = ()  # hosts (or host:port) fetch may reach; empty: none
     fetch_max_bytes: int = 100_000
     fetch_timeout_s: float = 10.0
     rag_queries_topic: str = RAG_QUERIES_TOPIC  # where retrieve sends its queries (dataflows.rag's)
     rag_answers_topic: str = RAG_ANSWERS_TOPIC
     journal_dir: Path = Path("var/state/agent_tools")
     journal_ttl_s: int = 7 * DAY_S
-    start: Position = Position.earliest()  # noqa: RUF009
     metrics_port: int = 9108
 
     @property
@@ -111,8 +106,7 @@ def executors(s: Settings) -> dict[str, Executor]:
         if name == "calculator":
             made[name] = run_calculator
         elif name == "fetch":
-            allowlist = frozenset(h.strip() for h in s.fetch_allowlist.split(",") if h.strip())
-            made[name] = fetcher(allowlist, s.fetch_max_bytes, s.fetch_timeout_s)
+            made[name] = fetcher(frozenset(s.fetch_allowlist), s.fetch_max_bytes, s.fetch_timeout_s)
         elif name == "retrieve":
             made[name] = retriever(_rag(s.kafka_bootstrap_servers, s.rag_queries_topic, s.rag_answers_topic))
     return made
@@ -203,19 +197,16 @@ def _result(call: ToolCall, ok: bool, content: str, attempts: int, seconds: floa
 
 def build(settings: Settings | None = None) -> Dataflow:
     s = settings or from_env(Settings, prefix="AGENT_TOOLS_")
-    brokers, outage_limit_s, topics = s.kafka_bootstrap_servers, s.kafka_outage_limit_s, s.topics
-    ensure_topics(brokers, topic_specs(topics), outage_limit_s=outage_limit_s)
+    topics = s.topics
+    app = Application.start(s, topic_specs(topics))
     specs = tools(s.tools)
     if "fetch" in specs:
         specs["fetch"] = replace(specs["fetch"], timeout_s=s.fetch_timeout_s)
-    process = os.environ.get("BYTEWAX_PROCESS_ID", "0")
-    journal = Journal(s.journal_dir / f"process-{process}", s.journal_ttl_s)
+    journal = Journal(s.journal_dir / f"process-{process_id()}", s.journal_ttl_s)
     worker = Worker(specs, executors(s), journal, s.retries)
-    metrics.serve(s.metrics_port, s)
 
     flow = Dataflow("agent_tools")
-    source = KafkaSource(brokers, [topics.tool_calls], start=s.start, outage_limit_s=outage_limit_s)
-    calls = try_map("parse", op.input("calls", flow, source), parse_call)
+    calls = try_map("parse", op.input("calls", flow, app.source([topics.tool_calls])), parse_call)
     # ToolCall
     slowest = max((t.timeout_s for t in specs.values()), default=1.0)
     config = AsyncConfig(capacity=s.capacity, timeout_s=(slowest + 1) * (s.retries + 1) + 5, retries=0)
@@ -225,9 +216,7 @@ def build(settings: Settings | None = None) -> Dataflow:
     dead = op.map("dead", calls.errs, to_dlq_message)
     # KafkaMessage: results on agent.tool_results, dead letters on agent.tool_calls.dlq
     # Every turn waits on this output: no lingering for fuller batches.
-    sink = KafkaSink(
-        brokers, dlq_topic=topics.tool_calls + DLQ_SUFFIX, outage_limit_s=outage_limit_s, config={"linger.ms": 0}
-    )
+    sink = app.sink(dlq_topic=topics.tool_calls + DLQ_SUFFIX, config={"linger.ms": 0})
     kafka_output("publish", op.merge("out", answered, dead), sink)
     return flow
 

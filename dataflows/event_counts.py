@@ -28,12 +28,11 @@ import bytewax.operators as op
 import orjson
 from bytewax.dataflow import Dataflow
 
-from operators import metrics
 from operators.dlq import DLQ_SUFFIX, InvalidMessage, decode_json, to_dlq_message, try_map
-from operators.kafka import KafkaMessage, Position, TopicSpec, ensure_topics, partition_count
-from operators.kafka.sink import KafkaSink, kafka_output
-from operators.kafka.source import KafkaSource
-from operators.settings import brokers_field, from_env, outage_limit_field
+from operators.kafka import KafkaMessage, TopicSpec
+from operators.kafka.sink import kafka_output
+from operators.settings import from_env
+from operators.setup import Application, DataflowSettings
 from operators.stateful import StateConfig
 from operators.windowing import EventClock, Late, TumblingWindower, WindowResult, window
 from patternflow import LATEST_MS
@@ -42,15 +41,12 @@ LATE_SUFFIX = ".late"
 
 
 @dataclass(frozen=True)
-class Settings:
-    kafka_bootstrap_servers: str = brokers_field()
-    kafka_outage_limit_s: float = outage_limit_field()
+class Settings(DataflowSettings):
     input_topic: str = "events"
     output_topic: str = "event-counts"
     input_partitions: int = 3
     window_ms: int = 60_000
     allowed_lateness_ms: int = 5_000
-    start: Position = Position.earliest()  # noqa: RUF009
     bounded: bool = False
     state_dir: Path = Path("var/state/event_counts")
     state_shards: int = 8
@@ -123,21 +119,18 @@ def late_message(topic: str, late: Late[Event]) -> KafkaMessage:
 
 def build(settings: Settings | None = None) -> Dataflow:
     s = settings or from_env(Settings, prefix="EVENT_COUNTS_")
-    brokers, outage_limit_s = s.kafka_bootstrap_servers, s.kafka_outage_limit_s
-    ensure_topics(brokers, s.topics(), outage_limit_s=outage_limit_s)
-    metrics.serve(s.metrics_port, s)
+    app = Application.start(s, s.topics())
     # The watermark waits for every input partition: an event in order within its partition is never late.
     clock: EventClock[Event] = EventClock(
         lambda e: e.ts_ms,
         allowed_lateness_ms=s.allowed_lateness_ms,
         stream_of=lambda e: str(e.partition),
-        streams=partition_count(brokers, s.input_topic, outage_limit_s=outage_limit_s),
+        streams=app.partition_count(s.input_topic),
     )
     state = StateConfig(s.state_dir, shards=s.state_shards, max_pending_writes=s.state_max_pending_writes)
 
     flow = Dataflow("event_counts")
-    source = KafkaSource(brokers, [s.input_topic], start=s.start, bounded=s.bounded, outage_limit_s=outage_limit_s)
-    msgs = op.input("in", flow, source)
+    msgs = op.input("in", flow, app.source([s.input_topic], bounded=s.bounded))
     # KafkaMessage
     events = try_map("parse", msgs, parse_event(s.max_message_bytes))
     # oks: Event; errs: DeadLetter
@@ -151,6 +144,5 @@ def build(settings: Settings | None = None) -> Dataflow:
     late = op.map("encode_late", windows.late, lambda item: late_message(s.late_topic, item))
     dead = op.map("encode_dlq", events.errs, to_dlq_message)
     # KafkaMessage, each with its topic
-    sink = KafkaSink(brokers, dlq_topic=s.dlq_topic, outage_limit_s=outage_limit_s)
-    kafka_output("out", op.merge("all", counts, late, dead), sink)
+    kafka_output("out", op.merge("all", counts, late, dead), app.sink(dlq_topic=s.dlq_topic))
     return flow

@@ -39,13 +39,12 @@ import orjson
 from bytewax.dataflow import Dataflow
 from river import anomaly, preprocessing
 
-from operators import metrics
 from operators.dlq import DLQ_SUFFIX, decode_json, to_dlq_message, try_map
-from operators.kafka import KafkaMessage, Position, TopicSpec, ensure_topics
-from operators.kafka.sink import KafkaSink, kafka_output
-from operators.kafka.source import KafkaSource
+from operators.kafka import KafkaMessage, TopicSpec
+from operators.kafka.sink import kafka_output
 from operators.learning import Learn, ModelSpec, Score, Scored, online_model
-from operators.settings import brokers_field, from_env, outage_limit_field
+from operators.settings import from_env
+from operators.setup import Application, DataflowSettings
 from patternflow import InvalidMessage, wall_ms
 
 __all__ = ["DETECTOR", "Metric", "Settings", "build", "parse_metric"]
@@ -55,9 +54,7 @@ MAX_VALUES = 256
 
 
 @dataclass(frozen=True)
-class Settings:
-    kafka_bootstrap_servers: str = brokers_field()
-    kafka_outage_limit_s: float = outage_limit_field()
+class Settings(DataflowSettings):
     input_topic: str = "telemetry.metrics"
     scores_topic: str = "telemetry.scores"
     anomalies_topic: str = "telemetry.anomalies"
@@ -65,7 +62,6 @@ class Settings:
     threshold: float = (
         0.6  # chosen on Shuttle (precision 0.67, recall 0.83); tune yours with scripts.evaluate_anomalies
     )
-    start: Position = Position.earliest()  # noqa: RUF009
     bounded: bool = False
     shards: int = 8
     series_ttl_s: int = 7 * 24 * 3600
@@ -140,13 +136,10 @@ def _outputs(s: Settings, series: str, scored: Scored[Metric]) -> list[KafkaMess
 
 def build(settings: Settings | None = None) -> Dataflow:
     s = settings or from_env(Settings, prefix="TELEMETRY_")
-    brokers, outage_limit_s = s.kafka_bootstrap_servers, s.kafka_outage_limit_s
-    ensure_topics(brokers, s.topics(), outage_limit_s=outage_limit_s)
-    metrics.serve(s.metrics_port, s)
+    app = Application.start(s, s.topics())
 
     flow = Dataflow("telemetry_anomalies")
-    source = KafkaSource(brokers, [s.input_topic], start=s.start, bounded=s.bounded, outage_limit_s=outage_limit_s)
-    events = op.input("metrics", flow, source)
+    events = op.input("metrics", flow, app.source([s.input_topic], bounded=s.bounded))
     # KafkaMessage
     decode = decode_json()
     parsed = try_map("parse", events, lambda msg: parse_metric(decode(msg), wall_ms(), s.max_future_ms))
@@ -161,6 +154,5 @@ def build(settings: Settings | None = None) -> Dataflow:
     out = op.flat_map("encode", scored, lambda kv: _outputs(s, *kv))
     dead = op.map("dead", parsed.errs, to_dlq_message)
     # KafkaMessage: scores, anomalies, dead letters
-    sink = KafkaSink(brokers, dlq_topic=s.input_topic + DLQ_SUFFIX, outage_limit_s=outage_limit_s)
-    kafka_output("publish", op.merge("all", out, dead), sink)
+    kafka_output("publish", op.merge("all", out, dead), app.sink(dlq_topic=s.input_topic + DLQ_SUFFIX))
     return flow

@@ -20,7 +20,7 @@ directly and write the columns.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -123,12 +123,12 @@ REGISTRY: dict[str, ModelSpec] = {
 }
 
 
-def specs(names: str) -> list[ModelSpec]:
-    """The specs of a comma-separated list of model names (a dataflow's ``*_MODELS`` setting)."""
-    return [get_spec(name.strip()) for name in names.split(",") if name.strip()]
+def specs(names: Iterable[str]) -> list[ModelSpec]:
+    """The specs of the models named (a dataflow's ``*_MODELS`` setting)."""
+    return [get_spec(name) for name in names]
 
 
-def load(names: str) -> dict[str, Model]:
+def load(names: Iterable[str]) -> dict[str, Model]:
     """Each named model loaded and warmed up, by name: once per process, before any input is read."""
     return {spec.name: spec.load() for spec in specs(names)}
 

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
 
+from operators.settings import process_id
+
 if TYPE_CHECKING:
     from models.quality import Prequential
 
@@ -160,7 +162,7 @@ def serve(port: int, settings: Any = None) -> None:
         DATAFLOW.labels(name).info({**labels, "bytewax_recovery": recovery_directory()})
     if not port:
         return
-    port += int(os.environ.get("BYTEWAX_PROCESS_ID", "0"))
+    port += process_id()
     with _lock:
         if port not in _served:
             start_http_server(port)

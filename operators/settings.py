@@ -3,9 +3,11 @@
 A dataflow declares its settings as a frozen dataclass and reads them with
 :func:`from_env`. Each field ``name`` is read from ``<PREFIX><NAME>`` unless
 its metadata names the variable (``field(metadata={"env": "..."})``); fields
-with no variable set keep their defaults. A value that does not parse stops
-the dataflow before it reads anything, naming the variable and the form
-expected.
+with no variable set keep their defaults. Besides text, numbers, booleans,
+paths and positions, a field can be a list, ``tuple[str, ...]`` (``a,b,c``),
+or a mapping, ``dict[str, float]`` (``acme=0.5,beta=1``); their items parse as
+their own type does. A value that does not parse stops the dataflow before it
+reads anything, naming the variable and the form expected.
 """
 
 from __future__ import annotations
@@ -23,7 +25,15 @@ from operators.kafka.position import Position
 from patternflow import BROKERS_ENV, DEFAULT_BROKERS
 from patternflow.errors import PatternflowError
 
-__all__ = ["SettingsError", "brokers_field", "from_args", "from_env", "outage_limit_field"]
+__all__ = [
+    "PROCESS_ID_ENV",
+    "SettingsError",
+    "brokers_field",
+    "from_args",
+    "from_env",
+    "outage_limit_field",
+    "process_id",
+]
 
 T = TypeVar("T")
 
@@ -40,6 +50,13 @@ _FORMS: dict[Any, tuple[str, Any]] = {
     Position: ("earliest, latest, offset:<n> or timestamp:<epoch ms>", Position.parse),
 }
 _BOOLS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+# Set by ``python -m bytewax.run`` in each process of a cluster.
+PROCESS_ID_ENV = "BYTEWAX_PROCESS_ID"
+
+
+def process_id() -> int:
+    """This process's index in its Bytewax cluster (0 when it runs alone)."""
+    return int(os.environ.get(PROCESS_ID_ENV, "0"))
 
 
 def brokers_field() -> Any:
@@ -57,6 +74,14 @@ def _env_name(field: dataclasses.Field[Any], prefix: str) -> str:
 
 
 def _parse(kind: Any, raw: str) -> Any:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is tuple:
+        return tuple(_parse(args[0], item) for item in _items(raw))
+    if origin is dict:
+        pairs = [item.split("=", 1) for item in _items(raw)]
+        if any(len(pair) != 2 or not pair[0].strip() for pair in pairs):
+            raise ValueError
+        return {_parse(args[0], key.strip()): _parse(args[1], value.strip()) for key, value in pairs}
     if kind is bool:
         if raw.lower() not in _BOOLS:
             raise ValueError
@@ -64,7 +89,17 @@ def _parse(kind: Any, raw: str) -> Any:
     return _FORMS[kind][1](raw)
 
 
+def _items(raw: str) -> list[str]:
+    """The comma-separated items of a list or mapping; blanks (``a,,b``, a trailing comma) are none."""
+    return [item.strip() for item in raw.split(",") if item.strip()]
+
+
 def _form(kind: Any) -> str:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is tuple:
+        return f"a comma-separated list, each item {_form(args[0])}"
+    if origin is dict:
+        return f"comma-separated name=value pairs (e.g. a=1,b=2), each value {_form(args[1])}"
     return "true or false" if kind is bool else _FORMS[kind][0]
 
 

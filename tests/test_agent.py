@@ -36,7 +36,7 @@ PRICES = Prices(0.15, 0.60)
 
 
 def policy(**changes: Any) -> Policy:
-    return replace(Policy("scripted", PRICES, tools("calculator,fetch,human")), **changes)
+    return replace(Policy("scripted", PRICES, tools(["calculator", "fetch", "human"])), **changes)
 
 
 class Runtime:

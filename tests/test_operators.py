@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import bytewax.operators as op
@@ -12,8 +11,6 @@ import pytest
 from bytewax.dataflow import Dataflow
 from bytewax.testing import TestingSink, TestingSource, run_main
 
-from operators.kafka import Position
-from operators.settings import SettingsError, from_env
 from operators.stateful import StateConfig, _Fold, running_aggregate
 from operators.windowing import EventClock, TumblingWindower, _Windows, window
 from patternflow import hash_key
@@ -117,25 +114,3 @@ def test_running_aggregate_forgets_a_key_idle_past_its_ttl() -> None:
     now[0] = 19_000
     program.on_timer(store)
     assert list(program.on_item(store, "a", 1)) == [("a", 1)]
-
-
-@dataclass(frozen=True)
-class Demo:
-    brokers: str = field(default="x:1", metadata={"env": "KAFKA_BOOTSTRAP_SERVERS"})
-    batch: int = 10
-    ratio: float = 0.5
-    on: bool = False
-    start: Position = Position.earliest()  # noqa: RUF009
-    path: Path = Path("var")
-
-
-def test_settings_parse_each_type_and_name_the_bad_variable() -> None:
-    env = {"KAFKA_BOOTSTRAP_SERVERS": "h:9", "D_BATCH": "7", "D_RATIO": "0.1", "D_ON": "yes", "D_START": "offset:4"}
-    assert from_env(Demo, "D_", env) == Demo("h:9", 7, 0.1, True, Position.offset(4), Path("var"))
-    assert from_env(Demo, "D_", {}) == Demo()
-    with pytest.raises(SettingsError, match=r"D_BATCH='ten' is not valid: expected an integer"):
-        from_env(Demo, "D_", {"D_BATCH": "ten"})
-    with pytest.raises(SettingsError, match=r"D_START='first' is not valid: expected earliest, latest"):
-        from_env(Demo, "D_", {"D_START": "first"})
-    with pytest.raises(SettingsError, match=r"D_ON='maybe' is not valid: expected true or false"):
-        from_env(Demo, "D_", {"D_ON": "maybe"})

@@ -26,7 +26,7 @@ Run (with the tool workers beside it)::
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import bytewax.operators as op
@@ -37,13 +37,12 @@ from dataflows.agent.program import Caps, LlmCall, Policy, TaskProgram, llm_repl
 from dataflows.agent.tools import tools
 from models.chat import ChatClient, ChatReply, price_table
 from models.llm import LLMError, LLMRefused
-from operators import metrics
 from operators.aio import AsyncConfig, Done, Failed, async_map
 from operators.dlq import DLQ_SUFFIX, DeadLetter, to_dlq_message, try_map
-from operators.kafka import KafkaMessage, Position, ensure_topics
-from operators.kafka.sink import KafkaSink, kafka_output
-from operators.kafka.source import KafkaSource
-from operators.settings import brokers_field, from_env, outage_limit_field
+from operators.kafka import KafkaMessage
+from operators.kafka.sink import kafka_output
+from operators.settings import from_env
+from operators.setup import Application, DataflowSettings
 from operators.stateful import StateConfig, keyed_state
 from operators.streams import split
 
@@ -55,9 +54,7 @@ SCRIPTED_HINT = (
 
 
 @dataclass(frozen=True)
-class Settings:
-    kafka_bootstrap_servers: str = brokers_field()
-    kafka_outage_limit_s: float = outage_limit_field()
+class Settings(DataflowSettings):
     topic_prefix: str = "agent"
     partitions: int = 3
     llm_url: str = ""  # an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1
@@ -66,20 +63,19 @@ class Settings:
     llm_retries: int = 2  # more attempts on HTTP 429, 5xx, timeouts and connection errors
     llm_capacity: int = 1_000  # model calls in flight at once
     prices: str = ""  # model=<input>/<output> USD per million tokens, on top of the built-in table
-    tools: str = "calculator,retrieve,fetch,human"
+    tools: tuple[str, ...] = ("calculator", "retrieve", "fetch", "human")
     max_iterations: int = Caps.max_iterations
     max_tokens: int = Caps.max_tokens
     max_cost_usd: float = Caps.max_cost_usd
     max_wall_s: float = Caps.max_wall_s
     tenant_daily_budget_usd: float = 10.0
-    tenant_budgets_usd: str = ""  # tenant=<USD per day>, comma-separated, over the daily budget above
+    tenant_budgets_usd: dict[str, float] = field(default_factory=dict)  # tenant=<USD per day>, over the above
     max_completion_tokens: int = 1_024
     on_cap: str = "final_answer"  # or "stop"
     max_repeats: int = 2  # the same tool call with the same arguments, more often than this, is a loop
     context_tokens: int = 16_384  # the model's context window
-    approve_tools: str = ""  # tools whose calls wait for a human's approval, comma-separated
+    approve_tools: tuple[str, ...] = ()  # tools whose calls wait for a human's approval
     human_timeout_s: float = 3_600.0
-    start: Position = Position.earliest()  # noqa: RUF009
     state_dir: Path = Path("var/state/agent")
     state_shards: int = 8
     metrics_port: int = 9107
@@ -94,7 +90,7 @@ class Settings:
             )
         if self.on_cap not in ("final_answer", "stop"):
             raise ValueError(f"AGENT_ON_CAP must be final_answer or stop, got {self.on_cap!r}")
-        unknown = set(_names(self.approve_tools)) - set(tools(self.tools))
+        unknown = set(self.approve_tools) - set(tools(self.tools))
         if unknown:
             raise ValueError(f"AGENT_APPROVE_TOOLS names {sorted(unknown)}, which AGENT_TOOLS does not")
 
@@ -104,25 +100,20 @@ class Settings:
 
     def policy(self) -> Policy:
         caps = Caps(self.max_iterations, self.max_tokens, self.max_cost_usd, self.max_wall_s)
-        budgets = {name: float(usd) for name, usd in (e.split("=", 1) for e in _names(self.tenant_budgets_usd))}
         return Policy(
             self.llm_model,
             price_table(self.prices)[self.llm_model],
             tools(self.tools),
             caps,
             self.tenant_daily_budget_usd,
-            budgets,
+            dict(self.tenant_budgets_usd),
             self.max_completion_tokens,
             on_cap=self.on_cap,  # type: ignore[arg-type]
             max_repeats=self.max_repeats,
             context_tokens=self.context_tokens,
-            approve_tools=frozenset(_names(self.approve_tools)),
+            approve_tools=frozenset(self.approve_tools),
             human_timeout_s=self.human_timeout_s,
         )
-
-
-def _names(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -131,18 +122,17 @@ def _retryable(exc: BaseException) -> bool:
 
 def build(settings: Settings | None = None) -> Dataflow:
     s = settings or from_env(Settings, prefix="AGENT_")
-    brokers, outage_limit_s, topics = s.kafka_bootstrap_servers, s.kafka_outage_limit_s, s.topics
-    ensure_topics(brokers, topic_specs(topics, s.partitions), outage_limit_s=outage_limit_s)
+    topics = s.topics
+    app = Application.start(s, topic_specs(topics, s.partitions))
     policy = s.policy()
     key = os.environ.get("AGENT_LLM_API_KEY", "")
     model = ChatClient(s.llm_url, s.llm_model, key, s.llm_timeout_s, max_connections=s.llm_capacity)
-    metrics.serve(s.metrics_port, s)
 
     async def decide(call: LlmCall) -> ChatReply:
         return await model.complete(call.messages, call.tools or None, call.max_tokens)
 
     flow = Dataflow("agent")
-    source = KafkaSource(brokers, topics.inputs, start=s.start, outage_limit_s=outage_limit_s)
+    source = app.source(topics.inputs)
     inputs = try_map("parse", op.input("inputs", flow, source), lambda m: parse_input(m, topics, policy))
     # (tenant, TaskSubmitted | LlmReplied | ToolReplied | HumanReplied)
     state = StateConfig(s.state_dir, shards=s.state_shards)
@@ -156,9 +146,7 @@ def build(settings: Settings | None = None) -> Dataflow:
     dead = op.map("dead", op.merge("errs", inputs.errs, calls.rest), _dead_or_message)
     # KafkaMessage: model replies, tool calls, escalations, results, audit records, dead letters
     # Every turn waits on this output: no lingering for fuller batches.
-    sink = KafkaSink(
-        brokers, dlq_topic=topics.tasks + DLQ_SUFFIX, outage_limit_s=outage_limit_s, config={"linger.ms": 0}
-    )
+    sink = app.sink(dlq_topic=topics.tasks + DLQ_SUFFIX, config={"linger.ms": 0})
     kafka_output("publish", op.merge("out", answered, dead), sink)
     return flow
 

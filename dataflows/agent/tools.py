@@ -30,7 +30,7 @@ import ast
 import functools
 import math
 import operator
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -247,9 +247,9 @@ TOOLS: dict[str, Tool] = {
 }
 
 
-def tools(names: str) -> dict[str, Tool]:
-    """The tools named in ``names`` (comma-separated); a name not in :data:`TOOLS` is an error."""
-    wanted = [n.strip() for n in names.split(",") if n.strip()]
+def tools(names: Iterable[str]) -> dict[str, Tool]:
+    """The tools named in ``names``; a name not in :data:`TOOLS` is an error."""
+    wanted = list(names)
     unknown = [n for n in wanted if n not in TOOLS]
     if unknown:
         raise ValueError(f"unknown tools {unknown}: the tools are {sorted(TOOLS)}")

@@ -15,38 +15,32 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import bytewax.operators as op
-import torch
 from bytewax.dataflow import Dataflow
 
 from dataflows.async_jobs.jobs import JobTable, parse_jobs, run_jobs
 from models.registry import load, specs
-from operators import metrics
 from operators.dlq import DLQ_SUFFIX, to_dlq_message
-from operators.kafka import Position, TopicSpec, ensure_topics
-from operators.kafka.sink import KafkaSink, kafka_output
-from operators.kafka.source import KafkaBatchSource
+from operators.kafka import TopicSpec
+from operators.kafka.sink import kafka_output
 from operators.protocol import JOBS_RESULTS_TOPIC, JOBS_SUBMIT_TOPIC
-from operators.settings import brokers_field, from_env, outage_limit_field
+from operators.settings import from_env
+from operators.setup import Application, TorchSettings
 from operators.stateful import StateConfig, keyed_state
 
 DAY_MS = 24 * 3_600_000
 
 
 @dataclass(frozen=True)
-class Settings:
-    kafka_bootstrap_servers: str = brokers_field()
-    kafka_outage_limit_s: float = outage_limit_field()
+class Settings(TorchSettings):
     submit_topic: str = JOBS_SUBMIT_TOPIC
     results_topic: str = JOBS_RESULTS_TOPIC
     partitions: int = 3
-    models: str = "tabular-risk,minilm-embeddings"
+    models: tuple[str, ...] = ("tabular-risk", "minilm-embeddings")
     max_inputs: int = 1_000  # per job
     jobs_per_poll: int = 64  # submissions read (and batched together) per poll of a partition
-    start: Position = Position.earliest()  # noqa: RUF009  (where a first run starts reading submissions)
     result_ttl_s: int = 7 * 24 * 3600  # how long a job id is remembered (a resubmission after is run again)
     state_dir: Path = Path("var/state/async_jobs")
     state_shards: int = 8
-    torch_threads: int = 1
     metrics_port: int = 9103
 
     def __post_init__(self) -> None:
@@ -70,18 +64,11 @@ class Settings:
 
 def build(settings: Settings | None = None) -> Dataflow:
     s = settings or from_env(Settings, prefix="JOBS_")
-    brokers, outage_limit_s = s.kafka_bootstrap_servers, s.kafka_outage_limit_s
-    ensure_topics(brokers, s.topics(), outage_limit_s=outage_limit_s)
-    if s.torch_threads:
-        torch.set_num_threads(s.torch_threads)
+    app = Application.start(s, s.topics())
     models = load(s.models)
-    metrics.serve(s.metrics_port, s)
 
     flow = Dataflow("async_jobs")
-    source = KafkaBatchSource(
-        brokers, [s.submit_topic], start=s.start, batch_size=s.jobs_per_poll, outage_limit_s=outage_limit_s
-    )
-    polls = op.input("submissions", flow, source)
+    polls = op.input("submissions", flow, app.batch_source([s.submit_topic], batch_size=s.jobs_per_poll))
     # KafkaBatch: the submissions one poll of a partition read
     parsed = op.map("parse", polls, lambda batch: parse_jobs("async_jobs.parse", batch, s.max_inputs))
     # Parsed: jobs to run, jobs failed already (with their dead letters), messages with no job id
@@ -95,10 +82,8 @@ def build(settings: Settings | None = None) -> Dataflow:
     results = op.map("encode", recorded, lambda r: r.to_message(s.results_topic))
     dead = op.flat_map("dead", parsed, lambda p: [to_dlq_message(d) for d in [*p.dead, *(d for _, d in p.failed)]])
     # KafkaMessage: statuses on the results topic, dead letters on <submit topic>.dlq
-    sink = KafkaSink(
-        brokers,
+    sink = app.sink(
         dlq_topic=s.submit_topic + DLQ_SUFFIX,
-        outage_limit_s=outage_limit_s,
         config={"message.max.bytes": str(s.max_message_bytes)},  # a result of max_inputs embeddings
     )
     kafka_output("publish", op.merge("out", results, dead), sink)

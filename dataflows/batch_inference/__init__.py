@@ -50,7 +50,6 @@ import bytewax.operators as op
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 from bytewax.dataflow import Dataflow
 from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.run import cli_main
@@ -69,11 +68,12 @@ from dataflows.batch_inference.scoring import RowFields, Scored, decode, score
 from models.registry import get_spec
 from operators import metrics
 from operators.dlq import DLQ_SUFFIX
-from operators.kafka import KafkaMessage, Position, TopicSpec, ensure_topics
+from operators.kafka import KafkaMessage, Position, TopicSpec
 from operators.kafka.errors import KafkaSourceError
-from operators.kafka.sink import KafkaSink, kafka_output
-from operators.kafka.source import KafkaBatchSource, fixed_range
-from operators.settings import SettingsError, brokers_field, from_args, outage_limit_field
+from operators.kafka.sink import kafka_output
+from operators.kafka.source import fixed_range
+from operators.settings import SettingsError, from_args
+from operators.setup import Application, TorchSettings
 from patternflow import hash_key
 from patternflow.errors import PatternflowError
 
@@ -83,10 +83,10 @@ KAFKA_PREFIX = "kafka:"
 
 
 @dataclass(frozen=True)
-class Settings:
+class Settings(TorchSettings):
     job: str = ""
     input: str = ""  # kafka:<topic>, or a path or glob of .parquet or .jsonl files
-    start: Position = Position.earliest()  # noqa: RUF009  (a topic's range, fixed at the first start)
+    # A topic's range, from start to end, is fixed at the first start.
     end: Position = Position.latest()  # noqa: RUF009
     model: str = "tabular-risk"
     output: str = ""  # a directory (default <jobs dir>/<job>/output), or kafka:<topic>
@@ -100,8 +100,6 @@ class Settings:
     torch_threads: int = 0  # 0: torch's default
     jobs_dir: Path = Path("var/batch")
     metrics_port: int = 9102
-    kafka_bootstrap_servers: str = brokers_field()
-    kafka_outage_limit_s: float = outage_limit_field()
 
     def __post_init__(self) -> None:
         if not self.job or "/" in self.job or self.job.startswith("."):
@@ -251,21 +249,18 @@ class Job:
         if out["kind"] == "kafka":
             messages = op.flat_map("to_messages", scored, _to_messages)
             # KafkaMessage: one per row, keyed by the row id
-            sink = KafkaSink(s.kafka_bootstrap_servers, out["topic"], dlq_topic=out["topic"] + DLQ_SUFFIX)
-            kafka_output("publish", messages, sink)
+            kafka_output("publish", messages, Application(s).sink(out["topic"], dlq_topic=out["topic"] + DLQ_SUFFIX))
         return flow
 
     def _source(self) -> Any:
         s, plan = self.settings, self.manifest["input"]
         if plan["kind"] == "kafka":
             ranges = {int(p): r for p, r in plan["ranges"].items()}
-            return KafkaBatchSource(
-                s.kafka_bootstrap_servers,
+            return Application(s).batch_source(
                 [plan["topic"]],
                 start={p: Position.offset(first) for p, (first, _) in ranges.items()},
                 end={p: Position.offset(end) for p, (_, end) in ranges.items()},
                 batch_size=s.rows_per_batch,
-                outage_limit_s=s.kafka_outage_limit_s,
             )
         paths = [Path(f["path"]) for f in plan["files"]]
         if plan["kind"] == "parquet":
@@ -322,11 +317,7 @@ def _count_rows(path: Path, kind: str, s: Settings) -> int:
 def _output_kind(s: Settings) -> dict[str, Any]:
     if s.output.startswith(KAFKA_PREFIX):
         topic = s.output.removeprefix(KAFKA_PREFIX)
-        ensure_topics(
-            s.kafka_bootstrap_servers,
-            [TopicSpec(topic, partitions=8), TopicSpec(topic + DLQ_SUFFIX, retention_ms=-1)],
-            outage_limit_s=s.kafka_outage_limit_s,
-        )
+        Application(s).ensure_topics([TopicSpec(topic, partitions=8), TopicSpec(topic + DLQ_SUFFIX, retention_ms=-1)])
         return {"kind": "kafka", "topic": topic}
     path = Path(s.output) if s.output else s.directory / "output"
     if path.exists() and any(path.iterdir()):
@@ -422,9 +413,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{job.output}, {rows['bad']:,} bad rows in {job.manifest['errors']}; nothing to do"
         )
         return 0
-    if s.torch_threads:
-        torch.set_num_threads(s.torch_threads)
-    metrics.serve(s.metrics_port, s)
+    Application.start(s)
     metrics.BATCH_EXPECTED.labels(s.job).set(rows["expected"])
     recovery = s.directory / "recovery"
     if not recovery.exists():  # made aside and renamed into place: a kill leaves none or a whole one

@@ -41,7 +41,6 @@ from typing import Any
 import bytewax.operators as op
 import numpy as np
 import orjson
-import torch
 from bytewax.dataflow import Dataflow
 from river import compose, linear_model, optim, preprocessing
 
@@ -51,11 +50,11 @@ from models.registry import get_spec
 from operators import metrics
 from operators.dlq import DLQ_SUFFIX, decode_json, to_dlq_message, try_map
 from operators.joins import Enriched, Joined, join_table, join_within
-from operators.kafka import KafkaMessage, Position, TopicSpec, ensure_topics, partition_count
-from operators.kafka.sink import KafkaSink, kafka_output
-from operators.kafka.source import KafkaSource
+from operators.kafka import KafkaMessage, Position, TopicSpec
+from operators.kafka.sink import kafka_output
 from operators.learning import Learn, ModelSpec, Score, Scored, online_model
-from operators.settings import brokers_field, from_env, outage_limit_field
+from operators.settings import from_env
+from operators.setup import Application, TorchSettings
 from operators.stateful import StateConfig
 from operators.windowing import EventClock
 from patternflow import InvalidMessage, hash_key, wall_ms
@@ -80,9 +79,7 @@ LOOKBACKS_MS = (MINUTE_MS, HOUR_MS, DAY_MS)
 
 
 @dataclass(frozen=True)
-class Settings:
-    kafka_bootstrap_servers: str = brokers_field()
-    kafka_outage_limit_s: float = outage_limit_field()
+class Settings(TorchSettings):
     payments_topic: str = "payments"
     chargebacks_topic: str = "chargebacks"
     merchants_topic: str = "merchants"
@@ -97,12 +94,10 @@ class Settings:
     allowed_lateness_ms: int = 60_000
     card_ttl_s: int = 30 * 24 * 3600
     model_shards: int = 2
-    start: Position = Position.earliest()  # noqa: RUF009
     bounded: bool = False
     state_dir: Path = Path("var/state/fraud")
     state_shards: int = 8
     max_future_ms: int = DAY_MS
-    torch_threads: int = 1
     metrics_port: int = 9105
 
     def topics(self) -> list[TopicSpec]:
@@ -272,26 +267,22 @@ class _Quality:
 
 def build(settings: Settings | None = None) -> Dataflow:
     s = settings or from_env(Settings, prefix="FRAUD_")
-    brokers, outage_limit_s = s.kafka_bootstrap_servers, s.kafka_outage_limit_s
-    ensure_topics(brokers, s.topics(), outage_limit_s=outage_limit_s)
-    if s.torch_threads:
-        torch.set_num_threads(s.torch_threads)
+    app = Application.start(s, s.topics())
     scorer = get_spec("tabular-risk").load()
-    metrics.serve(s.metrics_port, s)
     state = StateConfig(s.state_dir, shards=s.state_shards)
     flow = Dataflow("fraud_detection")
 
-    def source(topic: str, start: Position) -> KafkaSource:
-        return KafkaSource(brokers, [topic], start=start, bounded=s.bounded, outage_limit_s=outage_limit_s)
+    def source(topic: str, start: Position = s.start) -> Any:
+        return app.source([topic], start=start, bounded=s.bounded)
 
     payments = try_map(
         "parse_payment",
-        op.input("payments", flow, source(s.payments_topic, s.start)),
+        op.input("payments", flow, source(s.payments_topic)),
         lambda m: parse_payment(m, wall_ms(), s.max_future_ms),
     )
     chargebacks = try_map(
         "parse_chargeback",
-        op.input("chargebacks", flow, source(s.chargebacks_topic, s.start)),
+        op.input("chargebacks", flow, source(s.chargebacks_topic)),
         lambda m: parse_chargeback(m, wall_ms(), s.max_future_ms),
     )
     # The merchant table is read whole, whatever the start: it is the current state of every merchant.
@@ -305,7 +296,7 @@ def build(settings: Settings | None = None) -> Dataflow:
         lambda p: p["ts_ms"],
         allowed_lateness_ms=s.allowed_lateness_ms,
         stream_of=lambda p: str(p["partition"]),
-        streams=partition_count(brokers, s.payments_topic),
+        streams=app.partition_count(s.payments_topic),
     )
     velocity = lookback_features(
         "velocity",
@@ -374,6 +365,6 @@ def build(settings: Settings | None = None) -> Dataflow:
         lambda item: KafkaMessage(orjson.dumps(item.value), key=item.key.encode(), topic=s.late_topic),
     )
     dead = op.map("dead", op.merge("errs", payments.errs, chargebacks.errs, merchants.errs), to_dlq_message)
-    sink = KafkaSink(brokers, dlq_topic=s.payments_topic + DLQ_SUFFIX, outage_limit_s=outage_limit_s)
+    sink = app.sink(dlq_topic=s.payments_topic + DLQ_SUFFIX)
     kafka_output("publish", op.merge("out", decision_msgs, outcome_msgs, late, dead), sink)
     return flow

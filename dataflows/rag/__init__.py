@@ -38,7 +38,6 @@ from typing import Any
 
 import bytewax.operators as op
 import numpy as np
-import torch
 from bytewax.dataflow import Dataflow
 
 from dataflows.rag.answers import Extractive, Generator, OpenAIChat
@@ -60,12 +59,12 @@ from dataflows.rag.text import Chunker
 from models.registry import get_spec
 from operators import metrics
 from operators.dlq import DLQ_SUFFIX, to_dlq_message, try_map
-from operators.kafka import Position, TopicCache, TopicSpec, ensure_topics
-from operators.kafka.sink import KafkaSink, kafka_output
-from operators.kafka.source import KafkaSource
+from operators.kafka import TopicCache, TopicSpec
+from operators.kafka.sink import kafka_output
 from operators.protocol import RAG_ANSWERS_TOPIC, RAG_EVALS_TOPIC, RAG_QUERIES_TOPIC
 from operators.serving import Reply, ReplyRules, error_and_dead_letter
-from operators.settings import brokers_field, from_env, outage_limit_field
+from operators.settings import from_env
+from operators.setup import Application, TorchSettings
 from operators.stateful import StateConfig, keyed_state, sharded_state
 from operators.streams import split
 
@@ -73,9 +72,7 @@ HOUR_MS = 3_600_000
 
 
 @dataclass(frozen=True)
-class Settings:
-    kafka_bootstrap_servers: str = brokers_field()
-    kafka_outage_limit_s: float = outage_limit_field()
+class Settings(TorchSettings):
     documents_topic: str = "rag.documents"
     queries_topic: str = RAG_QUERIES_TOPIC
     answers_topic: str = RAG_ANSWERS_TOPIC  # the reply topic clients use by default
@@ -98,9 +95,7 @@ class Settings:
     llm_url: str = ""  # an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1; empty: extractive answers
     llm_model: str = ""
     llm_timeout_s: float = 30.0
-    start: Position = Position.earliest()  # noqa: RUF009
     state_dir: Path = Path("var/state/rag")
-    torch_threads: int = 1
     metrics_port: int = 9106
 
     def __post_init__(self) -> None:
@@ -135,10 +130,7 @@ def generator(s: Settings, extractive: Extractive) -> Generator:
 
 def build(settings: Settings | None = None) -> Dataflow:
     s = settings or from_env(Settings, prefix="RAG_")
-    brokers, outage_limit_s = s.kafka_bootstrap_servers, s.kafka_outage_limit_s
-    ensure_topics(brokers, s.topics(), outage_limit_s=outage_limit_s)
-    if s.torch_threads:
-        torch.set_num_threads(s.torch_threads)
+    app = Application.start(s, s.topics())
     spec = get_spec("minilm-embeddings")
     minilm = spec.load()
 
@@ -151,17 +143,13 @@ def build(settings: Settings | None = None) -> Dataflow:
     version = index_version(f"{spec.name}@{spec.version}", chunker, s.fusion)
     generate = generator(s, Extractive(embed, s.support_threshold))
     answering = Answering(s.fusion, generate, s.candidates, s.context_docs, version)
-    metrics.serve(s.metrics_port, s)
     metrics.RAG_INDEX.info({"version": version})
-    rules = ReplyRules(TopicCache(brokers).partitions, frozenset({s.queries_topic, s.queries_topic + DLQ_SUFFIX}))
+    rules = ReplyRules(TopicCache(app.brokers).partitions, frozenset({s.queries_topic, s.queries_topic + DLQ_SUFFIX}))
     state = StateConfig(s.state_dir, shards=s.shards)
 
     flow = Dataflow("rag")
 
-    def source(topic: str, batch_size: int = 256) -> KafkaSource:
-        return KafkaSource(brokers, [topic], start=s.start, batch_size=batch_size, outage_limit_s=outage_limit_s)
-
-    doc_source = source(s.documents_topic, s.documents_batch_size)
+    doc_source = app.source([s.documents_topic], batch_size=s.documents_batch_size)
     documents = try_map(
         "parse_documents",
         op.input("documents", flow, doc_source),
@@ -175,9 +163,8 @@ def build(settings: Settings | None = None) -> Dataflow:
     )
     # (shard, (shard, document id, Indexed | Deletion))
 
-    queries = try_map(
-        "parse_queries", op.input("queries", flow, source(s.queries_topic)), lambda m: parse_query(m, rules)
-    )
+    query_source = app.source([s.queries_topic], batch_size=256)
+    queries = try_map("parse_queries", op.input("queries", flow, query_source), lambda m: parse_query(m, rules))
     valid = split("valid", queries.oks, Query, Reply)
     # Query | Reply (error)
     fanned = op.flat_map_batch("embed_queries", valid.first, lambda batch: _fan_out(batch, embed, s.shards))
@@ -188,7 +175,7 @@ def build(settings: Settings | None = None) -> Dataflow:
     # (query key, [ShardHits of every shard])
     answered = op.flat_map_batch("answer", op.key_rm("unkey", gathered), lambda batch: answer(batch, answering))
     # Reply
-    evals = try_map("parse_evals", op.input("evals", flow, source(s.evals_topic)), EvalRun.parse)
+    evals = try_map("parse_evals", op.input("evals", flow, app.source([s.evals_topic], batch_size=256)), EvalRun.parse)
     op.inspect("export_evals", evals.oks, lambda _step, run: run.export(version))
     parse_step = "rag.parse_queries"
     invalid = op.flat_map("answer_invalid", valid.rest, lambda reply: error_and_dead_letter(parse_step, reply))
@@ -196,8 +183,7 @@ def build(settings: Settings | None = None) -> Dataflow:
     dead = op.map("dead", op.merge("errs", documents.errs, queries.errs, evals.errs), to_dlq_message)
     # KafkaMessage: replies on their reply topics, dead letters on <input topic>.dlq
     # What the broker refuses to take is a reply (say, to a topic deleted since): the queries' DLQ.
-    sink = KafkaSink(brokers, dlq_topic=s.queries_topic + DLQ_SUFFIX, outage_limit_s=outage_limit_s)
-    kafka_output("publish", op.merge("out", replies, invalid, dead), sink)
+    kafka_output("publish", op.merge("out", replies, invalid, dead), app.sink(dlq_topic=s.queries_topic + DLQ_SUFFIX))
     return flow
 
 
