@@ -27,15 +27,25 @@ window ends at the next window boundary rather than a fixed time after the payme
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from quixstreams import Application
 
-from dataflows import fraud_detection as fraud
+from dataflows.fraud_detection import Settings as FraudSettings
 from dataflows.fraud_detection.features import Features, new_history, observe
+from dataflows.fraud_detection.items import Payment, merchant_row, parse_payment
+from dataflows.fraud_detection.scoring import (
+    DAY_MS,
+    FRAUD_MODEL,
+    LOOKBACKS_MS,
+    case_of,
+    decide,
+    model_shard,
+    tabular_inputs,
+)
 from models.registry import get_spec
 from operators.joins import Enriched
 from operators.kafka import KafkaMessage
@@ -51,7 +61,7 @@ class Settings:
     chargebacks_topic: str = os.environ.get("QUIX_CHARGEBACKS_TOPIC", "chargebacks")
     merchants_topic: str = os.environ.get("QUIX_MERCHANTS_TOPIC", "merchants")
     decisions_topic: str = os.environ.get("QUIX_DECISIONS_TOPIC", "payments.decisions")
-    label_window_ms: int = int(os.environ.get("QUIX_LABEL_WINDOW_MS", str(7 * fraud.DAY_MS)))
+    label_window_ms: int = int(os.environ.get("QUIX_LABEL_WINDOW_MS", str(7 * DAY_MS)))
     allowed_lateness_ms: int = int(os.environ.get("QUIX_ALLOWED_LATENESS_MS", "60000"))
     model_shards: int = int(os.environ.get("QUIX_MODEL_SHARDS", "2"))
     threshold: float = float(os.environ.get("QUIX_THRESHOLD", "0.5"))
@@ -59,15 +69,15 @@ class Settings:
 
 def main() -> None:
     s = Settings()
-    fraud_settings = fraud.Settings(kafka_bootstrap_servers=s.brokers, threshold=s.threshold)
+    fraud_settings = FraudSettings(kafka_bootstrap_servers=s.brokers, threshold=s.threshold)
     torch.set_num_threads(1)  # as the dataflow's default (FRAUD_TORCH_THREADS)
     scorer = get_spec("tabular-risk").load()
     models: dict[str, Any] = {}
 
     def model(card: str) -> Any:
-        shard = fraud.model_shard(card, s.model_shards)
+        shard = model_shard(card, s.model_shards)
         if shard not in models:
-            models[shard] = fraud.FRAUD_MODEL.make()
+            models[shard] = FRAUD_MODEL.make()
         return models[shard]
 
     app = Application(
@@ -82,16 +92,17 @@ def main() -> None:
     )
     payments = app.dataframe(app.topic(s.payments_topic, value_deserializer="bytes", key_deserializer="str"))
 
+    # Values are dicts: Quix writes them to its repartition topics as JSON.
     def parse(value: bytes, key: str, timestamp: int, headers: Any) -> dict[str, Any]:
         msg = KafkaMessage(value, key=key.encode(), timestamp_ms=timestamp)
-        return fraud.parse_payment(msg, wall_ms(), fraud_settings.max_future_ms)
+        return asdict(parse_payment(msg, wall_ms(), fraud_settings.max_future_ms))
 
     payments = payments.apply(parse, metadata=True)
     payments = payments.set_timestamp(lambda value, key, timestamp, headers: value["ts_ms"])
 
     def velocity(p: dict[str, Any], state: Any) -> dict[str, Any]:
         doc = state.get("history") or new_history(p["ts_ms"])
-        f = observe(doc, p["ts_ms"], p["amount"], None, fraud.LOOKBACKS_MS)
+        f = observe(doc, p["ts_ms"], p["amount"], None, LOOKBACKS_MS)
         state.set("history", doc)
         return {
             "payment": p,
@@ -108,18 +119,19 @@ def main() -> None:
         merchants,
         how="left",
         on_merge=lambda left, right: {**left, "merchant_row": right},
-        grace_ms=30 * fraud.DAY_MS,
+        grace_ms=30 * DAY_MS,
     )
 
-    def decide(v: dict[str, Any]) -> dict[str, Any]:
+    def score_and_decide(v: dict[str, Any]) -> dict[str, Any]:
         f = v["features"]
         features = Features(**{**f, "counts": dict(f["counts"]), "sums": dict(f["sums"])})
-        d = fraud.features(Enriched((v["payment"], features), v.get("merchant_row")))
-        river_score = fraud.FRAUD_MODEL.score(model(d["card"]), d["x"])
-        torch_score = float(scorer.forward(np.asarray([fraud.tabular_inputs(d)], dtype=np.float32))["risk"][0])
-        return fraud.decision(fraud_settings, {**d, "river_score": river_score, "torch_score": torch_score})
+        row = v.get("merchant_row")
+        case = case_of(Enriched((Payment(**v["payment"]), features), merchant_row(row) if row else None))
+        river_score = FRAUD_MODEL.score(model(case.card), case.x)
+        torch_score = float(scorer.forward(np.asarray([tabular_inputs(case)], dtype=np.float32))["risk"][0])
+        return asdict(decide(case, river_score, torch_score, fraud_settings.threshold))
 
-    decisions = enriched.apply(decide)
+    decisions = enriched.apply(score_and_decide)
     decisions.to_topic(
         app.topic(s.decisions_topic, value_serializer="json", key_serializer="str"), key=lambda d: d["payment_id"]
     )
@@ -140,7 +152,7 @@ def main() -> None:
     def learn(window: dict[str, Any]) -> None:
         v = window["value"]
         if "x" in v:  # a chargeback for a payment never decided has nothing to learn from
-            fraud.FRAUD_MODEL.learn(model(v["card"]), v["x"], bool(v.get("chargeback")))
+            FRAUD_MODEL.learn(model(v["card"]), v["x"], bool(v.get("chargeback")))
 
     labelled.update(learn)
     app.run()

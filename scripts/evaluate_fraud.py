@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from dataflows.fraud_detection import FRAUD_MODEL
+from dataflows.fraud_detection.scoring import FRAUD_MODEL
 from models.quality import pr_auc, roc_auc
 
 __all__ = ["online_vs_frozen", "threshold_for_precision"]

@@ -26,56 +26,58 @@ Each decision, once its label is known, goes to ``payments.outcomes``
 (``{"payment_id", "score", "label"}``) and updates the prequential ROC-AUC and
 PR-AUC over the last 10,000 outcomes (``patternflow_model_roc_auc{step="fraud"}``,
 ``patternflow_model_pr_auc{step="fraud"}``). Payments behind the watermark go
-to ``payments.late``; malformed inputs to ``<topic>.dlq`` with the reason. Run::
+to ``payments.late``; malformed inputs to ``<topic>.dlq`` with the reason. The items and their
+messages are in :mod:`~dataflows.fraud_detection.items`, the models and the decision in
+:mod:`~dataflows.fraud_detection.scoring`, the velocity features in
+:mod:`~dataflows.fraud_detection.features`. Run::
 
     python -m bytewax.run "dataflows.fraud_detection:build()" -r var/recovery/fraud -s 2 -b 0
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import bytewax.operators as op
-import numpy as np
-import orjson
-from bytewax.dataflow import Dataflow
-from river import compose, linear_model, optim, preprocessing
+from bytewax.dataflow import Dataflow, Stream
+from bytewax.operators import KeyedStream
 
-from dataflows.fraud_detection.features import Features, lookback_features
-from models.quality import Prequential
+from dataflows.fraud_detection.features import FeaturesOut, lookback_features
+from dataflows.fraud_detection.items import (
+    Chargeback,
+    Payment,
+    decision_message,
+    late_message,
+    outcome_message,
+    parse_chargeback,
+    parse_merchant,
+    parse_payment,
+)
+from dataflows.fraud_detection.scoring import (
+    DAY_MS,
+    FRAUD_MODEL,
+    LOOKBACKS_MS,
+    Quality,
+    case_of,
+    decide_batch,
+    learn_command,
+    score_command,
+)
 from models.registry import get_spec
-from operators import metrics
-from operators.dlq import DLQ_SUFFIX, decode_json, to_dlq_message, try_map
-from operators.joins import Enriched, Joined, join_table, join_within
+from operators.dlq import DLQ_SUFFIX, to_dlq_message, try_map
+from operators.joins import Joined, join_table, join_within
 from operators.kafka import KafkaMessage, Position, TopicSpec
 from operators.kafka.sink import kafka_output
-from operators.learning import Learn, ModelSpec, Score, Scored, online_model
+from operators.learning import online_model
 from operators.settings import from_env
 from operators.setup import Application, TorchSettings
 from operators.stateful import StateConfig
 from operators.windowing import EventClock
-from patternflow import InvalidMessage, hash_key, wall_ms
+from patternflow import wall_ms
 
-__all__ = [
-    "FRAUD_MODEL",
-    "LOOKBACKS_MS",
-    "Settings",
-    "build",
-    "decision",
-    "features",
-    "model_shard",
-    "parse_chargeback",
-    "parse_merchant",
-    "parse_payment",
-    "tabular_inputs",
-]
-
-MINUTE_MS, HOUR_MS, DAY_MS = 60_000, 3_600_000, 86_400_000
-_decode = decode_json()
-LOOKBACKS_MS = (MINUTE_MS, HOUR_MS, DAY_MS)
+__all__ = ["Settings", "build"]
 
 
 @dataclass(frozen=True)
@@ -111,160 +113,6 @@ class Settings(TorchSettings):
         ]
 
 
-def _text(doc: dict[str, Any], name: str) -> str:
-    value = doc.get(name)
-    if not isinstance(value, str) or not 1 <= len(value) <= 64:
-        raise InvalidMessage(f"{name} must be a string of 1 to 64 characters, got {value!r:.80}")
-    return value
-
-
-def _time(doc: dict[str, Any], now_ms: int, max_future_ms: int) -> int:
-    ts = doc.get("ts_ms")
-    if not isinstance(ts, int) or isinstance(ts, bool) or not 0 <= ts <= now_ms + max_future_ms:
-        raise InvalidMessage(
-            f"ts_ms must be epoch ms, not before 1970 or more than {max_future_ms} ms ahead: {ts!r:.80}"
-        )
-    return ts
-
-
-def _object(doc: object) -> dict[str, Any]:
-    if not isinstance(doc, dict):
-        raise InvalidMessage(f"expected a JSON object, got {type(doc).__name__}")
-    return doc
-
-
-def parse_payment(msg: KafkaMessage, now_ms: int, max_future_ms: int) -> dict[str, Any]:
-    doc = _object(_decode(msg))
-    amount = doc.get("amount")
-    if not isinstance(amount, int | float) or isinstance(amount, bool) or not 0 < amount < 1e9:
-        raise InvalidMessage(f"amount must be a number above 0, got {amount!r:.80}")
-    if not isinstance(doc.get("card_present"), bool):
-        raise InvalidMessage(f"card_present must be true or false, got {doc.get('card_present')!r:.80}")
-    return {
-        "payment_id": _text(doc, "payment_id"),
-        "card": _text(doc, "card"),
-        "card_country": _text(doc, "card_country"),
-        "merchant": _text(doc, "merchant"),
-        "country": _text(doc, "country"),
-        "amount": float(amount),
-        "card_present": doc["card_present"],
-        "ts_ms": _time(doc, now_ms, max_future_ms),
-        "produced_ms": msg.timestamp_ms or now_ms,
-        "partition": msg.partition or 0,  # the watermark keeps a clock per input partition
-    }
-
-
-def parse_chargeback(msg: KafkaMessage, now_ms: int, max_future_ms: int) -> dict[str, Any]:
-    doc = _object(_decode(msg))
-    return {"payment_id": _text(doc, "payment_id"), "ts_ms": _time(doc, now_ms, max_future_ms)}
-
-
-def parse_merchant(msg: KafkaMessage) -> tuple[str, dict[str, Any] | None]:
-    """``(merchant, row)``; a tombstone (null value) deletes the merchant."""
-    if msg.value is None:
-        if not msg.key:
-            raise InvalidMessage("a merchant tombstone must be keyed by the merchant")
-        return msg.key.decode(errors="replace"), None
-    doc = _object(_decode(msg))
-    risk = doc.get("risk")
-    if not isinstance(risk, int | float) or isinstance(risk, bool) or not 0 <= risk <= 1:
-        raise InvalidMessage(f"risk must be a number from 0 to 1, got {risk!r:.80}")
-    return _text(doc, "merchant"), {"category": str(doc.get("category", "")), "risk": float(risk)}
-
-
-def features(enriched: Enriched[tuple[dict[str, Any], Features], dict[str, Any]]) -> dict[str, Any]:
-    """The decision's context: the model's features and which of them were complete."""
-    (p, f), merchant = enriched.value, enriched.row
-    std = f.std if f.n > 1 and f.std > 0 else 1.0
-    x = {
-        "log_amount": math.log1p(p["amount"]),
-        "amount_z": (p["amount"] - f.mean) / std if f.n > 1 else 0.0,
-        "count_1m": float(f.counts[MINUTE_MS]),
-        "count_1h": float(f.counts[HOUR_MS]),
-        "log_sum_1h": math.log1p(f.sums[HOUR_MS]),
-        "count_24h": float(f.counts[DAY_MS]),
-        "log_since_previous_s": math.log1p((f.since_previous_ms or DAY_MS) / 1000),
-        "log_history": math.log1p(f.n),
-        "merchant_risk": merchant["risk"] if merchant else 0.5,
-        "foreign": float(p["country"] != p["card_country"]),
-        "card_present": float(p["card_present"]),
-    }
-    complete = {"merchant": merchant is not None, "card_history": f.complete}
-    return {**{k: p[k] for k in ("payment_id", "card", "ts_ms", "produced_ms")}, "x": x, "complete": complete}
-
-
-def _fraud_model() -> Any:
-    return compose.Pipeline(preprocessing.StandardScaler(), linear_model.LogisticRegression(optimizer=optim.SGD(0.05)))
-
-
-FRAUD_MODEL = ModelSpec(
-    make=_fraud_model,
-    score=lambda model, x: model.predict_proba_one(x).get(True, 0.0),
-    learn=lambda model, x, label: model.learn_one(x, label),
-)
-
-
-def model_shard(card: str, shards: int) -> str:
-    """The river model a card's payments are scored and learned by."""
-    return f"model-{hash_key(card) % shards}"
-
-
-def tabular_inputs(d: dict[str, Any]) -> list[float]:
-    """The torch tabular model's eight inputs (amount, hour, merchant risk, distance, velocity,
-    account age, foreign, card present) from a decision's features, roughly standardised."""
-    x, hour = d["x"], (d["ts_ms"] // HOUR_MS) % 24
-    return [
-        x["amount_z"],
-        hour / 12 - 1,
-        x["merchant_risk"] * 4 - 2,
-        x["foreign"] * 2,
-        x["count_1h"] - 1,
-        x["log_history"] - 2,
-        x["foreign"],
-        x["card_present"],
-    ]
-
-
-def _torch_batch(model: Any, scored: list[tuple[str, Scored[dict[str, Any]]]]) -> list[dict[str, Any]]:
-    """The torch model over the whole micro-batch in one forward pass."""
-    rows = [tabular_inputs(s.item) for _, s in scored]
-    risk = model.forward(np.asarray(rows, dtype=np.float32))["risk"].tolist() if rows else []
-    return [{**s.item, "river_score": s.score, "torch_score": r} for (_, s), r in zip(scored, risk, strict=True)]
-
-
-def decision(s: Settings, d: dict[str, Any]) -> dict[str, Any]:
-    score = d["river_score"]
-    return {
-        "payment_id": d["payment_id"],
-        "card": d["card"],
-        "ts_ms": d["ts_ms"],
-        "score": score,
-        "river_score": score,
-        "torch_score": d["torch_score"],
-        "decision": "block" if score >= s.threshold else "allow",
-        "complete": d["complete"],
-        "features": d["x"],
-        "latency_ms": wall_ms() - d["produced_ms"],
-    }
-
-
-class _Quality:
-    """Prequential ROC-AUC and PR-AUC of the decisions whose labels are known (monitoring: per process)."""
-
-    def __init__(self) -> None:
-        self._quality = Prequential()
-
-    def outcome(self, s: Settings, joined: Joined[dict[str, Any], dict[str, Any]]) -> list[KafkaMessage]:
-        decision = joined.left
-        if decision is None:  # a chargeback for a payment this run never decided
-            return []
-        label = int(joined.right is not None)
-        if self._quality.add(bool(label), decision["score"]):
-            metrics.model_quality("fraud", "all", self._quality)
-        doc = {"payment_id": decision["payment_id"], "score": decision["score"], "label": label}
-        return [KafkaMessage(orjson.dumps(doc), key=decision["payment_id"].encode(), topic=s.outcomes_topic)]
-
-
 def build(settings: Settings | None = None) -> Dataflow:
     s = settings or from_env(Settings, prefix="FRAUD_")
     app = Application.start(s, s.topics())
@@ -272,99 +120,92 @@ def build(settings: Settings | None = None) -> Dataflow:
     state = StateConfig(s.state_dir, shards=s.state_shards)
     flow = Dataflow("fraud_detection")
 
-    def source(topic: str, start: Position = s.start) -> Any:
-        return app.source([topic], start=start, bounded=s.bounded)
+    def read(step_id: str, topic: str, start: Position = s.start) -> Stream[KafkaMessage]:
+        return op.input(step_id, flow, app.source([topic], start=start, bounded=s.bounded))
 
+    ahead_ms = s.max_future_ms
     payments = try_map(
-        "parse_payment",
-        op.input("payments", flow, source(s.payments_topic)),
-        lambda m: parse_payment(m, wall_ms(), s.max_future_ms),
+        "parse_payment", read("payments", s.payments_topic), lambda m: parse_payment(m, wall_ms(), ahead_ms)
     )
     chargebacks = try_map(
-        "parse_chargeback",
-        op.input("chargebacks", flow, source(s.chargebacks_topic)),
-        lambda m: parse_chargeback(m, wall_ms(), s.max_future_ms),
+        "parse_chargeback", read("chargebacks", s.chargebacks_topic), lambda m: parse_chargeback(m, wall_ms(), ahead_ms)
     )
     # The merchant table is read whole, whatever the start: it is the current state of every merchant.
-    merchants = try_map(
-        "parse_merchant", op.input("merchants", flow, source(s.merchants_topic, Position.earliest())), parse_merchant
-    )
+    merchants = try_map("parse_merchant", read("merchants", s.merchants_topic, Position.earliest()), parse_merchant)
+    # oks: Payment, Chargeback, (merchant, Merchant | None: a deletion); errs: DeadLetter
     # Velocity first, straight from the source: keyed steps emit a batch grouped by shard, so
     # after any other keyed step a partition's payments would no longer be in event-time order.
-    # A clock per payments partition: one read ahead of another makes nothing late.
-    clock: EventClock[dict[str, Any]] = EventClock(
-        lambda p: p["ts_ms"],
+    velocity = _velocity(op.key_on("by_card", payments.oks, lambda p: p.card), app, s, state)
+    # down: (Payment, Features); late: Late[Payment], behind the watermark
+    by_merchant = op.key_on("by_merchant", velocity.down, lambda pf: pf[0].merchant)
+    enriched = join_table("merchant", by_merchant, merchants.oks, state)
+    # (merchant, Enriched((Payment, Features), merchant row | None))
+    cases = op.map("features", op.key_rm("unkey_merchant", enriched), case_of)
+    # Case: the payment's features and which were complete
+    labels = op.key_on("cb_by_id", chargebacks.oks, lambda c: c.payment_id)
+    # Every payment is learned when its label window closes, fraud or not: learning chargebacks
+    # at once and legitimate payments a window later would skew the model to fraud.
+    labelled = _with_label("label", cases, labels, s, state, hold_pairs=True)
+    # Joined(Case, Chargeback | None), at the end of each payment's label window
+    learns = op.flat_map("to_learn", labelled, learn_command(s.model_shards))
+    scores = op.map("to_score", cases, score_command(s.model_shards))
+    scored = online_model("river", op.merge("commands", scores, learns), FRAUD_MODEL, shards=s.model_shards)
+    # (model shard, Scored[Case]): the river score, before the model learns the case
+    decisions = op.flat_map_batch("torch", scored, decide_batch(scorer, s.threshold))
+    # Decision: the torch model over each micro-batch in one forward pass
+    outcomes = op.flat_map("outcomes", _with_label("outcome", decisions, labels, s, state), Quality().outcome)
+    # Outcome: each decision with its label, once known
+    out = op.merge(
+        "out",
+        op.map("decision_msgs", decisions, lambda d: decision_message(s.decisions_topic, d)),
+        op.map("outcome_msgs", outcomes, lambda o: outcome_message(s.outcomes_topic, o)),
+        op.map("late", velocity.late, lambda late: late_message(s.late_topic, late)),
+        op.map("dead", op.merge("errs", payments.errs, chargebacks.errs, merchants.errs), to_dlq_message),
+    )
+    # KafkaMessage: decisions, outcomes, late payments, dead letters
+    kafka_output("publish", out, app.sink(dlq_topic=s.payments_topic + DLQ_SUFFIX))
+    return flow
+
+
+def _velocity(by_card: KeyedStream[Payment], app: Application, s: Settings, state: StateConfig) -> FeaturesOut[Payment]:
+    """Each payment with its card's velocity and spend features over :data:`LOOKBACKS_MS`."""
+    # Event time with a clock per payments partition: one read ahead of another makes nothing late.
+    clock: EventClock[Payment] = EventClock(
+        lambda p: p.ts_ms,
         allowed_lateness_ms=s.allowed_lateness_ms,
-        stream_of=lambda p: str(p["partition"]),
+        stream_of=lambda p: str(p.partition),
         streams=app.partition_count(s.payments_topic),
     )
-    velocity = lookback_features(
+    return lookback_features(
         "velocity",
-        op.key_on("by_card", payments.oks, lambda p: p["card"]),
+        by_card,
         clock,
-        value_of=lambda p: p["amount"],
+        value_of=lambda p: p.amount,
         lookbacks_ms=LOOKBACKS_MS,
         state=state,
         ttl_ms=s.card_ttl_s * 1000,
     )
-    # (payment, Features); payments behind the watermark on velocity.late
-    enriched = join_table(
-        "merchant", op.key_on("by_merchant", velocity.down, lambda pf: pf[0]["merchant"]), merchants.oks, state
-    )
-    # (merchant, Enriched((payment, Features), merchant row | None))
-    decided = op.map("features", op.key_rm("unkey_merchant", enriched), features)
-    # dict: payment_id, card, ts_ms, produced_ms, x (features), complete
 
-    labels_by_id = op.key_on("cb_by_id", chargebacks.oks, lambda c: c["payment_id"])
 
-    def with_label(step_id: str, payments: Any, *, hold_pairs: bool = False) -> Any:
-        """Each payment (a dict with payment_id and ts_ms) with its chargeback, if one comes within the window."""
-        return join_within(
-            step_id,
-            op.key_on(f"{step_id}_by_id", payments, lambda d: d["payment_id"]),
-            labels_by_id,
-            left_ms=lambda d: d["ts_ms"],
-            right_ms=lambda c: c["ts_ms"],
-            within_ms=s.label_window_ms,
-            state=state,
-            allowed_lateness_ms=s.allowed_lateness_ms,
-            hold_pairs=hold_pairs,
-        )
-
-    scores = op.map("to_score", decided, lambda d: (model_shard(d["card"], s.model_shards), Score(d["x"], d)))
-    # Every payment is learned when its label window closes, fraud or not: learning chargebacks
-    # at once and legitimate payments a window later would skew the model to fraud.
-    labelled = with_label("label", decided, hold_pairs=True)
-    # (payment_id, Joined(decision context | None, chargeback | None)), at the end of the label window
-    learns = op.flat_map(
-        "to_learn",
-        op.key_rm("unkey_label", labelled),
-        lambda j: (
-            []
-            if j.left is None
-            else [(model_shard(j.left["card"], s.model_shards), Learn(j.left["x"], j.right is not None))]
-        ),
+def _with_label(
+    step_id: str,
+    items: Stream[Any],
+    labels: KeyedStream[Chargeback],
+    s: Settings,
+    state: StateConfig,
+    *,
+    hold_pairs: bool = False,
+) -> Stream[Joined[Any, Chargeback]]:
+    """Each item (a case or a decision) with its payment's chargeback, if one comes within the label window."""
+    joined = join_within(
+        step_id,
+        op.key_on(f"{step_id}_by_id", items, lambda item: item.payment_id),
+        labels,
+        left_ms=lambda item: item.ts_ms,
+        right_ms=lambda c: c.ts_ms,
+        within_ms=s.label_window_ms,
+        state=state,
+        allowed_lateness_ms=s.allowed_lateness_ms,
+        hold_pairs=hold_pairs,
     )
-    scored = online_model("river", op.merge("commands", scores, learns), FRAUD_MODEL, shards=s.model_shards)
-    # (model shard, Scored(decision context, river score))
-    with_torch = op.flat_map_batch("torch", scored, lambda batch: _torch_batch(scorer, batch))
-    decisions = op.map("decide", with_torch, lambda d: decision(s, d))
-    # dict: the decision
-    decision_msgs = op.map(
-        "decision_msgs",
-        decisions,
-        lambda d: KafkaMessage(orjson.dumps(d), key=d["payment_id"].encode(), topic=s.decisions_topic),
-    )
-
-    quality = _Quality()
-    outcomes = with_label("outcome", decisions)
-    outcome_msgs = op.flat_map("outcomes", op.key_rm("unkey_outcome", outcomes), lambda j: quality.outcome(s, j))
-    late = op.map(
-        "late",
-        velocity.late,
-        lambda item: KafkaMessage(orjson.dumps(item.value), key=item.key.encode(), topic=s.late_topic),
-    )
-    dead = op.map("dead", op.merge("errs", payments.errs, chargebacks.errs, merchants.errs), to_dlq_message)
-    sink = app.sink(dlq_topic=s.payments_topic + DLQ_SUFFIX)
-    kafka_output("publish", op.merge("out", decision_msgs, outcome_msgs, late, dead), sink)
-    return flow
+    return op.key_rm(f"unkey_{step_id}", joined)
