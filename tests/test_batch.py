@@ -231,7 +231,11 @@ def test_progress_reports_rows_rate_and_eta_in_a_log() -> None:
     done = iter([0, 40])
     with Progress("nightly", 100, lambda: next(done), out=out):
         pass
-    assert re.fullmatch(r"\[nightly\] 40/100 rows \(40\.0%\)  [\d,]+ rows/s  ETA \d+:\d\d:\d\d\n", out.getvalue())
+    first, last = out.getvalue().splitlines()
+    assert first.startswith("[nightly]:   0%") and "0/100" in first
+    # Share, rows of the total, elapsed<ETA and the rate.
+    assert re.fullmatch(r"\[nightly\]:\s+40%\|.*\| 40/100 \[\d\d:\d\d<\d\d:\d\d, *[\d.]+ rows/s\]", last), last
+    assert "\r" not in out.getvalue()
 
 
 def test_a_flag_wins_over_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:

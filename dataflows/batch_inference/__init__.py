@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import fcntl
 import glob
+import io
 import os
 import shutil
 import sys
@@ -44,7 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import IO, Any, TextIO, cast
 
 import bytewax.operators as op
 import orjson
@@ -54,6 +55,7 @@ from bytewax.dataflow import Dataflow
 from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.run import cli_main
 from prometheus_client import REGISTRY
+from tqdm import tqdm
 
 from dataflows.batch_inference.files import (
     FileOutput,
@@ -340,14 +342,26 @@ def build(settings: Settings | None = None) -> Dataflow:
 
 
 class Progress:
-    """Rows done of the job's total, with rate and ETA: redrawn on a terminal, a line every 10 s otherwise."""
+    """Rows done of the job's total, with rate and ETA (a tqdm bar): redrawn on a terminal, a line
+    every 10 s in a log. ``done`` is polled: the rows are counted by the dataflow's workers."""
 
-    def __init__(self, job: str, total: int, done: Callable[[], int], out: Any = sys.stderr) -> None:
-        self._job, self._total, self._done, self._out = job, total, done, out
-        self._tty = out.isatty()
+    def __init__(self, job: str, total: int, done: Callable[[], int], out: TextIO = sys.stderr) -> None:
+        self._done = done
+        tty = out.isatty()
+        self._interval_s = 0.5 if tty else 10.0
+        # smoothing=0: the rate is the average since this run started, as an ETA for a long job needs.
+        self._bar = tqdm(
+            total=total,
+            initial=done(),
+            desc=f"[{job}]",
+            unit=" rows",
+            file=out if tty else _LogLines(out),
+            mininterval=0,
+            smoothing=0,
+            dynamic_ncols=tty,
+        )
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
-        self._start = (time.monotonic(), done())
 
     def __enter__(self) -> Progress:
         self._thread.start()
@@ -356,22 +370,30 @@ class Progress:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self._draw(final=True)
+        self._bar.n = self._done()
+        self._bar.close()  # draws the last count
 
     def _run(self) -> None:
-        while not self._stop.wait(0.5 if self._tty else 10.0):
+        while not self._stop.wait(self._interval_s):
             self._draw()
 
-    def _draw(self, *, final: bool = False) -> None:
-        done = self._done()
-        elapsed = time.monotonic() - self._start[0]
-        rate = (done - self._start[1]) / elapsed if elapsed > 0 else 0.0
-        left = max(0, self._total - done)
-        eta = f"ETA {timedelta(seconds=round(left / rate))}" if rate > 0 and left else ""
-        share = f" ({100 * done / self._total:.1f}%)" if self._total else ""
-        line = f"[{self._job}] {done:,}/{self._total:,} rows{share}  {rate:,.0f} rows/s  {eta}"
-        end = "\n" if final or not self._tty else ""
-        self._out.write(("\r\x1b[2K" if self._tty else "") + line + end)
+    def _draw(self) -> None:
+        self._bar.update(self._done() - self._bar.n)
+
+
+class _LogLines(io.TextIOBase):
+    """tqdm redraws its line in place (``\\r``); in a log each drawing is a line of its own."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+
+    def write(self, text: str) -> int:
+        line = text.strip("\r\n ")
+        if line:
+            self._out.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
         self._out.flush()
 
 
