@@ -193,7 +193,9 @@ def _streaming_state(s: Scrape) -> Finding | None:
 def _rag_eval(s: Scrape) -> Finding | None:
     if s.dataflow != "rag" or any(name == "patternflow_rag_eval" for name, _, _ in s.samples):
         return None
-    version = next((ls["version"] for n, ls, _ in s.samples if n == "patternflow_rag_index_info"), "unknown")
+    # A dataflow still loading its models serves the info metric before it labels it with the version.
+    infos = (ls for n, ls, _ in s.samples if n == "patternflow_rag_index_info" and "version" in ls)
+    version = next((ls["version"] for ls in infos), "not published yet")
     return Finding(
         "RAG without retrieval eval",
         s.dataflow,

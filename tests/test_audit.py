@@ -116,6 +116,9 @@ def test_a_rag_dataflow_is_clean_once_an_eval_run_of_its_index_is_exported() -> 
     assert "(v1)" in finding.evidence[0]
     evaluated = [*index, ("patternflow_rag_eval", {"split": "test", "metric": "ndcg@10"}, 0.7)]
     assert audit([Scrape("h:1", "rag", {}, evaluated)]) == []
+    # Still loading its models: the info metric is served before it is labelled.
+    (loading,) = audit([Scrape("h:1", "rag", {}, [("patternflow_rag_index_info", {}, 1.0)])])
+    assert "(not published yet)" in loading.evidence[0]
 
 
 def test_the_recovery_directory_is_read_from_bytewax_runs_arguments_or_environment(

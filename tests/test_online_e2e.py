@@ -351,8 +351,10 @@ def test_http_gateway_maps_replies_to_status_codes(server: Server) -> None:
 def test_the_docs_plain_kafka_client_example_works(server: Server) -> None:
     page = (ROOT / "docs" / "online.md").read_text()
     block = page.split("**With any Kafka client**", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
-    code = block.replace('"inference.requests"', f'"{server.topic}.requests"').replace(
-        'TopicPartition("inference.replies", 0)', f'TopicPartition("{server.topic}.replies", 0)'
+    code = (
+        block.replace('"inference.requests"', f'"{server.topic}.requests"')
+        .replace('TopicPartition("inference.replies", 0)', f'TopicPartition("{server.topic}.replies", 0)')
+        .replace('"127.0.0.1:9092"', f'"{server.brokers}"')
     )
     assert code != block, "the example names the default topics"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
