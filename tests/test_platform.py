@@ -185,6 +185,11 @@ def until(target: str, what: str, check: Any, timeout_s: float = 120) -> Scrape:
     return wait_for(met, what, timeout_s=timeout_s, every_s=0.5)
 
 
+def index_info(s: Scrape) -> dict[str, str]:
+    """The labels of a RAG dataflow's ``patternflow_rag_index_info`` (none while it loads its model)."""
+    return next((ls for n, ls, _ in s.samples if n == "patternflow_rag_index_info"), {})
+
+
 def bad(topic: str) -> KafkaMessage:
     return KafkaMessage(b"{not json", key=b"bad", topic=topic)
 
@@ -271,6 +276,7 @@ def test_rag_without_eval_is_found_until_an_eval_run_is_recorded_for_its_index(
 ) -> None:
     d, _ = platform
     target = d.start("rag", RAG_SHARDS="2")
+    until(target, "the index version published (its model loaded)", lambda s: "version" in index_info(s))
     finding = found(target, "RAG without retrieval eval")
     assert "minilm-embeddings@" in finding["evidence"][0] and "chunks 256+32" in finding["evidence"][0]
 
