@@ -36,7 +36,7 @@ from clients.agents import AgentTopics
 from dataflows.agent.program import Caps, LlmCall, Policy, TaskProgram, llm_reply_message, parse_input, topic_specs
 from dataflows.agent.tools import tools
 from models.chat import ChatClient, ChatReply, price_table
-from models.llm import LLMError, LLMRefused
+from models.llm import worth_retrying
 from operators.aio import AsyncConfig, Done, Failed, async_map
 from operators.dlq import DLQ_SUFFIX, DeadLetter, to_dlq_message, try_map
 from operators.kafka import KafkaMessage
@@ -116,10 +116,6 @@ class Settings(DataflowSettings):
         )
 
 
-def _retryable(exc: BaseException) -> bool:
-    return isinstance(exc, LLMError) and not isinstance(exc, LLMRefused)
-
-
 def build(settings: Settings | None = None) -> Dataflow:
     s = settings or from_env(Settings, prefix="AGENT_")
     topics = s.topics
@@ -139,7 +135,7 @@ def build(settings: Settings | None = None) -> Dataflow:
     decided = op.key_rm("unkey", keyed_state("tasks", inputs.oks, lambda: TaskProgram(policy, topics), state))
     # LlmCall (a model call within every cap) | KafkaMessage | DeadLetter
     calls = split("calls", decided, LlmCall, object)
-    config = AsyncConfig(s.llm_capacity, s.llm_timeout_s + 5, s.llm_retries, retry_if=_retryable)
+    config = AsyncConfig(s.llm_capacity, s.llm_timeout_s + 5, s.llm_retries, retry_if=worth_retrying)
     replies = async_map("llm", op.key_on("by_task", calls.first, lambda c: c.task_id), decide, config)
     # (task id, Done(LlmCall, ChatReply) | Failed(LlmCall))
     answered = op.map("encode", op.key_rm("unkey_replies", replies), lambda r: _reply(r, topics.llm_replies))
