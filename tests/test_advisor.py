@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import subprocess
-import sys
 from importlib import import_module
 from pathlib import Path
 from typing import Any
@@ -13,8 +11,9 @@ import orjson
 import pytest
 
 from advisor.advise import UseCase, UseCaseError, advise
+from tests.support.commands import patternflow
+from tests.support.processes import ROOT
 
-ROOT = Path(__file__).parent.parent
 EXAMPLES = ROOT / "advisor" / "examples"
 PREFIX = {
     "dataflows.online_inference": "ONLINE_",
@@ -117,12 +116,6 @@ def test_advised_settings_are_real_settings_of_the_dataflow(example: str) -> Non
 def test_an_invalid_use_case_says_what_is_wrong(doc: Any, reason: str) -> None:
     with pytest.raises(UseCaseError, match=reason.replace("[", r"\[").replace("]", r"\]")):
         UseCase.from_doc(doc)
-
-
-def patternflow(*args: str) -> subprocess.CompletedProcess[str]:
-    """The console script pyproject.toml installs, as a user runs it."""
-    script = Path(sys.executable).parent / "patternflow"
-    return subprocess.run([str(script), *args], capture_output=True, text=True, timeout=60, cwd=ROOT)
 
 
 def test_the_console_script_advises_in_text_and_json(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from dataflows.launch import AgentStack
 from models.scripted_llm import RECORDINGS, ScriptedModel, serve
 from operators.kafka import KafkaMessage, produce, read_topic
 from patternflow import free_port
-from tests.support.processes import wait_for
+from tests.support.processes import ROOT, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -268,14 +268,12 @@ def test_kill_9_mid_task_resumes_without_running_finished_tool_calls_again(
 
 
 def test_the_docs_example_works(agents: AgentClient, brokers: str) -> None:
-    page = (Path(__file__).parent.parent / "docs" / "agent.md").read_text()
+    page = (ROOT / "docs" / "agent.md").read_text()
     block = page.split("## Using it", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     prefix = agents.topics.tasks.removesuffix(".tasks")
     code = block.replace('AgentClient("127.0.0.1:9092")', f'AgentClient("{brokers}", topic_prefix="{prefix}")')
     assert code != block
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=Path(__file__).parent.parent
-    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     first, second = out.stdout.splitlines()
     assert first.startswith("done 17 * 23 + 4 = 395. {'prompt_tokens': ")

@@ -15,8 +15,8 @@ import pytest
 from clients.jobs import JobsClient
 from dataflows.async_jobs import Settings
 from dataflows.launch import run_command
-from models.registry import REGISTRY
 from operators.kafka import KafkaMessage, ensure_topics, produce, read_topic
+from tests.support.models import loaded
 from tests.support.processes import Logged, gateway, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -77,7 +77,7 @@ def workers(brokers: str, topic: str, tmp_path: Path) -> Iterator[Workers]:
 
 
 def test_submit_poll_result_and_failures_with_reasons(workers: Workers) -> None:
-    model = REGISTRY["tabular-risk"].load()
+    model = loaded("tabular-risk")
     with workers.client() as jobs:
         good = jobs.submit("tabular-risk", [features(i) for i in range(20)])
         assert jobs.status(good)["status"] in ("pending", "running", "done")

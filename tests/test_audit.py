@@ -13,9 +13,8 @@ from advisor.audit import DEFAULT_TARGETS, Scrape, audit, scrape, targets
 from dataflows.launch import AgentStack
 from models.scripted_llm import RECORDINGS, ScriptedModel, serve
 from patternflow import free_port
+from tests.support.commands import default_port, patternflow
 from tests.support.processes import wait_for
-from tests.test_advisor import patternflow
-from tests.test_deploy import default_port
 
 DATAFLOWS = [
     "agent",

@@ -30,6 +30,7 @@ from models.registry import REGISTRY
 from models.schema import InvalidInput, Vector
 from operators.kafka.message import KafkaBatch
 from operators.settings import SettingsError, from_args
+from tests.support.models import loaded
 
 TABULAR = REGISTRY["tabular-risk"]
 FIELDS = RowFields()
@@ -104,7 +105,7 @@ def test_parquet_rows_take_the_fast_path_and_the_slow_path_alike() -> None:
 
 
 def test_batch_scores_equal_online_predictions() -> None:
-    model = TABULAR.load()
+    model = loaded("tabular-risk")
     inputs = [row(i) for i in range(50)]
     rows = decode(
         Table("f", 0, pa.RecordBatch.from_pydict({"id": list(map(str, range(50))), "inputs": inputs})), TABULAR, FIELDS

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import random
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import orjson
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 from confluent_kafka import TopicPartition
@@ -21,42 +16,12 @@ from confluent_kafka.admin import AdminClient
 
 from dataflows.batch_inference import Job, Settings, job_lock
 from dataflows.batch_inference.files import committed_counts
-from operators.kafka import KafkaMessage, TopicSpec, ensure_topics, produce, read_topic
+from operators.kafka import KafkaMessage, produce, read_topic
 from patternflow import default_brokers
-from tests.support.processes import ROOT, Logged, wait_for
+from tests.support.batch import JOB, committed_more, features, fill, job_env, output_ids, run_job
+from tests.support.processes import Logged, wait_for
 
 pytestmark = pytest.mark.e2e
-
-JOB = [sys.executable, "-m", "dataflows.batch_inference"]
-
-
-def features(i: int) -> list[float]:
-    return [((i * 7 + j * 3) % 11) / 5 - 1 for j in range(8)]
-
-
-def fill(brokers: str, topic: str, first: int, n: int) -> None:
-    ensure_topics(brokers, [TopicSpec(topic, partitions=4)])
-    rows = (
-        KafkaMessage(orjson.dumps({"inputs": features(i)}), key=f"c{i}".encode(), topic=topic)
-        for i in range(first, first + n)
-    )
-    produce(brokers, rows)
-
-
-def job_env(brokers: str) -> dict[str, str]:
-    return {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": brokers, "BATCH_METRICS_PORT": "0"}
-
-
-def run_job(brokers: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*JOB, *args], env=job_env(brokers), cwd=ROOT, capture_output=True, text=True, timeout=300)
-
-
-def output_ids(directory: Path) -> list[str]:
-    return ds.dataset(directory, format="parquet").to_table(columns=["id"]).column("id").to_pylist()
-
-
-def committed_more(proc: Logged, commits: Path, before: int) -> Callable[[], bool]:
-    return lambda: proc.poll() is not None or sum(committed_counts(commits)) > before
 
 
 def test_a_job_killed_at_random_moments_writes_every_row_exactly_once(brokers: str, topic: str, tmp_path: Path) -> None:

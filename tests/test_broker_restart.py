@@ -15,13 +15,13 @@ from dataflows.launch import AgentStack
 from models.scripted_llm import RECORDINGS, ScriptedModel, serve
 from operators.kafka import read_topic
 from patternflow import free_port
+from tests.support.batch import JOB, committed_more, fill, job_env, output_ids
+from tests.support.event_counts import counts_by_id, events, expected_counts, prepare, run_to_end, start_dataflow
+from tests.support.fraud import Fraud
 from tests.support.kafka import Broker, free_port_pair
+from tests.support.online import Load, Server
 from tests.support.processes import Logged, wait_for
-from tests.test_batch_e2e import JOB, committed_more, fill, job_env, output_ids
-from tests.test_event_counts_e2e import counts_by_id, events, expected_counts, prepare, run_to_end, start_dataflow
-from tests.test_fraud_e2e import Fraud
-from tests.test_online_e2e import Load, Server
-from tests.test_rag_e2e import DOCS, Rag, doc_message, top
+from tests.support.rag import DOCS, Rag, doc_message, top
 
 pytestmark = pytest.mark.outage
 

@@ -9,15 +9,15 @@ import re
 import subprocess
 import sys
 from importlib import import_module
-from pathlib import Path
 
 import pytest
 import yaml
 
 from dataflows.event_counts import Settings
 from dataflows.launch import LONG_RUNNING
+from tests.support.commands import DATAFLOWS, default_port, env_prefix
+from tests.support.processes import ROOT
 
-ROOT = Path(__file__).parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 
 
@@ -63,22 +63,6 @@ def scrape_configs() -> dict[str, dict[str, list[str]]]:
     }
 
 
-def default_port(dataflow: str) -> int:
-    settings = import_module(f"dataflows.{dataflow}").Settings
-    (port,) = [f.default for f in dataclasses.fields(settings) if f.name == "metrics_port"]
-    assert isinstance(port, int)
-    return port
-
-
-def env_prefix(dataflow: str) -> str:
-    """The prefix of the dataflow's settings in the environment, as its ``build`` reads them."""
-    module = import_module(f"dataflows.{dataflow}")
-    source = Path(module.__file__ or "").read_text()
-    (prefix,) = set(re.findall(r'from_(?:env|args)\(Settings, (?:prefix=)?"([A-Z_]+)"', source))
-    return prefix
-
-
-DATAFLOWS = sorted([*LONG_RUNNING, "batch_inference"])
 PATTERNS = {"online", "batch", "streaming", "rag", "agent"}
 
 

@@ -14,7 +14,7 @@ import pytest
 from dataflows.rag.answers import Extractive, OpenAIChat, Question
 from dataflows.rag.retrieval import Hit
 from models.llm import LLMError, LLMRefused
-from models.registry import get_spec
+from tests.support.models import loaded
 
 DOC = (
     "Background text about trials. Aspirin lowers the risk of a second heart attack in adults. "
@@ -24,7 +24,7 @@ DOC = (
 
 @pytest.fixture(scope="module")
 def embed() -> Any:
-    model = get_spec("minilm-embeddings").load()
+    model = loaded("minilm-embeddings")
     return lambda texts: model.forward(texts)["embedding"]
 
 

@@ -7,12 +7,11 @@ from __future__ import annotations
 import importlib.metadata
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
 
-ROOT = Path(__file__).parent.parent
+from tests.support.processes import ROOT
 
 
 @pytest.mark.parametrize(

@@ -40,10 +40,9 @@ from patternflow import free_port, wall_ms
 from scripts.beir import load
 from scripts.evaluate_anomalies import shuttle
 from scripts.fraud_traffic import generate, table_messages
+from tests.support.commands import DATAFLOWS, env_prefix, patternflow
+from tests.support.event_counts import KEYS
 from tests.support.processes import ROOT, Logged, wait_for
-from tests.test_advisor import patternflow
-from tests.test_deploy import DATAFLOWS, env_prefix
-from tests.test_event_counts_e2e import KEYS
 
 pytestmark = pytest.mark.platform
 

@@ -14,10 +14,10 @@ from dataflows.rag.retrieval import Fusion, ShardIndex, best_per_doc, fuse
 from dataflows.rag.steps import Deletion, Document, EvalRun, Indexed, embed_documents
 from dataflows.rag.text import Chunker, terms
 from models.quality import retrieval_metrics
-from models.registry import get_spec
 from operators.kafka import KafkaMessage
 from patternflow import InvalidMessage
 from scripts.beir import load
+from tests.support.models import loaded
 
 MINI = Path(__file__).parent / "data" / "scifact-mini"
 # nDCG@10 measured when the gate was set (chunks of 256 tokens, 32 overlap, fusion defaults): BM25
@@ -29,7 +29,7 @@ FLOORS = {"bm25": 0.76, "dense": 0.74, "hybrid": 0.77}
 @pytest.fixture(scope="module")
 def runs() -> dict[str, dict[str, list[str]]]:
     data = load(MINI)
-    minilm = get_spec("minilm-embeddings").load()
+    minilm = loaded("minilm-embeddings")
 
     def embed(texts: list[str]) -> np.ndarray:
         return minilm.forward(texts)["embedding"]

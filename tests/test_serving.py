@@ -17,6 +17,7 @@ from models.schema import InvalidInput
 from operators.dlq import InvalidMessage
 from operators.kafka import KafkaMessage
 from operators.serving import Batch, BatchConfig, Reply, ReplyRules, Request, _Batcher, infer, parse_request
+from tests.support.models import loaded
 
 SAMPLES: dict[str, list[Any]] = {
     "tabular-risk": [[0.1 * i - 0.5 * (j % 3) for j in range(8)] for i in range(20)],
@@ -25,9 +26,8 @@ SAMPLES: dict[str, list[Any]] = {
 
 
 @pytest.fixture(scope="module", params=sorted(REGISTRY))
-def loaded(request: pytest.FixtureRequest) -> tuple[ModelSpec, Model]:
-    spec = REGISTRY[request.param]
-    return spec, spec.load()
+def model_of(request: pytest.FixtureRequest) -> tuple[ModelSpec, Model]:
+    return REGISTRY[request.param], loaded(request.param)
 
 
 def close(a: object, b: object, tol: float = 1e-4) -> bool:
@@ -40,8 +40,8 @@ def close(a: object, b: object, tol: float = 1e-4) -> bool:
     return a == b
 
 
-def test_every_model_validates_its_example_and_answers_one_output_per_input(loaded: tuple[ModelSpec, Model]) -> None:
-    spec, model = loaded
+def test_every_model_validates_its_example_and_answers_one_output_per_input(model_of: tuple[ModelSpec, Model]) -> None:
+    spec, model = model_of
     assert spec.schema.validate(spec.example) == spec.example
     batch = [spec.schema.validate(x) for x in SAMPLES[spec.name]]
     before = copy.deepcopy(batch)
@@ -52,8 +52,8 @@ def test_every_model_validates_its_example_and_answers_one_output_per_input(load
     orjson.dumps(outputs)  # replies are JSON
 
 
-def test_micro_batched_outputs_equal_per_item_outputs(loaded: tuple[ModelSpec, Model]) -> None:
-    spec, model = loaded
+def test_micro_batched_outputs_equal_per_item_outputs(model_of: tuple[ModelSpec, Model]) -> None:
+    spec, model = model_of
     batch = [spec.schema.validate(x) for x in SAMPLES[spec.name]]
     one_by_one = [model.predict([x])[0] for x in batch]
     assert close(model.predict(batch), one_by_one)
