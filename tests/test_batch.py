@@ -23,7 +23,8 @@ from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.testing import run_main
 
-from dataflows.batch_inference import Progress, Settings
+from dataflows.batch_inference import Settings
+from dataflows.batch_inference.command import Progress
 from dataflows.batch_inference.files import FileOutput, JsonlSource, ParquetSource, commit_files, committed_counts
 from dataflows.batch_inference.scoring import BadRow, Lines, RowFields, Scored, Table, decode, score
 from models.registry import REGISTRY

@@ -14,8 +14,10 @@ import pytest
 from confluent_kafka import TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from dataflows.batch_inference import Job, Settings, job_lock
+from dataflows.batch_inference import Settings
+from dataflows.batch_inference.command import job_lock
 from dataflows.batch_inference.files import committed_counts
+from dataflows.batch_inference.job import Job
 from operators.kafka import KafkaMessage, produce, read_topic
 from patternflow import default_brokers
 from tests.support.batch import JOB, committed_more, features, fill, job_env, output_ids, run_job

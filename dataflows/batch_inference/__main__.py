@@ -2,6 +2,6 @@
 
 import sys
 
-from dataflows.batch_inference import main
+from dataflows.batch_inference.command import main
 
 sys.exit(main())
