@@ -10,9 +10,11 @@ import dataclasses
 import os
 import sys
 import threading
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client.metrics_core import Metric
 
 from operators.settings import process_id
 
@@ -41,6 +43,7 @@ __all__ = [
     "RAG_INDEX",
     "STATE_KEYS",
     "STEP_SECONDS",
+    "linger",
     "model_quality",
     "serve",
 ]
@@ -132,6 +135,37 @@ _served: set[int] = set()
 _lock = threading.Lock()
 
 
+class _Scraped:
+    """The default registry as the endpoint serves it, counting the scrapes it has answered."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.changed = threading.Condition()
+
+    def collect(self) -> Iterator[Metric]:
+        yield from REGISTRY.collect()
+        with self.changed:
+            self.count += 1
+            self.changed.notify_all()
+
+    def restricted_registry(self, names: Iterable[str]) -> Any:
+        return REGISTRY.restricted_registry(names)
+
+
+_scraped = _Scraped()
+
+
+def linger(timeout_s: float, scrapes: int = 2) -> bool:
+    """Wait, at most ``timeout_s``, until the endpoint has answered ``scrapes`` more scrapes, so a
+    process about to exit (a batch job) has its last counts in Prometheus, and a rate over them
+    (two samples at least). An endpoint nobody has scraped yet is not waited for. True if scraped."""
+    with _scraped.changed:
+        if _scraped.count == 0:
+            return False
+        target = _scraped.count + scrapes
+        return _scraped.changed.wait_for(lambda: _scraped.count >= target, timeout_s)
+
+
 def model_quality(step: str, key: str, quality: Prequential) -> None:
     """Export a model's prequential ROC-AUC and PR-AUC."""
     MODEL_ROC_AUC.labels(step, key).set(quality.roc_auc)
@@ -165,5 +199,5 @@ def serve(port: int, settings: Any = None) -> None:
     port += process_id()
     with _lock:
         if port not in _served:
-            start_http_server(port)
+            start_http_server(port, registry=_scraped)
             _served.add(port)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -114,3 +115,24 @@ def test_running_aggregate_forgets_a_key_idle_past_its_ttl() -> None:
     now[0] = 19_000
     program.on_timer(store)
     assert list(program.on_item(store, "a", 1)) == [("a", 1)]
+
+
+def test_a_process_about_to_exit_lingers_until_its_metrics_are_scraped_twice() -> None:
+    import urllib.request
+
+    from operators import metrics
+    from patternflow import free_port
+
+    port = free_port()
+    metrics.serve(port)
+    assert not metrics.linger(5), "nobody scraped it yet: no wait"
+
+    def scrape() -> None:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+
+    scrape()
+    scrapers = threading.Timer(0.2, lambda: [scrape(), scrape()])
+    scrapers.start()
+    assert metrics.linger(10), "two more scrapes came"
+    scrapers.join()
+    assert not metrics.linger(0.3), "no more scrapes: gives up after the timeout"

@@ -78,6 +78,9 @@ class Settings(TorchSettings):
     torch_threads: int = 0  # 0: torch's default
     jobs_dir: Path = Path("var/batch")
     metrics_port: int = 9102
+    # At its end, a job serves its metrics until they are scraped twice more (at most this long), so
+    # Prometheus has its last counts; a job nobody scrapes exits at once.
+    metrics_linger_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not self.job or "/" in self.job or self.job.startswith("."):

@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import IO, TextIO
+from typing import IO, Any, TextIO
 
 from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.run import cli_main
@@ -139,9 +139,18 @@ def main(argv: list[str] | None = None) -> int:
         f"job {s.job!r}: {rows['expected']:,} rows from {s.input} with {s.model} to {job.output}{resumed}", flush=True
     )
     run = job.start_run()
+    try:
+        return _run(job, run, recovery, committed)
+    finally:
+        metrics.linger(s.metrics_linger_s)
+
+
+def _run(job: Job, run: dict[str, Any], recovery: Path, committed: int) -> int:
+    """The job's dataflow to its end, the run recorded in the manifest; the exit code."""
+    s = job.settings
     start = time.monotonic()
     try:
-        with Progress(s.job, rows["expected"], lambda: committed + _counted(s.job)):
+        with Progress(s.job, job.manifest["rows"]["expected"], lambda: committed + _counted(s.job)):
             cli_main(
                 job_dataflow(job),
                 workers_per_process=s.workers,
