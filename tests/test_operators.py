@@ -130,8 +130,12 @@ def test_a_process_about_to_exit_lingers_until_its_metrics_are_scraped_twice() -
     def scrape() -> None:
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
 
+    def scrape_twice() -> None:
+        scrape()
+        scrape()
+
     scrape()
-    scrapers = threading.Timer(0.2, lambda: [scrape(), scrape()])
+    scrapers = threading.Timer(0.2, scrape_twice)
     scrapers.start()
     assert metrics.linger(10), "two more scrapes came"
     scrapers.join()
