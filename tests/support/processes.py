@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import subprocess
 import threading
 import time
@@ -12,9 +13,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["ROOT", "Logged", "gateway", "wait_for"]
+__all__ = ["ROOT", "Logged", "gateway", "kill_seed", "wait_for"]
 
 ROOT = Path(__file__).parent.parent.parent
+SEED_ENV = "PATTERNFLOW_TEST_SEED"
+
+
+def kill_seed(default: int) -> int:
+    """The seed of a test's random moments (kills): ``default``, or ``$PATTERNFLOW_TEST_SEED`` to try others."""
+    return int(os.environ.get(SEED_ENV) or default)
+
+
 T = TypeVar("T")
 
 
