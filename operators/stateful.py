@@ -32,10 +32,11 @@ key, emitted after every item.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Generic, NamedTuple, Protocol, TypeVar
 
@@ -47,6 +48,7 @@ from bytewax.operators import KeyedStream, StatefulBatchLogic
 from operators import metrics
 from patternflow import LATEST_MS, hash_key, wall_ms
 from state import MemoryBackend, RocksDBBackend, StateError, StateStore
+from state.journal import InputLog
 
 __all__ = [
     "Expiring",
@@ -54,6 +56,7 @@ __all__ = [
     "StateConfig",
     "Wake",
     "keyed_state",
+    "recorded_state",
     "running_aggregate",
     "shard_of",
     "sharded_state",
@@ -68,6 +71,8 @@ A = TypeVar("A")
 
 
 _SHARDS_KEY = "\x01shards"
+DAY_MS = 86_400_000
+logger = logging.getLogger(__name__)
 
 
 class Wake(NamedTuple):
@@ -113,6 +118,7 @@ class StateConfig:
     undo_retain: int = 32
     max_pending_writes: int = 100_000
     now_ms: Callable[[], int] = wall_ms
+    replay_patience_s: float = 30.0  # recorded_state: how long a replay waits for an input to come back
 
     def __post_init__(self) -> None:
         if self.shards < 1:
@@ -218,6 +224,143 @@ class _ShardLogic(StatefulBatchLogic[tuple[str, str, V] | Wake, tuple[str, W], _
         return self._shard, seq, self._store.lineage
 
 
+_POSITION_KEY = "\x01inputs"
+
+
+class _RecordedShardLogic(_ShardLogic[V, W]):
+    """A shard whose program depends on the order of its inputs and on the time: each input (and each
+    timer run) is recorded in an :class:`~state.journal.InputLog` before it is applied, with the time
+    it is applied at, and the store holds how many it applied. Resumed from a snapshot, the shard
+    applies the inputs recorded after it in their recorded order, at their recorded times, whatever
+    order they are read again in (early ones wait, new ones wait for the replay to end), and runs
+    no timer until then: it decides again exactly what it decided before the kill. An input that
+    does not come back within ``replay_patience_s`` ends the replay (logged): what follows is
+    decided afresh, in the order inputs come."""
+
+    def __init__(
+        self,
+        step_id: str,
+        program: ShardProgram[V, W],
+        config: StateConfig,
+        resume: _Snapshot | None,
+        input_id: Callable[[V], str | None],
+    ) -> None:
+        self._input_id = input_id
+        self._log: InputLog | None = None
+        self._applied = 0
+        self._held: dict[int, tuple[str, V]] = {}  # replay: recorded inputs read again, by position
+        self._fresh: list[tuple[str, V]] = []  # replay: inputs never applied, in the order they came
+        self._progress_ms = wall_ms()
+        super().__init__(step_id, program, config, resume)
+
+    @property
+    def _replaying(self) -> bool:
+        return self._log is not None and self._applied < self._log.end
+
+    def _open(self, shard: str, seq: int | None, lineage: str | None = None) -> StateStore:
+        store = super()._open(shard, seq, lineage)
+        if self._config.state_dir is not None:
+            self._log = InputLog(self._config.state_dir / self._step_id / f"inputs-{shard}", DAY_MS // 1000)
+            self._applied = store.get(_POSITION_KEY, 0)
+            if not seq:
+                self._log.truncate(0)  # a first start: what a log there holds is another run's
+        return store
+
+    def _apply(self, store: StateStore, item: tuple[str, V] | None, now: int) -> list[tuple[str, W]]:
+        """Apply an input (``None``: a timer run) at ``now``, as the ``n``-th, recording it first if new."""
+        self._applied += 1
+        if self._log is not None and self._applied > self._log.end:
+            self._log.append(self._applied, None if item is None else self._input_id(item[1]), now)
+        store.put(_POSITION_KEY, self._applied)
+        with store.at(now):
+            if item is None:
+                return list(self._program.on_timer(store))
+            return list(self._program.on_item(store, *item))
+
+    def _timers(self, store: StateStore) -> list[tuple[str, W]]:
+        now, due = wall_ms(), self._program.next_timer_ms(store)
+        if self._replaying or due is None or due > now:
+            return []
+        return self._apply(store, None, now)
+
+    def _replay(self, store: StateStore) -> list[tuple[str, W]]:
+        assert self._log is not None
+        out: list[tuple[str, W]] = []
+        while self._replaying:
+            entry = self._log.entry(self._applied + 1)
+            if entry is None:
+                return out + self._give_up(store, "its record is gone (older than a day)")
+            input_id, now = entry
+            if input_id is not None and self._applied + 1 not in self._held:
+                if wall_ms() - self._progress_ms > self._config.replay_patience_s * 1000:
+                    return out + self._give_up(store, f"input {input_id} did not come back")
+                return out
+            out.extend(self._apply(store, None if input_id is None else self._held.pop(self._applied + 1), now))
+            self._progress_ms = wall_ms()
+        fresh, self._fresh = self._fresh, []
+        for item in fresh:
+            out.extend(self._apply(store, item, wall_ms()))
+        return out
+
+    def _give_up(self, store: StateStore, why: str) -> list[tuple[str, W]]:
+        assert self._log is not None
+        logger.warning(
+            "step %s shard %s: replay stopped after %d of %d recorded inputs, %s; what follows is decided afresh",
+            self._step_id,
+            self._shard,
+            self._applied,
+            self._log.end,
+            why,
+        )
+        self._log.truncate(self._applied)
+        held = [self._held[n] for n in sorted(self._held)]
+        self._held.clear()
+        self._fresh[:0] = held
+        return self._replay(store)
+
+    def on_batch(self, values: list[tuple[str, str, V] | Wake]) -> tuple[list[tuple[str, W]], bool]:
+        start = time.perf_counter()
+        store = self._store or self._open(values[0][0], None)
+        items = [(v[1], v[2]) for v in values if not isinstance(v, Wake)]
+        out: list[tuple[str, W]] = []
+        if self._replaying:
+            assert self._log is not None
+            for item in items:
+                input_id = self._input_id(item[1])
+                n = None if input_id is None else self._log.position(input_id)
+                if n is not None and n > self._applied:
+                    self._held[n] = item
+                else:
+                    self._fresh.append(item)
+            out.extend(self._replay(store))
+        else:
+            for item in items:
+                out.extend(self._apply(store, item, wall_ms()))
+        out.extend(self._timers(store))
+        self._items.inc(len(items))
+        self._seconds.observe(time.perf_counter() - start)
+        return self._done(store, out)
+
+    def on_notify(self) -> tuple[list[tuple[str, W]], bool]:
+        if self._store is None:
+            return [], StatefulBatchLogic.RETAIN
+        out = self._replay(self._store) if self._replaying else []
+        return self._done(self._store, out + self._timers(self._store))
+
+    def on_eof(self) -> tuple[list[tuple[str, W]], bool]:
+        if self._store is None:
+            return [], StatefulBatchLogic.RETAIN
+        out = self._give_up(self._store, "the input ended") if self._replaying else []
+        with self._store.at(wall_ms()):
+            out.extend(self._program.on_eof(self._store))
+        return self._done(self._store, out)
+
+    def notify_at(self) -> datetime | None:
+        if self._replaying:
+            return datetime.now(UTC) + timedelta(seconds=1)
+        return super().notify_at()
+
+
 def woken(up: KeyedStream[V], shards: int) -> KeyedStream[V | Wake]:
     """``up``, keyed by shard (``"0"`` to ``str(shards - 1)``), plus a :class:`Wake` for every
     shard in the epoch each execution resumes from, so a stateful step on it snapshots
@@ -246,6 +389,32 @@ def keyed_state(
         return shard, (shard, key, value)
 
     return _run_shards(step_id, op.map("shard", up, to_shard), program_factory, config)
+
+
+@operator
+def recorded_state(
+    step_id: str,
+    up: KeyedStream[V],
+    program_factory: Callable[[], ShardProgram[V, W]],
+    config: StateConfig,
+    input_id: Callable[[V], str | None],
+) -> KeyedStream[W]:
+    """:func:`keyed_state` for a program whose decisions depend on the order of its inputs across
+    keys and on the time (a shared budget, a deadline): after a kill -9 it decides again exactly as
+    before (see :class:`_RecordedShardLogic`). ``input_id`` names an input uniquely and the same way
+    each time it is read (a Kafka message: its topic, partition and offset); an input without one
+    is never replayed in its recorded place. The program reads the time from ``store.now_ms()``."""
+
+    def to_shard(key_value: tuple[str, V]) -> tuple[str, tuple[str, str, V]]:
+        key, value = key_value
+        shard = shard_of(key, config.shards)
+        return shard, (shard, key, value)
+
+    def build(resume: _Snapshot | None) -> _RecordedShardLogic[V, W]:
+        return _RecordedShardLogic(step_id, program_factory(), config, resume, input_id)
+
+    outs = op.stateful_batch("logic", woken(op.map("shard", up, to_shard), config.shards), build)
+    return op.map("unshard", outs, lambda shard_out: shard_out[1])
 
 
 @operator

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from rocksdict import AccessType, Rdict
+from rocksdict import AccessType, Rdict, WriteBatch
 
-__all__ = ["Journal"]
+__all__ = ["InputLog", "Journal"]
 
 
 class Journal:
@@ -35,3 +35,66 @@ class Journal:
 
     def close(self) -> None:
         self._db.close()
+
+
+class InputLog:
+    """The order in which a shard applied its inputs, and the time each saw: written through, like
+    :class:`Journal`, so that a shard resumed from an older snapshot applies the inputs it applied
+    before in the same order at the same times (see :mod:`operators.recorded`).
+
+    Entry ``n`` (1, 2, ...) is an input's id, or ``None`` for a timer run, and its time in ms.
+    """
+
+    def __init__(self, path: Path, ttl_s: int) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        self._db = Rdict(str(path), access_type=AccessType.with_ttl(ttl_s))
+        raw = self._db.get(_END)
+        self.end = 0 if raw is None else int(raw)
+
+    def append(self, n: int, input_id: str | None, now_ms: int) -> None:
+        """Record entry ``n`` (one atomic write); it must follow :attr:`end` or replace a later entry."""
+        batch = WriteBatch()
+        batch.put(_entry_key(n), orjson.dumps([input_id, now_ms]))
+        if input_id is not None:
+            batch.put(b"i:" + input_id.encode(), str(n).encode())
+        batch.put(_END, str(n).encode())
+        self._db.write(batch)
+        self.end = n
+
+    def entry(self, n: int) -> tuple[str | None, int] | None:
+        raw = self._db.get(_entry_key(n))
+        if raw is None:
+            return None
+        input_id, now_ms = orjson.loads(raw)
+        return input_id, now_ms
+
+    def position(self, input_id: str) -> int | None:
+        """The entry that recorded ``input_id``, if it is one after ``0`` still held."""
+        raw = self._db.get(b"i:" + input_id.encode())
+        if raw is None:
+            return None
+        n = int(raw)
+        entry = self.entry(n)
+        return n if entry is not None and entry[0] == input_id else None
+
+    def truncate(self, n: int) -> None:
+        """Forget the entries after ``n``: they will not be replayed."""
+        batch = WriteBatch()
+        for m in range(n + 1, self.end + 1):
+            entry = self.entry(m)
+            if entry is not None and entry[0] is not None:
+                batch.delete(b"i:" + entry[0].encode())
+            batch.delete(_entry_key(m))
+        batch.put(_END, str(n).encode())
+        self._db.write(batch)
+        self.end = n
+
+    def close(self) -> None:
+        self._db.close()
+
+
+_END = b"m:end"
+
+
+def _entry_key(n: int) -> bytes:
+    return b"n:" + n.to_bytes(8, "big")

@@ -44,6 +44,7 @@ Exceptions: see :mod:`state.errors`.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import secrets
 from bisect import bisect_left, insort
@@ -107,6 +108,19 @@ class StateStore:
         self._pending_timers: list[bytes] = []
         self._pending_data: set[bytes] = set()
         self._load_meta()
+
+    def now_ms(self) -> int:
+        """The store's clock (wall time, or the time :meth:`at` fixes): what TTLs and programs go by."""
+        return self._now_ms()
+
+    @contextlib.contextmanager
+    def at(self, now_ms: int) -> Iterator[None]:
+        """Within the block, the store's clock reads ``now_ms``: a replayed input sees the time it first saw."""
+        clock, self._now_ms = self._now_ms, lambda: now_ms
+        try:
+            yield
+        finally:
+            self._now_ms = clock
 
     def _load_meta(self) -> None:
         raw = self.backend.get(_SEQ_KEY)

@@ -10,7 +10,6 @@ import orjson
 import pytest
 
 from clients.agents import AgentTopics
-from dataflows.agent import program
 from dataflows.agent.program import (
     Caps,
     HumanReplied,
@@ -28,7 +27,7 @@ from models.llm import LLMError, LLMRefused
 from models.scripted_llm import ScriptedModel, serve
 from operators.dlq import DeadLetter
 from operators.kafka import KafkaMessage
-from patternflow import InvalidMessage, free_port
+from patternflow import InvalidMessage, free_port, wall_ms
 from state import MemoryBackend, StateStore
 
 TOPICS = AgentTopics()
@@ -44,7 +43,8 @@ class Runtime:
 
     def __init__(self, p: Policy) -> None:
         self.program = TaskProgram(p, TOPICS)
-        self.store = StateStore(MemoryBackend())
+        self.now: int | None = None  # the runtime's clock: wall time unless a test sets it
+        self.store = StateStore(MemoryBackend(), now_ms=lambda: wall_ms() if self.now is None else self.now)
         self.calls: list[LlmCall] = []
         self.messages: list[KafkaMessage] = []
         self.dead: list[DeadLetter] = []
@@ -63,8 +63,7 @@ class Runtime:
 
     def submit(self, text: str = "task", task_id: str = "a", caps: Caps | None = None, tenant: str = "t") -> None:
         names = ("calculator", "fetch", "human")
-        now = program.wall_ms()  # the runtime's clock, which a test may have set
-        self.send(TaskSubmitted(task_id, tenant, text, names, caps or self.program.policy.caps, now))
+        self.send(TaskSubmitted(task_id, tenant, text, names, caps or self.program.policy.caps))
 
     def answer(
         self,
@@ -265,26 +264,24 @@ def test_a_tool_needing_approval_runs_only_once_approved() -> None:
     assert results == ["page", "ERROR: a human denied this call: no: that host is internal"]
 
 
-def test_no_human_reply_within_the_timeout_tells_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
-    now = [1_000_000]
-    monkeypatch.setattr("dataflows.agent.program.wall_ms", lambda: now[0])
+def test_no_human_reply_within_the_timeout_tells_the_model() -> None:
     rt = Runtime(policy(human_timeout_s=60))
+    rt.now = 1_000_000
     rt.submit()
     rt.answer(None, ("human", '{"question": "?"}'))
     assert rt.program.next_timer_ms(rt.store) == 1_000_000 + 60_000
-    now[0] += 60_000
+    rt.now += 60_000
     for _, out in rt.program.on_timer(rt.store):
         rt.calls.append(out)
     assert rt.calls[-1].messages[-1]["content"] == "ERROR: no human replied within 60 s"
 
 
-def test_wall_time_cap_by_timer_charges_the_unanswered_call(monkeypatch: pytest.MonkeyPatch) -> None:
-    now = [0]
-    monkeypatch.setattr("dataflows.agent.program.wall_ms", lambda: now[0])
+def test_wall_time_cap_by_timer_charges_the_unanswered_call() -> None:
     rt = Runtime(policy(caps=Caps(max_wall_s=30), on_cap="stop"))
+    rt.now = 0
     rt.submit()
     reserved = rt.store.get("b:t:1970-01-01")["reserved"]
-    now[0] = 30_000
+    rt.now = 30_000
     rt.messages += [m for _, m in rt.program.on_timer(rt.store)]
     result = rt.result()
     assert result["reason"] == "max_wall_time" and result["usage"]["cost_usd"] == pytest.approx(reserved)

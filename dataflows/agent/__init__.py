@@ -13,9 +13,16 @@ task is appended to ``agent.audit``. Caps, budgets, escalation to humans and
 the message formats: see :mod:`dataflows.agent.program`.
 
 Because every turn is an event on Kafka and the task's state is snapshotted
-with the source offsets, a kill -9 resumes each task at its last completed
-turn: a model reply already published is not asked for again, and a tool call
-sent again is answered from the tool workers' journal, not run twice.
+with the source offsets, a kill -9 resumes each task from the snapshot, and
+the runtime decides again exactly what it decided before the kill: the tasks'
+shards record the order and time of every input they apply
+(:func:`operators.stateful.recorded_state`), so tenants' budgets are reserved
+in the same order and deadlines fall at the same turn. Each model call is
+journaled (:class:`CallJournal`) before it is made and its reply before it is
+published, so a call whose reply was published is answered from the journal,
+never made again; a call that may have been made but whose reply was lost is
+*in doubt*: charged its worst case, then asked again if the caps allow. A tool
+call sent again is answered from the tool workers' journal, not run twice.
 
 Run (with the tool workers beside it)::
 
@@ -27,13 +34,23 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow
 
 from clients.agents import AgentTopics
-from dataflows.agent.program import Caps, LlmCall, Policy, TaskProgram, llm_reply_message, parse_input, topic_specs
+from dataflows.agent.program import (
+    Caps,
+    LlmCall,
+    Policy,
+    TaskProgram,
+    input_id,
+    llm_reply_message,
+    parse_input,
+    topic_specs,
+)
 from dataflows.agent.tools import tools
 from models.chat import ChatClient, ChatReply, price_table
 from models.llm import worth_retrying
@@ -41,10 +58,12 @@ from operators.aio import AsyncConfig, Done, Failed, async_map
 from operators.dlq import DLQ_SUFFIX, DeadLetter, to_dlq_message, try_map
 from operators.kafka import KafkaMessage
 from operators.kafka.sink import kafka_output
-from operators.settings import from_env
+from operators.settings import from_env, process_id
 from operators.setup import Application, DataflowSettings
-from operators.stateful import StateConfig, keyed_state
+from operators.stateful import StateConfig, recorded_state
 from operators.streams import split
+from patternflow import PatternflowError
+from state.journal import Journal
 
 SCRIPTED_HINT = (
     "set AGENT_LLM_URL to an OpenAI-compatible server (vLLM, llama.cpp server, Ollama, a hosted API), "
@@ -123,22 +142,24 @@ def build(settings: Settings | None = None) -> Dataflow:
     policy = s.policy()
     key = os.environ.get("AGENT_LLM_API_KEY", "")
     model = ChatClient(s.llm_url, s.llm_model, key, s.llm_timeout_s, max_connections=s.llm_capacity)
+    journal = CallJournal(Journal(s.state_dir / "llm_calls" / f"process-{process_id()}", ttl_s=2 * 86_400))
 
     async def decide(call: LlmCall) -> ChatReply:
-        return await model.complete(call.messages, call.tools or None, call.max_tokens)
+        return journal.recorded(call) or await model.complete(call.messages, call.tools or None, call.max_tokens)
 
     flow = Dataflow("agent")
     source = app.source(topics.inputs)
     inputs = try_map("parse", op.input("inputs", flow, source), lambda m: parse_input(m, topics, policy))
     # (tenant, TaskSubmitted | LlmReplied | ToolReplied | HumanReplied)
     state = StateConfig(s.state_dir, shards=s.state_shards)
-    decided = op.key_rm("unkey", keyed_state("tasks", inputs.oks, lambda: TaskProgram(policy, topics), state))
+    program = partial(TaskProgram, policy, topics)
+    decided = op.key_rm("unkey", recorded_state("tasks", inputs.oks, program, state, input_id))
     # LlmCall (a model call within every cap) | KafkaMessage | DeadLetter
     calls = split("calls", decided, LlmCall, object)
     config = AsyncConfig(s.llm_capacity, s.llm_timeout_s + 5, s.llm_retries, retry_if=worth_retrying)
     replies = async_map("llm", op.key_on("by_task", calls.first, lambda c: c.task_id), decide, config)
     # (task id, Done(LlmCall, ChatReply) | Failed(LlmCall))
-    answered = op.map("encode", op.key_rm("unkey_replies", replies), lambda r: _reply(r, topics.llm_replies))
+    answered = op.map("encode", op.key_rm("unkey_replies", replies), lambda r: journal.reply(r, topics.llm_replies))
     dead = op.map("dead", op.merge("errs", inputs.errs, calls.rest), _dead_or_message)
     # KafkaMessage: model replies, tool calls, escalations, results, audit records, dead letters
     # Every turn waits on this output: no lingering for fuller batches.
@@ -147,10 +168,52 @@ def build(settings: Settings | None = None) -> Dataflow:
     return flow
 
 
-def _reply(result: Done[LlmCall, ChatReply] | Failed[LlmCall], topic: str) -> KafkaMessage:
-    if isinstance(result, Done):
-        return llm_reply_message(topic, result.item, result.value, None, result.seconds)
-    return llm_reply_message(topic, result.item, None, result.error, result.seconds)
+class CallInDoubt(PatternflowError):
+    """A model call was started before a restart and its outcome was lost: it may have been made."""
+
+
+class RecordedFailure(PatternflowError):
+    """A model call that failed before a restart, answered with the same error again."""
+
+
+class CallJournal:
+    """Each model call's fate, written through to a :class:`~state.journal.Journal` by call id
+    (``<task id>/<seq>``): ``started`` before the call is made, then its reply or error before that is
+    published. A call asked for again (the tasks' state resumed from a snapshot older than its
+    reply) is answered from here: the published reply or error again, or :class:`CallInDoubt`
+    when it was started by a process that died before its outcome was recorded."""
+
+    def __init__(self, journal: Journal) -> None:
+        self._journal = journal
+        self._started: set[str] = set()  # by this process: a retry of one is not in doubt
+
+    def recorded(self, call: LlmCall) -> ChatReply | None:
+        """The reply to ``call`` if one is recorded; ``None`` when it is to be made (and now is started)."""
+        call_id = f"{call.task_id}/{call.seq}"
+        record = None if call_id in self._started else self._journal.get(call_id)
+        if record is None:
+            self._started.add(call_id)
+            self._journal.put(call_id, {"started": True})
+            return None
+        if "reply" in record:
+            return ChatReply.from_json(record["reply"])
+        if "error" in record:
+            raise RecordedFailure(record["error"])
+        raise CallInDoubt("the call was started before a restart and its outcome was lost: it may have been made")
+
+    def reply(self, result: Done[LlmCall, ChatReply] | Failed[LlmCall], topic: str) -> KafkaMessage:
+        """The call's outcome for ``agent.llm_replies``, journaled first."""
+        call = result.item
+        call_id = f"{call.task_id}/{call.seq}"
+        self._started.discard(call_id)
+        if isinstance(result, Done):
+            self._journal.put(call_id, {"reply": result.value.to_json()})
+            return llm_reply_message(topic, call, result.value, None, result.seconds)
+        in_doubt = isinstance(result.exception, CallInDoubt)
+        error = str(result.exception) if isinstance(result.exception, RecordedFailure | CallInDoubt) else result.error
+        if not in_doubt:
+            self._journal.put(call_id, {"error": error})
+        return llm_reply_message(topic, call, None, error, result.seconds, in_doubt=in_doubt)
 
 
 def _dead_or_message(item: object) -> KafkaMessage:

@@ -76,7 +76,7 @@ from operators.dlq import DLQ_SUFFIX, DeadLetter, decode_json
 from operators.kafka import TopicSpec
 from operators.kafka.message import KafkaMessage
 from operators.protocol import id_from_key
-from patternflow import InvalidMessage, wall_ms
+from patternflow import InvalidMessage
 from state import StateStore
 
 __all__ = [
@@ -192,7 +192,7 @@ class TaskSubmitted:
     text: str
     tools: tuple[str, ...]
     caps: Caps
-    submitted_ms: int
+    source: str | None = None  # where it was read: topic:partition:offset
 
 
 @dataclass(frozen=True)
@@ -203,6 +203,8 @@ class LlmReplied:
     reply: ChatReply | None
     error: str | None
     latency_ms: float
+    in_doubt: bool = False  # the call may have been made before a restart, and its outcome is lost
+    source: str | None = None
 
 
 @dataclass(frozen=True)
@@ -214,6 +216,7 @@ class ToolReplied:
     content: str
     attempts: int
     latency_ms: float
+    source: str | None = None
 
 
 @dataclass(frozen=True)
@@ -223,9 +226,15 @@ class HumanReplied:
     escalation_id: str
     reply: str
     message: KafkaMessage  # dead-lettered when no task waits for it
+    source: str | None = None
 
 
 Input = TaskSubmitted | LlmReplied | ToolReplied | HumanReplied
+
+
+def input_id(item: Input) -> str | None:
+    """Where the input was read (topic, partition, offset): the same each time it is read again."""
+    return item.source
 
 
 @dataclass(frozen=True)
@@ -269,9 +278,10 @@ def _number(doc: dict[str, Any], name: str, kind: type = int) -> Any:
     return value
 
 
-def parse_input(msg: KafkaMessage, topics: AgentTopics, policy: Policy, now_ms: int | None = None) -> tuple[str, Input]:
+def parse_input(msg: KafkaMessage, topics: AgentTopics, policy: Policy) -> tuple[str, Input]:
     """``(tenant, input)`` for a message on one of the runtime's input topics; :class:`InvalidMessage` if bad."""
     task_id = task_id_of(msg.key)
+    source = None if msg.offset is None else f"{msg.topic}:{msg.partition}:{msg.offset}"
     doc = json_object(msg)
     tenant = text_field(doc, "tenant", MAX_TENANT_CHARS, "default")
     item: Input
@@ -285,9 +295,8 @@ def parse_input(msg: KafkaMessage, topics: AgentTopics, policy: Policy, now_ms: 
         caps = doc.get("caps", {})
         if not isinstance(caps, dict):
             raise InvalidMessage("caps must be an object")
-        now = wall_ms() if now_ms is None else now_ms
         text = text_field(doc, "task", MAX_TASK_CHARS)
-        item = TaskSubmitted(task_id, tenant, text, tuple(dict.fromkeys(tools)), policy.caps.lowered(caps), now)
+        item = TaskSubmitted(task_id, tenant, text, tuple(dict.fromkeys(tools)), policy.caps.lowered(caps), source)
     elif msg.topic == topics.tool_results:
         ok = doc.get("ok")
         if not isinstance(ok, bool):
@@ -301,6 +310,7 @@ def parse_input(msg: KafkaMessage, topics: AgentTopics, policy: Policy, now_ms: 
             content,
             _number(doc, "attempts"),
             _number(doc, "latency_ms", float),
+            source,
         )
     elif msg.topic == topics.llm_replies:
         reply = doc.get("reply")
@@ -314,10 +324,12 @@ def parse_input(msg: KafkaMessage, topics: AgentTopics, policy: Policy, now_ms: 
             None if reply is None else _chat_reply(reply),
             None if error is None else str(error),
             _number(doc, "latency_ms", float),
+            doc.get("in_doubt") is True and error is not None,
+            source,
         )
     elif msg.topic == topics.human_replies:
         reply = text_field(doc, "reply", 20_000)
-        item = HumanReplied(task_id, tenant, text_field(doc, "escalation_id", 600), reply, msg)
+        item = HumanReplied(task_id, tenant, text_field(doc, "escalation_id", 600), reply, msg, source)
     else:
         raise InvalidMessage(f"topic {msg.topic!r} is not an input of the agent runtime")
     return tenant, item
@@ -331,7 +343,7 @@ def _chat_reply(doc: Any) -> ChatReply:
 
 
 def llm_reply_message(
-    topic: str, call: LlmCall, reply: ChatReply | None, error: str | None, seconds: float
+    topic: str, call: LlmCall, reply: ChatReply | None, error: str | None, seconds: float, in_doubt: bool = False
 ) -> KafkaMessage:
     """A model call's outcome, for ``agent.llm_replies``."""
     doc: dict[str, Any] = {"task_id": call.task_id, "tenant": call.tenant, "seq": call.seq}
@@ -339,6 +351,8 @@ def llm_reply_message(
         doc["reply"] = reply.to_json()
     else:
         doc["error"] = error
+        if in_doubt:
+            doc["in_doubt"] = True
     doc["latency_ms"] = round(seconds * 1000, 3)
     return KafkaMessage(orjson.dumps(doc), key=call.task_id.encode(), topic=topic)
 
@@ -391,7 +405,7 @@ class TaskProgram:
     # -- entry points --
 
     def on_item(self, store: StateStore, key: str, value: Input) -> Iterable[tuple[str, Any]]:
-        run = _Run(self, store, wall_ms())
+        run = _Run(self, store, store.now_ms())
         if isinstance(value, TaskSubmitted):
             run.submitted(value)
         elif isinstance(value, LlmReplied):
@@ -404,7 +418,7 @@ class TaskProgram:
 
     def on_timer(self, store: StateStore) -> Iterable[tuple[str, Any]]:
         store.expire()
-        run = _Run(self, store, wall_ms())
+        run = _Run(self, store, store.now_ms())
         for _, task_id in store.pop_due("due", run.now):
             run.due(task_id)
         return run.out
@@ -489,7 +503,7 @@ class _Run:
             sub.text,
             list(sub.tools),
             asdict(sub.caps),
-            sub.submitted_ms,
+            self.now,
             [{"role": "user", "content": sub.text}],
         )
         self.audit(task, "task", tools=task.tools, caps=task.caps)
@@ -504,11 +518,17 @@ class _Run:
         task.completion_tokens += completion
         task.cost_usd += cost
         spent = {
+            "seq": rep.seq,
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "cost_usd": cost,
             "latency_ms": rep.latency_ms,
         }
+        if rep.in_doubt:  # charged its worst case, as it may have been made; asked again if the caps allow
+            self.audit(task, "llm", purpose=task.purpose, action="in_doubt", error=rep.error, **spent)
+            purpose, task.purpose = task.purpose, "decide"  # a summary is decided on again
+            self.next_call(task, "decide" if purpose == "summary" else purpose, again=True)
+            return
         if rep.reply is None:
             self.audit(task, "llm", purpose=task.purpose, action="error", error=rep.error, **spent)
             self.finish(task, "failed", f"llm_error: {rep.error}")
@@ -704,11 +724,12 @@ class _Run:
         task.calls = []
         task.waiting_since_ms = None
 
-    def next_call(self, task: TaskState, purpose: Purpose = "decide") -> None:
-        """The next model call if it is within every cap; otherwise the cap's consequence."""
+    def next_call(self, task: TaskState, purpose: Purpose = "decide", again: bool = False) -> None:
+        """The next model call if it is within every cap; otherwise the cap's consequence. ``again``:
+        the call of this turn is asked again (its first asking was lost), not a new turn."""
         caps = task.limits
         if purpose == "decide":
-            if task.turn >= caps.max_iterations:
+            if task.turn >= caps.max_iterations and not again:
                 return self.capped(task, "max_iterations")
             if self.now >= task.started_ms + task.human_wait_ms + caps.max_wall_s * 1000:
                 return self.capped(task, "max_wall_time")
@@ -739,7 +760,7 @@ class _Run:
         self._put_tenant(task.tenant, budget)
         task.reserved_usd, task.reserved_day = worst, self.day
         task.seq += 1
-        task.turn += purpose == "decide"
+        task.turn += purpose == "decide" and not again
         task.status, task.purpose = "llm", purpose
         self.save(task)
         self.out.append((task.task_id, LlmCall(task.task_id, task.tenant, task.seq, purpose, messages, tools, limit)))
@@ -762,16 +783,18 @@ class _Run:
 
     def capped(self, task: TaskState, reason: str) -> None:
         task.cap = reason
-        self.audit(task, "cap", reason=reason)
+        charged = 0.0
         if task.status == "llm" and task.reserved_usd:
             # The call out is left unanswered; it may still cost its worst case, so that is charged.
+            charged = task.reserved_usd
             budget = self._tenant(task.tenant, task.reserved_day)
-            budget["reserved"] = max(0.0, budget["reserved"] - task.reserved_usd)
-            budget["spent"] += task.reserved_usd
+            budget["reserved"] = max(0.0, budget["reserved"] - charged)
+            budget["spent"] += charged
             self._put_tenant(task.tenant, budget, task.reserved_day)
-            task.cost_usd += task.reserved_usd
-            metrics.AGENT_SPEND.labels(self.policy.model, "usd").inc(task.reserved_usd)
+            task.cost_usd += charged
+            metrics.AGENT_SPEND.labels(self.policy.model, "usd").inc(charged)
             task.reserved_usd = 0.0
+        self.audit(task, "cap", reason=reason, **({"seq": task.seq, "cost_usd": charged} if charged else {}))
         self._close_turn(task, f"the task hit its {reason} cap")
         if self.policy.on_cap == "final_answer":
             self.next_call(task, "final")
