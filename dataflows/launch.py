@@ -77,10 +77,10 @@ class AgentStack:
                 self.procs[flow] = subprocess.Popen(cmd, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         return self
 
-    def kill(self) -> None:
-        """kill -9 every dataflow of the stack."""
-        for proc in self.procs.values():
-            if proc.poll() is None:
+    def kill(self, *flows: str) -> None:
+        """kill -9 ``flows`` (every dataflow of the stack by default)."""
+        for flow, proc in self.procs.items():
+            if proc.poll() is None and (not flows or flow in flows):
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
 

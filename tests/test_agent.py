@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
 from clients.agents import AgentTopics
+from dataflows.agent import CallInDoubt, CallJournal
 from dataflows.agent.program import (
     Caps,
     HumanReplied,
@@ -25,10 +28,12 @@ from dataflows.agent.tools import TOOLS, ToolError, calculate, tools
 from models.chat import ChatClient, ChatReply, Prices, ToolRequest, estimate_tokens, parse_reply, price_table
 from models.llm import LLMError, LLMRefused
 from models.scripted_llm import ScriptedModel, serve
+from operators.aio import Done
 from operators.dlq import DeadLetter
 from operators.kafka import KafkaMessage
 from patternflow import InvalidMessage, free_port, wall_ms
 from state import MemoryBackend, StateStore
+from state.journal import Journal
 
 TOPICS = AgentTopics()
 PRICES = Prices(0.15, 0.60)
@@ -398,3 +403,38 @@ def test_the_chat_client_over_http_against_the_scripted_double() -> None:
             asyncio.run(ask(url.removesuffix("/v1") + "/nowhere", "calc"))
     with pytest.raises(LLMError, match=r"Cannot connect|ClientConnectorError"):
         asyncio.run(ask(url, "calc"))  # the server is gone
+
+
+def test_a_call_in_doubt_is_charged_its_worst_case_and_asked_again_in_the_same_turn() -> None:
+    rt = Runtime(policy())
+    rt.submit()
+    (first,) = rt.calls
+    reserved = rt.store.get(f"b:t:{_today(rt)}")["reserved"]
+    rt.send(LlmReplied("a", "t", first.seq, None, "lost in a restart", 0.0, in_doubt=True))
+    again = rt.calls[-1]
+    assert (again.seq, again.messages) == (first.seq + 1, first.messages)
+    assert rt.store.get(f"b:t:{_today(rt)}")["spent"] == pytest.approx(reserved)
+    rt.answer("done")
+    result = rt.result()
+    assert result["status"] == "done" and result["turns"] == 1
+    assert result["usage"]["cost_usd"] == pytest.approx(reserved + PRICES.cost(100, 100))
+
+
+def _today(rt: Runtime) -> str:
+    return datetime.fromtimestamp(rt.store.now_ms() / 1000, UTC).strftime("%Y-%m-%d")
+
+
+def test_the_call_journal_answers_a_call_asked_again_and_marks_one_whose_outcome_was_lost(tmp_path: Path) -> None:
+    call = LlmCall("a", "t", 1, "decide", [{"role": "user", "content": "hi"}], [], 64)
+    journal = CallJournal(Journal(tmp_path, 60))
+    assert journal.recorded(call) is None  # to be made: started
+    assert journal.recorded(call) is None  # a retry by the same process is not in doubt
+    reply = ChatReply("hello", (), 3, 1)
+    journal.reply(Done(call, reply, 1, 0.1), TOPICS.llm_replies)
+    assert journal.recorded(call) == reply  # asked again after its reply was published: not made again
+
+    lost = replace(call, seq=2)
+    assert journal.recorded(lost) is None
+    restarted = CallJournal(journal._journal)  # what a process started after a kill -9 sees
+    with pytest.raises(CallInDoubt):
+        restarted.recorded(lost)
