@@ -135,7 +135,7 @@ async def direct_task(model: ChatClient, fetch: Any, task: str) -> tuple[float, 
             return (time.perf_counter() - start) * 1000, busy * 1000
         for call in reply.tool_calls:
             t = time.perf_counter()
-            content = await fetch(orjson.loads(call.arguments))
+            content = await fetch(orjson.loads(call.arguments), call.id)
             busy += time.perf_counter() - t
             messages.append({"role": "tool", "tool_call_id": call.id, "content": content})
 

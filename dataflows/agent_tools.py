@@ -12,9 +12,13 @@ Each call id is an idempotency key: a finished call is journaled
 (:class:`state.journal.Journal`) before its result is published, so a call
 read again (a replay after a kill -9 here, or the runtime sending it again
 after its own) gets the journaled result and is not run again; duplicates in
-flight together share one run. A call in flight at a kill is run again. The
-executors get no more power than their tool needs: no shell, HTTP only to
-``AGENT_TOOLS_FETCH_ALLOWLIST``. Run::
+flight together share one run. A call in flight at a kill is run again if its
+tool's ``side_effects`` are ``none`` or ``idempotent`` (with the same key); a
+call of an ``unsafe`` tool is journaled as started before it runs, and one
+found started by a process that died is *in doubt*: not run again, answered
+``ok: false, in_doubt: true``, and the runtime asks a human. The executors get
+no more power than their tool needs: no shell, HTTP only to
+``AGENT_TOOLS_FETCH_ALLOWLIST`` and ``AGENT_TOOLS_POST_ALLOWLIST``. Run::
 
     python -m bytewax.run "dataflows.agent_tools:build()" -r var/recovery/agent_tools -s 1 -b 0
 """
@@ -40,6 +44,7 @@ from dataflows.agent.tools import (
     ToolError,
     TransientToolError,
     fetcher,
+    poster,
     retriever,
     run_calculator,
     tools,
@@ -65,6 +70,7 @@ class Settings(DataflowSettings):
     fetch_allowlist: tuple[str, ...] = ()  # hosts (or host:port) fetch may reach; empty: none
     fetch_max_bytes: int = 100_000
     fetch_timeout_s: float = 10.0
+    post_allowlist: tuple[str, ...] = ()  # hosts (or host:port) post may send to; empty: none
     rag_queries_topic: str = RAG_QUERIES_TOPIC  # where retrieve sends its queries (dataflows.rag's)
     rag_answers_topic: str = RAG_ANSWERS_TOPIC
     journal_dir: Path = Path("var/state/agent_tools")
@@ -107,6 +113,8 @@ def executors(s: Settings) -> dict[str, Executor]:
             made[name] = run_calculator
         elif name == "fetch":
             made[name] = fetcher(frozenset(s.fetch_allowlist), s.fetch_max_bytes, s.fetch_timeout_s)
+        elif name == "post":
+            made[name] = poster(frozenset(s.post_allowlist))
         elif name == "retrieve":
             made[name] = retriever(_rag(s.kafka_bootstrap_servers, s.rag_queries_topic, s.rag_answers_topic))
     return made
@@ -154,12 +162,21 @@ class Worker:
 
     async def __call__(self, call: ToolCall) -> dict[str, Any]:
         done = self._journal.get(call.call_id)
-        if done is not None:
+        if done is not None and not done.get("started"):
             return {**done, "replayed": True}
         if call.call_id in self._running:
             return await asyncio.shield(self._running[call.call_id])
+        spec = self._specs.get(call.tool)
+        unsafe = spec is not None and spec.side_effects == "unsafe"
+        if done is not None and unsafe:  # started by a process that died: it may have acted
+            why = f"{call.tool} may have run before a restart, and whether it acted is unknown: not run again"
+            result = {**_result(call, False, why, 0, 0.0), "in_doubt": True}
+            self._journal.put(call.call_id, result)
+            return result
         future = self._running[call.call_id] = asyncio.get_running_loop().create_future()
         try:
+            if unsafe:
+                self._journal.put(call.call_id, {"started": True})
             result = await self._execute(call)
             self._journal.put(call.call_id, result)
             future.set_result(result)
@@ -174,7 +191,9 @@ class Worker:
         problem = spec.invalid(call.arguments)
         if problem is not None:
             return _result(call, False, f"invalid arguments for {call.tool}: {problem}", 0, 0.0)
-        outcome = await attempts(run, call.arguments, replace(self._config, timeout_s=spec.timeout_s))
+        outcome = await attempts(
+            lambda c: run(c.arguments, c.call_id), call, replace(self._config, timeout_s=spec.timeout_s)
+        )
         if isinstance(outcome, Done):
             return _result(call, True, outcome.value, outcome.attempts, outcome.seconds)
         # A ToolError's message is for the model as it is; any other exception is named.

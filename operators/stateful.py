@@ -261,9 +261,10 @@ class _RecordedShardLogic(_ShardLogic[V, W]):
         store = super()._open(shard, seq, lineage)
         if self._config.state_dir is not None:
             self._log = InputLog(self._config.state_dir / self._step_id / f"inputs-{shard}", DAY_MS // 1000)
+            # Without a snapshot (none was taken before a kill) the state starts empty and the input from
+            # its start: the record replays from its first entry. A record of another run, under a state
+            # directory used again with new input, finds no input of its own and is given up.
             self._applied = store.get(_POSITION_KEY, 0)
-            if not seq:
-                self._log.truncate(0)  # a first start: what a log there holds is another run's
         return store
 
     def _apply(self, store: StateStore, item: tuple[str, V] | None, now: int) -> list[tuple[str, W]]:

@@ -25,6 +25,7 @@ from dataflows.agent.program import (
     parse_input,
 )
 from dataflows.agent.tools import TOOLS, ToolError, calculate, tools
+from dataflows.agent_tools import ToolCall, Worker
 from models.chat import ChatClient, ChatReply, Prices, ToolRequest, estimate_tokens, parse_reply, price_table
 from models.llm import LLMError, LLMRefused
 from models.scripted_llm import ScriptedModel, serve
@@ -67,7 +68,7 @@ class Runtime:
         return [orjson.loads(m.value or b"") for m in self.messages if m.topic == topic]
 
     def submit(self, text: str = "task", task_id: str = "a", caps: Caps | None = None, tenant: str = "t") -> None:
-        names = ("calculator", "fetch", "human")
+        names = tuple(self.program.policy.tools)
         self.send(TaskSubmitted(task_id, tenant, text, names, caps or self.program.policy.caps))
 
     def answer(
@@ -438,3 +439,47 @@ def test_the_call_journal_answers_a_call_asked_again_and_marks_one_whose_outcome
     restarted = CallJournal(journal._journal)  # what a process started after a kill -9 sees
     with pytest.raises(CallInDoubt):
         restarted.recorded(lost)
+
+
+def test_a_call_of_an_unsafe_tool_in_doubt_asks_a_human_and_the_model_reads_the_answer() -> None:
+    rt = Runtime(policy(tools=tools(["calculator", "fetch", "human", "post"])))
+    rt.submit()
+    rt.answer(None, ("post", '{"url": "http://shop/orders", "payload": {"sku": "A-1"}}'))
+    (call,) = rt.on(TOPICS.tool_calls)
+    rt.send(ToolReplied("a", "t", call["call_id"], False, "post may have run before a restart", 0, 0.0, in_doubt=True))
+    (asked,) = rt.on(TOPICS.escalations)
+    assert (
+        asked["kind"] == "in_doubt"
+        and call["call_id"] in asked["question"]
+        and "http://shop/orders" in asked["question"]
+    )
+    calls = len(rt.calls)
+    msg = KafkaMessage(b"{}", key=b"a", topic=TOPICS.human_replies)
+    rt.send(HumanReplied("a", "t", asked["escalation_id"], "it placed the order", msg))
+    assert len(rt.calls) == calls + 1 and len(rt.on(TOPICS.tool_calls)) == 1  # not run again
+    assert rt.calls[-1].messages[-1]["content"].endswith("a person checked: it placed the order")
+
+
+def test_the_tool_workers_never_run_an_unsafe_call_again_once_it_may_have_acted(tmp_path: Path) -> None:
+    effects: list[str] = []
+
+    async def post(arguments: dict[str, Any], key: str) -> str:
+        effects.append(key)
+        return "HTTP 200\naccepted"
+
+    specs = tools(["post", "fetch"])
+    call = ToolCall("a/1/0", "a", "t", "post", {"url": "http://shop/orders", "payload": {}})
+    journal = Journal(tmp_path, 60)
+    journal.put(call.call_id, {"started": True})  # what a worker killed while posting leaves
+    worker = Worker(specs, {"post": post, "fetch": post}, journal, retries=0)
+    result = asyncio.run(worker(call))
+    assert result["in_doubt"] is True and result["ok"] is False and effects == []
+    assert asyncio.run(worker(call))["in_doubt"] is True  # and so it stays
+
+    read = replace(call, call_id="a/1/1", tool="fetch", arguments={"url": "http://shop/"})
+    journal.put(read.call_id, {"started": True})
+    assert asyncio.run(worker(read))["ok"] is True and effects == ["a/1/1"]  # a read runs again
+
+    fresh = replace(call, call_id="a/2/0")
+    assert asyncio.run(worker(fresh))["ok"] is True and effects == ["a/1/1", "a/2/0"]  # the key is the call id
+    assert asyncio.run(worker(fresh))["replayed"] is True and len(effects) == 2

@@ -29,6 +29,7 @@ from models.chat import price_table
 from models.scripted_llm import RECORDINGS, ScriptedModel, serve
 from operators.kafka import read_topic
 from patternflow import free_port
+from tests.support.agent import Web
 from tests.support.processes import kill_seed, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -69,8 +70,21 @@ def workload(web: str, run: str) -> list[tuple[str, str]]:
     tasks += [(f"Read two pages at once at http://{web}/{run}/par{n}", "default") for n in range(6)]
     tasks += [(f"Keep counting #{run}-{n}", "default") for n in range(4)]
     tasks += [(f"What is 17 * 23 + 4? #{run}-poor{n}", "poor") for n in range(6)]
-    tasks += [(f"What is 17 * 23 + 4? #{run}-{n}", "default") for n in range(6)]
+    tasks += [(f"What is 17 * 23 + 4? #{run}-{n}", "default") for n in range(2)]
+    tasks += [(f"Post the order at http://{web}/{run}/shop{n}", "default") for n in range(4)]
     return tasks
+
+
+def settle(agents: AgentClient, task_ids: list[str], timeout_s: float = 180) -> dict[str, dict[str, Any]]:
+    """Each task's result, answering as a person would for a post in doubt (it had acted)."""
+    deadline = time.monotonic() + timeout_s
+    while not all(t in agents.results for t in task_ids):
+        for escalation in list(agents.escalations.values()):
+            if escalation["kind"] == "in_doubt":
+                agents.reply(escalation, "the order was placed once")
+        assert time.monotonic() < deadline, f"{sum(t not in agents.results for t in task_ids)} tasks without a result"
+        time.sleep(0.1)
+    return {t: agents.results[t] for t in task_ids}
 
 
 def by_task(brokers: str, topic: str) -> dict[str, list[dict[str, Any]]]:
@@ -92,9 +106,10 @@ def test_kill_9_at_random_moments_changes_no_history_and_no_spend(
     prefix = f"t-{uuid.uuid4().hex[:10]}"
     model = CountingModel()
     settings = {
-        "AGENT_TOOLS": "calculator,fetch",
-        "AGENT_TOOLS_TOOLS": "calculator,fetch",
+        "AGENT_TOOLS": "calculator,fetch,post",
+        "AGENT_TOOLS_TOOLS": "calculator,fetch,post",
         "AGENT_TOOLS_FETCH_ALLOWLIST": web,
+        "AGENT_TOOLS_POST_ALLOWLIST": web,
         "AGENT_MAX_ITERATIONS": "4",
         "AGENT_TENANT_BUDGETS_USD": f"poor={POOR_BUDGET_USD}",
     }
@@ -118,7 +133,7 @@ def test_kill_9_at_random_moments_changes_no_history_and_no_spend(
                 flows = rng.choice([("agent",), ("agent_tools",), ("agent", "agent_tools")])
                 stack.kill(*flows)
                 stack.start(*flows)
-            results = {task_id: agents.wait(task_id, timeout_s=180) for task_id in texts}
+            results = settle(agents, list(texts))
             time.sleep(1)  # duplicates of the last records, if any, are published
         stack.check()
     assert first_kill_ms is not None and sum(r["finished_ms"] > first_kill_ms for r in results.values()) >= 10
@@ -161,3 +176,7 @@ def test_kill_9_at_random_moments_changes_no_history_and_no_spend(
     for tenant in spent:
         assert made_cost[tenant] <= spent[tenant] + 1e-8, f"{tenant}: calls made cost more than was recorded"
     assert spent["poor"] <= POOR_BUDGET_USD + 1e-9
+    posted = [t for t, (text, _) in texts.items() if text.startswith("Post the order")]
+    assert {results[t]["status"] for t in posted} == {"done"}
+    effects = {key: n for key, n in Web.posts.items() if key.split("/")[0] in posted}
+    assert set(effects.values()) <= {1}, f"a post acted twice: {effects}"

@@ -146,11 +146,15 @@ def test_an_input_that_does_not_come_back_ends_the_replay_and_what_follows_is_de
     assert feed(again, C) == [("c", True, 4_500), ("d", False, 4_500)]
 
 
-def test_a_first_start_forgets_a_record_left_by_another_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    Clock(monkeypatch)
+def test_a_shard_killed_before_its_first_snapshot_replays_its_record_from_the_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = Clock(monkeypatch)
     first = shard(tmp_path)
-    feed(first, A, B)
-    first.snapshot()
+    before = feed(first, A, B, C)
     kill(first)
-    fresh = shard(tmp_path)  # no snapshot to resume from: empty recovery, state dir left over
-    assert [(name, ok) for name, ok, _ in feed(fresh, C)] == [("c", True)]
+    clock.now = 9_000
+    again = shard(tmp_path)  # nothing to resume from: empty state, the input read from its start
+    assert feed(again, C) == []
+    assert feed(again, B) == []
+    assert feed(again, A) == [*before, ("closed", True, 9_000)]  # then the gate's timer, due long ago, runs

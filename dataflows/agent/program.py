@@ -11,13 +11,17 @@ Message formats (every message is keyed by its task id, UTF-8, 1 to 256 bytes):
   "tenant", "tool", "arguments"}``; ``call_id`` (``<task id>/<turn>/<n>``) is
   the idempotency key.
 - ``agent.tool_results`` (in, from the tool workers): ``{"call_id", "task_id",
-  "tenant", "tool", "ok", "content", "attempts", "latency_ms"}``.
-- ``agent.llm_replies`` (internal): each model reply, so a turn the model
-  answered is never asked again after a crash.
+  "tenant", "tool", "ok", "content", "attempts", "latency_ms"}``, and
+  ``"in_doubt": true`` for a call of an unsafe tool that may have run before a
+  crash (it is not run again).
+- ``agent.llm_replies`` (internal): each model call's outcome ``{"task_id",
+  "tenant", "seq", "reply" | "error", "latency_ms"}``, ``"in_doubt": true``
+  for a call that may have been made before a crash but whose reply was lost.
 - ``agent.escalations`` (out): ``{"escalation_id", "task_id", "tenant",
-  "question", "kind": "question" | "approval", "task"}``; a person answers on
-  ``agent.human_replies`` with ``{"escalation_id", "tenant", "reply"}``
-  (for an approval, a reply starting with ``approve`` approves).
+  "question", "kind": "question" | "approval" | "in_doubt", "task"}``; a person
+  answers on ``agent.human_replies`` with ``{"escalation_id", "tenant",
+  "reply"}`` (for an approval, a reply starting with ``approve`` approves; for
+  a call in doubt, the reply says what became of it and the model reads it).
 - ``agent.results`` (out, compacted): ``{"task_id", "tenant", "status": "done" |
   "cap_exceeded" | "failed", "reason", "answer", "partial", "turns",
   "tool_calls", "usage": {"prompt_tokens", "completion_tokens", "cost_usd"},
@@ -46,9 +50,14 @@ What the runtime enforces, whatever the model or any tool text says:
 - **Context.** As the prompt nears ``context_tokens`` the older turns are
   summarised by the model (never a tool call apart from its result); the
   summary's tokens count against the caps.
-- **Escalation.** The ``human`` tool, or a call of a tool in
-  ``approve_tools``, pauses the task until a human reply (or
-  ``human_timeout_s``).
+- **Escalation.** The ``human`` tool, a call of a tool in ``approve_tools``,
+  or a call of an unsafe tool in doubt after a crash pauses the task until a
+  human reply (or ``human_timeout_s``).
+- **Spend.** Every call made is charged: what its reply's usage says, or its
+  worst case when the reply has no usage, was abandoned at a cap, or is in
+  doubt. Each charge is in the audit (``cost_usd`` of an ``llm`` or ``cap``
+  record, with the call's ``seq``), so a tenant's ledger can be rebuilt from
+  ``agent.audit``.
 
 State (RocksDB, one key per task and per tenant-day): ``t:<task id>`` -> the
 task (:class:`TaskState` as JSON; a finished task keeps only its result, for
@@ -98,6 +107,9 @@ __all__ = [
 ]
 
 Purpose = Literal["decide", "final", "summary"]
+# What a call waiting for a person asks: a question (the human tool), an approval, or what became of
+# a call of an unsafe tool that may have run before a crash (in doubt).
+ASKED = ("human", "approval", "in_doubt")
 DAY_MS = 86_400_000
 MAX_TASK_CHARS = 20_000
 MAX_TENANT_CHARS = 64
@@ -217,6 +229,7 @@ class ToolReplied:
     attempts: int
     latency_ms: float
     source: str | None = None
+    in_doubt: bool = False  # a call of an unsafe tool that may have run before a crash: not run again
 
 
 @dataclass(frozen=True)
@@ -311,6 +324,7 @@ def parse_input(msg: KafkaMessage, topics: AgentTopics, policy: Policy) -> tuple
             _number(doc, "attempts"),
             _number(doc, "latency_ms", float),
             source,
+            doc.get("in_doubt") is True and not ok,
         )
     elif msg.topic == topics.llm_replies:
         reply = doc.get("reply")
@@ -577,7 +591,6 @@ class _Run:
         call = next((c for c in task.calls if c["call_id"] == rep.call_id and c["kind"] == "tool"), None)
         if call is None or call["ok"] is not None:
             return  # a duplicate
-        call["ok"], call["result"] = rep.ok, _clip(rep.content, self.policy.max_tool_result_chars)
         self.audit(
             task,
             "tool",
@@ -588,7 +601,19 @@ class _Run:
             result=_clip(rep.content, 200),
             attempts=rep.attempts,
             latency_ms=rep.latency_ms,
+            **({"in_doubt": True} if rep.in_doubt else {}),
         )
+        if rep.in_doubt:  # a person finds out whether it acted; the model reads what they say
+            call["kind"] = "in_doubt"
+            arguments = orjson.dumps(call["arguments"]).decode()
+            question = (
+                f"A call of {call['tool']} with {arguments} (idempotency key {rep.call_id}) may have run before a "
+                f"crash: {rep.content}. Check whether it acted, and reply with what happened; the agent reads it."
+            )
+            self.escalate(task, call, "in_doubt", question)
+            self.save(task)
+            return
+        call["ok"], call["result"] = rep.ok, _clip(rep.content, self.policy.max_tool_result_chars)
         self.maybe_continue(task)
 
     def human_replied(self, rep: HumanReplied) -> None:
@@ -596,7 +621,7 @@ class _Run:
         call = None
         if isinstance(task, TaskState) and task.tenant == rep.tenant and task.status == "tools":
             call = next((c for c in task.calls if c["call_id"] == rep.escalation_id and c["ok"] is None), None)
-        if call is None or call["kind"] not in ("human", "approval"):
+        if call is None or call["kind"] not in ASKED:
             reason = f"no task {rep.task_id!r} of tenant {rep.tenant!r} waits for escalation {rep.escalation_id!r}"
             self.out.append((rep.task_id, DeadLetter(rep.message, "agent.human_replies", reason)))
             return
@@ -604,6 +629,8 @@ class _Run:
         self.audit(task, "human_reply", escalation_id=rep.escalation_id, reply=_clip(rep.reply, 200))
         if call["kind"] == "human":
             call["ok"], call["result"] = True, rep.reply
+        elif call["kind"] == "in_doubt":
+            call["ok"], call["result"] = True, f"This call may have run before a crash; a person checked: {rep.reply}"
         elif rep.reply.strip().lower().startswith("approve"):
             call["kind"] = "tool"
             self.emit_tool_call(task, call)
@@ -619,7 +646,7 @@ class _Run:
         task.due_ms = None  # popped
         if task.waiting_since_ms is not None and self.now >= task.waiting_since_ms + self.policy.human_timeout_s * 1000:
             for call in task.calls:
-                if call["ok"] is None and call["kind"] in ("human", "approval"):
+                if call["ok"] is None and call["kind"] in ASKED:
                     call["ok"] = False
                     call["result"] = f"no human replied within {self.policy.human_timeout_s:g} s"
             self.audit(task, "escalation_timeout")
@@ -700,7 +727,7 @@ class _Run:
         self.audit(task, "escalation", escalation_id=call["call_id"], kind=kind, question=_clip(question, 200))
 
     def _end_wait(self, task: TaskState) -> None:
-        waiting = any(c["ok"] is None and c["kind"] in ("human", "approval") for c in task.calls)
+        waiting = any(c["ok"] is None and c["kind"] in ASKED for c in task.calls)
         if task.waiting_since_ms is not None and not waiting:
             task.human_wait_ms += self.now - task.waiting_since_ms
             task.waiting_since_ms = None

@@ -16,8 +16,18 @@ Shipped tools, each with the least power it needs (there is no shell):
   an allowlist (empty by default: nothing), no redirects followed, the
   response cut at ``max_bytes``.
 - ``retrieve``: a query to the RAG dataflow over its request/reply topics.
+- ``post``: HTTP POST of a JSON payload to a URL whose host is on an allowlist
+  (empty by default), with the call id as its ``Idempotency-Key`` header. It
+  changes the world, and the runtime cannot know whether the receiver honours
+  the key, so it is ``unsafe``: a call that may have run before a crash is not
+  run again; the task asks a human.
 - ``human``: asks a person (escalation). It has no executor: the runtime pauses
   the task and waits for a reply on ``agent.human_replies``.
+
+Each tool declares its ``side_effects``: ``none`` (a read: run again freely),
+``idempotent`` (run again with the same idempotency key: the effect happens
+once) or ``unsafe`` (a call in doubt is never run again). Executors get the
+call id as the idempotency key.
 
 Exceptions, under :class:`~patternflow.errors.PatternflowError`: :class:`ToolError`
 (the call failed on its arguments or the world: the model is told) and its
@@ -32,7 +42,7 @@ import math
 import operator
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -49,6 +59,7 @@ __all__ = [
     "TransientToolError",
     "calculate",
     "fetcher",
+    "poster",
     "retriever",
     "run_calculator",
     "tools",
@@ -74,6 +85,7 @@ class Tool:
     description: str
     parameters: dict[str, Any]  # JSON Schema (2020-12) of the arguments object
     timeout_s: float = 10.0
+    side_effects: Literal["none", "idempotent", "unsafe"] = "none"
 
     def __post_init__(self) -> None:
         Draft202012Validator.check_schema(self.parameters)
@@ -97,8 +109,8 @@ class Tool:
         return "; ".join(f"{'/'.join(map(str, e.path)) or 'arguments'}: {e.message}" for e in errors[:3])
 
 
-# Runs a validated call: the text the model reads, or ToolError.
-Executor = Callable[[dict[str, Any]], Awaitable[str]]
+# Runs a validated call (its arguments and its idempotency key, the call id): the text the model reads, or ToolError.
+Executor = Callable[[dict[str, Any], str], Awaitable[str]]
 
 
 def _object(properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
@@ -158,38 +170,48 @@ def calculate(expression: str) -> str:
     return repr(int(value)) if isinstance(value, float) and value.is_integer() and abs(value) < 1e15 else repr(value)
 
 
-async def run_calculator(args: dict[str, Any]) -> str:
+async def run_calculator(args: dict[str, Any], key: str) -> str:
     return calculate(args["expression"])
 
 
 def fetcher(allowlist: frozenset[str], max_bytes: int = 100_000, timeout_s: float = 10.0) -> Executor:
     """HTTP GET for hosts on ``allowlist`` (``"example.com"`` or ``"127.0.0.1:8080"``); redirects are not followed."""
+    return _http("GET", "fetch", allowlist, max_bytes, timeout_s)
+
+
+def poster(allowlist: frozenset[str], max_bytes: int = 10_000, timeout_s: float = 10.0) -> Executor:
+    """HTTP POST of ``payload`` as JSON to hosts on ``allowlist``, the call id as its ``Idempotency-Key``."""
+    return _http("POST", "post", allowlist, max_bytes, timeout_s)
+
+
+def _http(method: str, tool: str, allowlist: frozenset[str], max_bytes: int, timeout_s: float) -> Executor:
     http: list[aiohttp.ClientSession] = []  # made in the event loop that first uses it
 
-    async def run(args: dict[str, Any]) -> str:
+    async def run(args: dict[str, Any], key: str) -> str:
         url = args["url"]
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not ({parts.hostname, parts.netloc} & allowlist):
             allowed = ", ".join(sorted(allowlist)) or "empty"
-            raise ToolError(f"{parts.netloc or url!r} is not on the fetch allowlist ({allowed})")
+            raise ToolError(f"{parts.netloc or url!r} is not on the {tool} allowlist ({allowed})")
         if not http:  # the tool's own timeout (the workers') comes first; this one is a backstop
             http.append(aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s + 1)))
         body = b""
+        sent = {"json": args["payload"], "headers": {"Idempotency-Key": key}} if method == "POST" else {}
         try:
-            async with http[0].get(url, allow_redirects=False) as response:
+            async with http[0].request(method, url, allow_redirects=False, **sent) as response:
                 async for piece in response.content.iter_chunked(64 * 1024):
                     body += piece
                     if len(body) >= max_bytes:
                         break
                 status = response.status
         except TimeoutError as exc:
-            raise ToolError(f"GET {url} timed out") from exc
+            raise ToolError(f"{method} {url} timed out") from exc
         except aiohttp.ClientConnectionError as exc:
-            raise TransientToolError(f"GET {url}: {type(exc).__name__}") from exc
+            raise TransientToolError(f"{method} {url}: {type(exc).__name__}") from exc
         except aiohttp.ClientError as exc:
-            raise ToolError(f"GET {url}: {type(exc).__name__}: {exc}") from exc
+            raise ToolError(f"{method} {url}: {type(exc).__name__}: {exc}") from exc
         if status >= 500:
-            raise TransientToolError(f"GET {url} answered HTTP {status}")
+            raise TransientToolError(f"{method} {url} answered HTTP {status}")
         return f"HTTP {status}\n{body[:max_bytes].decode(errors='replace')}"
 
     return run
@@ -198,7 +220,7 @@ def fetcher(allowlist: frozenset[str], max_bytes: int = 100_000, timeout_s: floa
 def retriever(predict: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]], k: int = 3) -> Executor:
     """Queries to the RAG dataflow; ``predict`` sends one and returns its reply."""
 
-    async def run(args: dict[str, Any]) -> str:
+    async def run(args: dict[str, Any], key: str) -> str:
         reply = await predict({"query": args["query"], "k": args.get("k", k)})
         if reply.get("status") != "ok":
             raise TransientToolError(f"the RAG dataflow answered {reply.get('status')}: {reply.get('error')}")
@@ -236,6 +258,18 @@ TOOLS: dict[str, Tool] = {
                 },
                 ["query"],
             ),
+        ),
+        Tool(
+            "post",
+            "Send a JSON payload by HTTP POST to a URL (only hosts on the operator's allowlist): it acts.",
+            _object(
+                {
+                    "url": {"type": "string", "maxLength": 2000, "description": "an http(s) URL"},
+                    "payload": {"type": "object", "description": "the JSON object to send"},
+                },
+                ["url", "payload"],
+            ),
+            side_effects="unsafe",
         ),
         Tool(
             HUMAN,

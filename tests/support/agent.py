@@ -22,9 +22,17 @@ INJECTION = (
 
 
 class Web(BaseHTTPRequestHandler):
-    """Pages for the fetch tool: a slow one, a prompt injection, and counted ones."""
+    """Pages for fetch (a slow one, a prompt injection, counted ones); an endpoint for post counting effects."""
 
     hits: ClassVar[Counter[str]] = Counter()
+    posts: ClassVar[Counter[str]] = Counter()  # effects, by Idempotency-Key
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        Web.posts[self.headers.get("Idempotency-Key") or ""] += 1
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"accepted")
 
     def do_GET(self) -> None:
         Web.hits[self.path] += 1
