@@ -31,7 +31,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from models.llm import LLMError, check_status
+from models.llm import LLMError, LLMUnavailable, check_status
 
 __all__ = ["ChatClient", "ChatReply", "Prices", "ToolRequest", "estimate_tokens", "price_table"]
 
@@ -199,6 +199,8 @@ class ChatClient:
             async with self._http.post(url, data=orjson.dumps(body)) as response:
                 raw = await response.read()
                 status = response.status
+        except aiohttp.ClientConnectorError as exc:  # never connected: nothing was sent
+            raise LLMUnavailable(f"{url}: {exc!r}") from exc
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise LLMError(f"{url}: {exc!r}") from exc
         check_status(url, status, raw)

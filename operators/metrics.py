@@ -25,6 +25,7 @@ __all__ = [
     "AGENT_ITERATIONS",
     "AGENT_SPEND",
     "AGENT_TASKS",
+    "AGENT_WAITING_MODEL",
     "ASYNC_IN_FLIGHT",
     "ASYNC_WAITING",
     "BATCH_EXPECTED",
@@ -97,6 +98,10 @@ AGENT_TASKS = Counter(
     "patternflow_agent_tasks",
     "Agent tasks finished, by status and reason (the cap hit, for cap_exceeded)",
     ["status", "reason"],
+)
+AGENT_WAITING_MODEL = Gauge(
+    "patternflow_agent_waiting_model",
+    "Agent tasks waiting for the model to come back (it failed past its retries); they ask again",
 )
 AGENT_ITERATIONS = Histogram(
     "patternflow_agent_iterations",

@@ -483,3 +483,35 @@ def test_the_tool_workers_never_run_an_unsafe_call_again_once_it_may_have_acted(
     fresh = replace(call, call_id="a/2/0")
     assert asyncio.run(worker(fresh))["ok"] is True and effects == ["a/1/1", "a/2/0"]  # the key is the call id
     assert asyncio.run(worker(fresh))["replayed"] is True and len(effects) == 2
+
+
+def test_a_model_down_past_its_retries_parks_the_task_until_it_answers_again() -> None:
+    rt = Runtime(policy(model_outage_s=30, model_retry_s=2))
+    rt.now = 1_000_000
+    rt.submit()
+    (first,) = rt.calls
+    down = LlmReplied("a", "t", first.seq, None, "HTTP 503", 0.0, outage=True, billed=False)
+    rt.send(down)
+    assert rt.store.get("t:a")["status"] == "waiting_model" and rt.on(TOPICS.results) == []
+    assert rt.store.get(f"b:t:{_today(rt)}") == {"spent": 0.0, "reserved": 0.0}  # never taken: not billed
+    assert rt.program.next_timer_ms(rt.store) == 1_002_000
+    rt.now = 1_002_000
+    rt.calls += [c for _, c in rt.program.on_timer(rt.store) if isinstance(c, LlmCall)]
+    again = rt.calls[-1]
+    assert (again.seq, again.messages) == (first.seq + 1, first.messages)
+    rt.answer("back")
+    assert rt.result()["status"] == "done" and rt.result()["turns"] == 1
+
+
+def test_a_model_down_longer_than_the_outage_setting_fails_the_task() -> None:
+    rt = Runtime(policy(model_outage_s=5, model_retry_s=2))
+    rt.now = 0
+    rt.submit()
+    for _ in range(3):
+        rt.send(LlmReplied("a", "t", rt.calls[-1].seq, None, "HTTP 503", 0.0, outage=True, billed=False))
+        rt.now = rt.program.next_timer_ms(rt.store) or rt.now
+        rt.calls += [c for _, c in rt.program.on_timer(rt.store) if isinstance(c, LlmCall)]
+        if rt.on(TOPICS.results):
+            break
+    result = rt.result()
+    assert result["status"] == "failed" and result["reason"] == "llm_error: HTTP 503"

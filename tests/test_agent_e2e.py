@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -241,3 +242,29 @@ def test_the_docs_example_works(agents: AgentClient, brokers: str) -> None:
     first, second = out.stdout.splitlines()
     assert first.startswith("done 17 * 23 + 4 = 395. {'prompt_tokens': ")
     assert second == "Deploying to eu-west, as the operator said."
+
+
+def test_tasks_wait_out_a_model_outage_and_finish_when_it_answers_again(brokers: str, web: str, tmp_path: Path) -> None:
+    prefix = f"t-{uuid.uuid4().hex[:10]}"
+    port = free_port()  # nothing listens there yet: the model is down
+    with AgentStack(brokers, tmp_path, f"http://127.0.0.1:{port}/v1", prefix, **stack_settings(web)) as stack:
+        stack.start()
+        with AgentClient(brokers, topic_prefix=prefix) as agents:
+            task_ids = [agents.submit(f"What is 17 * 23 + 4? #{n}") for n in range(3)]
+
+            def waiting() -> float:
+                scraped = urllib.request.urlopen(f"http://127.0.0.1:{stack.metrics_port}/metrics", timeout=5).read()
+                (line,) = [x for x in scraped.decode().splitlines() if x.startswith("patternflow_agent_waiting_model ")]
+                return float(line.split()[1])
+
+            wait_for(lambda: waiting() == 3, "3 tasks waiting for the model", timeout_s=60)
+            assert not any(t in agents.results for t in task_ids)
+            with serve(ScriptedModel(orjson.loads(RECORDINGS.read_bytes())), port):
+                results = [agents.wait(t, timeout_s=60) for t in task_ids]
+                wait_for(lambda: waiting() == 0, "no task waiting", timeout_s=10)
+        stack.check()
+    assert [r["status"] for r in results] == ["done"] * 3
+    assert all(r["usage"]["cost_usd"] > 0 for r in results)
+    trail = audit(brokers, AgentTopics.prefixed(prefix), task_ids[0])
+    outages = [e for e in trail if e.get("action") == "outage"]
+    assert outages and all(e["cost_usd"] == 0 for e in outages), "a call the server never took is not billed"

@@ -53,7 +53,7 @@ from dataflows.agent.program import (
 )
 from dataflows.agent.tools import tools
 from models.chat import ChatClient, ChatReply, price_table
-from models.llm import worth_retrying
+from models.llm import LLMUnavailable, worth_retrying
 from operators.aio import AsyncConfig, Done, Failed, async_map
 from operators.dlq import DLQ_SUFFIX, DeadLetter, to_dlq_message, try_map
 from operators.kafka import KafkaMessage
@@ -81,6 +81,7 @@ class Settings(DataflowSettings):
     llm_timeout_s: float = 60.0
     llm_retries: int = 2  # more attempts on HTTP 429, 5xx, timeouts and connection errors
     llm_capacity: int = 1_000  # model calls in flight at once
+    model_outage_s: float = 600.0  # a task waits this long for a model failing past its retries, then fails
     prices: str = ""  # model=<input>/<output> USD per million tokens, on top of the built-in table
     tools: tuple[str, ...] = ("calculator", "retrieve", "fetch", "human")
     max_iterations: int = Caps.max_iterations
@@ -132,6 +133,7 @@ class Settings(DataflowSettings):
             context_tokens=self.context_tokens,
             approve_tools=frozenset(self.approve_tools),
             human_timeout_s=self.human_timeout_s,
+            model_outage_s=self.model_outage_s,
         )
 
 
@@ -175,6 +177,10 @@ class CallInDoubt(PatternflowError):
 class RecordedFailure(PatternflowError):
     """A model call that failed before a restart, answered with the same error again."""
 
+    def __init__(self, error: str, flags: dict[str, bool]) -> None:
+        super().__init__(error)
+        self.flags = flags
+
 
 class CallJournal:
     """Each model call's fate, written through to a :class:`~state.journal.Journal` by call id
@@ -198,7 +204,7 @@ class CallJournal:
         if "reply" in record:
             return ChatReply.from_json(record["reply"])
         if "error" in record:
-            raise RecordedFailure(record["error"])
+            raise RecordedFailure(record["error"], record.get("flags", {}))
         raise CallInDoubt("the call was started before a restart and its outcome was lost: it may have been made")
 
     def reply(self, result: Done[LlmCall, ChatReply] | Failed[LlmCall], topic: str) -> KafkaMessage:
@@ -209,11 +215,15 @@ class CallJournal:
         if isinstance(result, Done):
             self._journal.put(call_id, {"reply": result.value.to_json()})
             return llm_reply_message(topic, call, result.value, None, result.seconds)
-        in_doubt = isinstance(result.exception, CallInDoubt)
-        error = str(result.exception) if isinstance(result.exception, RecordedFailure | CallInDoubt) else result.error
-        if not in_doubt:
-            self._journal.put(call_id, {"error": error})
-        return llm_reply_message(topic, call, None, error, result.seconds, in_doubt=in_doubt)
+        exc = result.exception
+        if isinstance(exc, CallInDoubt):
+            return llm_reply_message(topic, call, None, str(exc), result.seconds, in_doubt=True)
+        if isinstance(exc, RecordedFailure):
+            return llm_reply_message(topic, call, None, str(exc), result.seconds, **exc.flags)
+        # Worth waiting out: a timeout (which may have been billed) or a server that did not take it (unbilled).
+        flags = {"outage": result.timed_out or worth_retrying(exc), "billed": not isinstance(exc, LLMUnavailable)}
+        self._journal.put(call_id, {"error": result.error, "flags": flags})
+        return llm_reply_message(topic, call, None, result.error, result.seconds, **flags)
 
 
 def _dead_or_message(item: object) -> KafkaMessage:

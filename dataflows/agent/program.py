@@ -110,6 +110,8 @@ Purpose = Literal["decide", "final", "summary"]
 # What a call waiting for a person asks: a question (the human tool), an approval, or what became of
 # a call of an unsafe tool that may have run before a crash (in doubt).
 ASKED = ("human", "approval", "in_doubt")
+WAITING_KEY = "m:waiting_model"  # a shard's tasks waiting for the model to come back
+_WAITING_BY_SHARD: dict[int, int] = {}  # id(store) -> its count, for the gauge
 DAY_MS = 86_400_000
 MAX_TASK_CHARS = 20_000
 MAX_TENANT_CHARS = 64
@@ -189,6 +191,8 @@ class Policy:
     approve_tools: frozenset[str] = frozenset()
     human_timeout_s: float = 3_600.0
     result_ttl_s: float = 7 * 86_400.0
+    model_outage_s: float = 600.0  # how long a task waits for a model that fails past its retries
+    model_retry_s: float = 2.0  # its first wait before asking again (doubling, up to a minute)
 
     def budget(self, tenant: str) -> float:
         return self.tenant_budgets_usd.get(tenant, self.tenant_daily_budget_usd)
@@ -217,6 +221,8 @@ class LlmReplied:
     latency_ms: float
     in_doubt: bool = False  # the call may have been made before a restart, and its outcome is lost
     source: str | None = None
+    outage: bool = False  # the model failed past its retries in a way worth waiting out
+    billed: bool = True  # False: the call surely cost nothing (the server never took it)
 
 
 @dataclass(frozen=True)
@@ -340,6 +346,8 @@ def parse_input(msg: KafkaMessage, topics: AgentTopics, policy: Policy) -> tuple
             _number(doc, "latency_ms", float),
             doc.get("in_doubt") is True and error is not None,
             source,
+            doc.get("outage") is True and error is not None,
+            doc.get("billed") is not False,
         )
     elif msg.topic == topics.human_replies:
         reply = text_field(doc, "reply", 20_000)
@@ -357,16 +365,15 @@ def _chat_reply(doc: Any) -> ChatReply:
 
 
 def llm_reply_message(
-    topic: str, call: LlmCall, reply: ChatReply | None, error: str | None, seconds: float, in_doubt: bool = False
+    topic: str, call: LlmCall, reply: ChatReply | None, error: str | None, seconds: float, **flags: bool
 ) -> KafkaMessage:
-    """A model call's outcome, for ``agent.llm_replies``."""
+    """A model call's outcome, for ``agent.llm_replies``; ``flags`` of a failure: ``in_doubt``,
+    ``outage``, ``billed``."""
     doc: dict[str, Any] = {"task_id": call.task_id, "tenant": call.tenant, "seq": call.seq}
     if reply is not None:
         doc["reply"] = reply.to_json()
     else:
-        doc["error"] = error
-        if in_doubt:
-            doc["in_doubt"] = True
+        doc.update(error=error, **flags)
     doc["latency_ms"] = round(seconds * 1000, 3)
     return KafkaMessage(orjson.dumps(doc), key=call.task_id.encode(), topic=topic)
 
@@ -385,7 +392,7 @@ class TaskState:
     caps: dict[str, Any]
     started_ms: int
     messages: list[dict[str, Any]]
-    status: Literal["llm", "tools"] = "llm"
+    status: Literal["llm", "tools", "waiting_model"] = "llm"
     seq: int = 0  # model calls made (decisions, summaries, the final answer)
     turn: int = 0  # decisions made
     purpose: Purpose = "decide"
@@ -402,6 +409,9 @@ class TaskState:
     waiting_since_ms: int | None = None
     due_ms: int | None = None
     cap: str | None = None  # the cap that ended the task, while its final answer is made
+    model_down_since_ms: int | None = None  # the first of the model's failures in a row
+    model_failures: int = 0
+    retry_at_ms: int | None = None  # waiting_model: when the model is asked again
 
     @property
     def limits(self) -> Caps:
@@ -431,6 +441,7 @@ class TaskProgram:
         return run.out
 
     def on_timer(self, store: StateStore) -> Iterable[tuple[str, Any]]:
+        _WAITING_BY_SHARD[id(store)] = store.get(WAITING_KEY, 0)
         store.expire()
         run = _Run(self, store, store.now_ms())
         for _, task_id in store.pop_due("due", run.now):
@@ -474,6 +485,8 @@ class _Run:
         self.store.put("t:" + task.task_id, task)  # orjson writes a dataclass itself, without asdict's deep copy
 
     def _deadline(self, task: TaskState) -> int | None:
+        if task.status == "waiting_model":
+            return task.retry_at_ms
         if task.waiting_since_ms is not None:
             return task.waiting_since_ms + int(self.policy.human_timeout_s * 1000)
         if task.cap is not None:
@@ -543,10 +556,15 @@ class _Run:
             purpose, task.purpose = task.purpose, "decide"  # a summary is decided on again
             self.next_call(task, "decide" if purpose == "summary" else purpose, again=True)
             return
+        down_since = self.now if task.model_down_since_ms is None else task.model_down_since_ms
+        if rep.reply is None and rep.outage and self.now - down_since < self._outage_ms:
+            self.park(task, rep, spent)
+            return
         if rep.reply is None:
             self.audit(task, "llm", purpose=task.purpose, action="error", error=rep.error, **spent)
             self.finish(task, "failed", f"llm_error: {rep.error}")
             return
+        task.model_down_since_ms, task.model_failures = None, 0
         reply = rep.reply
         if task.purpose == "summary":
             self.audit(task, "llm", purpose="summary", action="summary", **spent)
@@ -574,7 +592,7 @@ class _Run:
         prompt = reply.prompt_tokens if reply and reply.prompt_tokens is not None else 0
         completion = reply.completion_tokens if reply and reply.completion_tokens is not None else 0
         counted = reply is not None and reply.prompt_tokens is not None and reply.completion_tokens is not None
-        cost = self.policy.prices.cost(prompt, completion) if counted else task.reserved_usd
+        cost = self.policy.prices.cost(prompt, completion) if counted else task.reserved_usd if rep.billed else 0.0
         budget = self._tenant(task.tenant, task.reserved_day)
         budget["reserved"] = max(0.0, budget["reserved"] - task.reserved_usd)
         budget["spent"] += cost
@@ -644,7 +662,17 @@ class _Run:
         if not isinstance(task, TaskState):
             return
         task.due_ms = None  # popped
-        if task.waiting_since_ms is not None and self.now >= task.waiting_since_ms + self.policy.human_timeout_s * 1000:
+        if task.status == "waiting_model":
+            self._count_waiting(-1)
+            task.status, task.retry_at_ms = "llm", None
+            self.audit(task, "llm_retry", failures=task.model_failures)
+            if task.cap is None and self.now >= task.started_ms + task.human_wait_ms + task.limits.max_wall_s * 1000:
+                self.capped(task, "max_wall_time")
+            else:
+                self.next_call(task, task.purpose, again=True)
+        elif (
+            task.waiting_since_ms is not None and self.now >= task.waiting_since_ms + self.policy.human_timeout_s * 1000
+        ):
             for call in task.calls:
                 if call["ok"] is None and call["kind"] in ASKED:
                     call["ok"] = False
@@ -658,6 +686,27 @@ class _Run:
             self.save(task)
 
     # -- transitions --
+
+    @property
+    def _outage_ms(self) -> float:
+        return self.policy.model_outage_s * 1000
+
+    def park(self, task: TaskState, rep: LlmReplied, spent: dict[str, Any]) -> None:
+        """The model failed past its retries: the task waits and asks again, for up to ``model_outage_s``."""
+        if task.model_down_since_ms is None:
+            task.model_down_since_ms = self.now
+        task.model_failures += 1
+        wait_ms = int(min(self.policy.model_retry_s * 2 ** (task.model_failures - 1), 60.0) * 1000)
+        task.status, task.retry_at_ms = "waiting_model", self.now + wait_ms
+        self.audit(task, "llm", purpose=task.purpose, action="outage", error=rep.error, retry_in_ms=wait_ms, **spent)
+        self._count_waiting(1)
+        self.save(task)
+
+    def _count_waiting(self, change: int) -> None:
+        waiting = self.store.get(WAITING_KEY, 0) + change
+        self.store.put(WAITING_KEY, waiting)
+        _WAITING_BY_SHARD[id(self.store)] = waiting
+        metrics.AGENT_WAITING_MODEL.set(sum(_WAITING_BY_SHARD.values()))
 
     def act(self, task: TaskState, requests: tuple[ToolRequest, ...]) -> None:
         """Check each call the model asked for; run the valid ones, answer the others with the error."""
