@@ -10,7 +10,8 @@
 
 A background consumer follows ``agent.results`` and ``agent.escalations`` from
 their beginning. A client started before the runtime waits for its topics (up
-to ``wait_for_runtime_s``). Message formats: see :mod:`dataflows.agent.program`.
+to ``wait_for_runtime_s``). :func:`ledger` rebuilds what each tenant spent from
+``agent.audit``. Message formats: see :mod:`dataflows.agent.program`.
 """
 
 from __future__ import annotations
@@ -24,9 +25,25 @@ from typing import Any
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
 
-from operators.kafka import consumer_config, partition_count, producer_config, wait_for_topics
+from operators.kafka import consumer_config, partition_count, producer_config, read_topic, wait_for_topics
 
-__all__ = ["AgentClient", "AgentTopics"]
+__all__ = ["AgentClient", "AgentTopics", "ledger"]
+
+
+def ledger(brokers: str, topic_prefix: str = "agent") -> dict[tuple[str, str], float]:
+    """What each tenant spent on the model, by ``(tenant, UTC day)``, rebuilt from the audit: every
+    charge is one record (an ``llm`` or ``cap`` event with its call's ``seq``), however often a
+    restart published it."""
+    charges: dict[tuple[str, int], tuple[str, str, float]] = {}
+    for message in read_topic(brokers, AgentTopics.prefixed(topic_prefix).audit):
+        event = orjson.loads(message.value or b"{}")
+        if event.get("event") in ("llm", "cap") and "cost_usd" in event and "seq" in event:
+            day = time.strftime("%Y-%m-%d", time.gmtime(event["ts_ms"] / 1000))
+            charges[event["task_id"], event["seq"]] = (event["tenant"], day, event["cost_usd"])
+    spent: dict[tuple[str, str], float] = {}
+    for tenant, day, usd in charges.values():
+        spent[tenant, day] = spent.get((tenant, day), 0.0) + usd
+    return spent
 
 
 @dataclass(frozen=True)

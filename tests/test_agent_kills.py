@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 import pytest
 
-from clients.agents import AgentClient, AgentTopics
+from clients.agents import AgentClient, AgentTopics, ledger
 from dataflows.launch import AgentStack
 from models.chat import price_table
 from models.scripted_llm import RECORDINGS, ScriptedModel, serve
@@ -176,6 +176,10 @@ def test_kill_9_at_random_moments_changes_no_history_and_no_spend(
     for tenant in spent:
         assert made_cost[tenant] <= spent[tenant] + 1e-8, f"{tenant}: calls made cost more than was recorded"
     assert spent["poor"] <= POOR_BUDGET_USD + 1e-9
+    rebuilt: dict[str, float] = defaultdict(float)
+    for (tenant, _), usd in ledger(brokers, prefix).items():
+        rebuilt[tenant] += usd
+    assert rebuilt == pytest.approx(spent, abs=1e-7), "the ledger rebuilt from the audit is what the results say"
     posted = [t for t, (text, _) in texts.items() if text.startswith("Post the order")]
     assert {results[t]["status"] for t in posted} == {"done"}
     effects = {key: n for key, n in Web.posts.items() if key.split("/")[0] in posted}
