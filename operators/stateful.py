@@ -248,6 +248,7 @@ class _RecordedShardLogic(_ShardLogic[V, W]):
         self._input_id = input_id
         self._log: InputLog | None = None
         self._applied = 0
+        self._positions: dict[str, int] = {}  # replay: the recorded inputs' positions, by id
         self._held: dict[int, tuple[str, V]] = {}  # replay: recorded inputs read again, by position
         self._fresh: list[tuple[str, V]] = []  # replay: inputs never applied, in the order they came
         self._progress_ms = wall_ms()
@@ -265,6 +266,7 @@ class _RecordedShardLogic(_ShardLogic[V, W]):
             # its start: the record replays from its first entry. A record of another run, under a state
             # directory used again with new input, finds no input of its own and is given up.
             self._applied = store.get(_POSITION_KEY, 0)
+            self._positions = self._log.positions(self._applied)
         return store
 
     def _apply(self, store: StateStore, item: tuple[str, V] | None, now: int) -> list[tuple[str, W]]:
@@ -298,6 +300,7 @@ class _RecordedShardLogic(_ShardLogic[V, W]):
                 return out
             out.extend(self._apply(store, None if input_id is None else self._held.pop(self._applied + 1), now))
             self._progress_ms = wall_ms()
+        self._positions = {}
         fresh, self._fresh = self._fresh, []
         for item in fresh:
             out.extend(self._apply(store, item, wall_ms()))
@@ -328,7 +331,7 @@ class _RecordedShardLogic(_ShardLogic[V, W]):
             assert self._log is not None
             for item in items:
                 input_id = self._input_id(item[1])
-                n = None if input_id is None else self._log.position(input_id)
+                n = None if input_id is None else self._positions.get(input_id)
                 if n is not None and n > self._applied:
                     self._held[n] = item
                 else:

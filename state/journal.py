@@ -40,25 +40,23 @@ class Journal:
 class InputLog:
     """The order in which a shard applied its inputs, and the time each saw: written through, like
     :class:`Journal`, so that a shard resumed from an older snapshot applies the inputs it applied
-    before in the same order at the same times (see :mod:`operators.recorded`).
+    before in the same order at the same times (see :mod:`operators.stateful`).
 
-    Entry ``n`` (1, 2, ...) is an input's id, or ``None`` for a timer run, and its time in ms.
+    Entry ``n`` (1, 2, ...) is an input's id, or ``None`` for a timer run, and its time in ms: one
+    write per input.
     """
 
     def __init__(self, path: Path, ttl_s: int) -> None:
         path.mkdir(parents=True, exist_ok=True)
         self._db = Rdict(str(path), access_type=AccessType.with_ttl(ttl_s))
-        raw = self._db.get(_END)
-        self.end = 0 if raw is None else int(raw)
+        last = self._db.iter()
+        last.seek_to_last()
+        self.end = int.from_bytes(last.key()[2:], "big") if last.valid() else 0
+        del last
 
     def append(self, n: int, input_id: str | None, now_ms: int) -> None:
-        """Record entry ``n`` (one atomic write); it must follow :attr:`end` or replace a later entry."""
-        batch = WriteBatch()
-        batch.put(_entry_key(n), orjson.dumps([input_id, now_ms]))
-        if input_id is not None:
-            batch.put(b"i:" + input_id.encode(), str(n).encode())
-        batch.put(_END, str(n).encode())
-        self._db.write(batch)
+        """Record entry ``n``: the one after :attr:`end`, or one that replaces what followed."""
+        self._db[_entry_key(n)] = orjson.dumps([input_id, now_ms])
         self.end = n
 
     def entry(self, n: int) -> tuple[str | None, int] | None:
@@ -68,32 +66,25 @@ class InputLog:
         input_id, now_ms = orjson.loads(raw)
         return input_id, now_ms
 
-    def position(self, input_id: str) -> int | None:
-        """The entry that recorded ``input_id``, if it is one after ``0`` still held."""
-        raw = self._db.get(b"i:" + input_id.encode())
-        if raw is None:
-            return None
-        n = int(raw)
-        entry = self.entry(n)
-        return n if entry is not None and entry[0] == input_id else None
+    def positions(self, after: int) -> dict[str, int]:
+        """The entries after ``after`` (those a resumed shard replays), by input id."""
+        found: dict[str, int] = {}
+        for n in range(after + 1, self.end + 1):
+            entry = self.entry(n)
+            if entry is not None and entry[0] is not None:
+                found[entry[0]] = n
+        return found
 
     def truncate(self, n: int) -> None:
         """Forget the entries after ``n``: they will not be replayed."""
         batch = WriteBatch()
         for m in range(n + 1, self.end + 1):
-            entry = self.entry(m)
-            if entry is not None and entry[0] is not None:
-                batch.delete(b"i:" + entry[0].encode())
             batch.delete(_entry_key(m))
-        batch.put(_END, str(n).encode())
         self._db.write(batch)
         self.end = n
 
     def close(self) -> None:
         self._db.close()
-
-
-_END = b"m:end"
 
 
 def _entry_key(n: int) -> bytes:

@@ -60,6 +60,7 @@ def consumer_config(brokers: str, extra: Mapping[str, Any] | None = None) -> dic
         # (a source starts one per partition); and during an outage the slots retry
         # every ~50 ms, ignoring the exponential reconnect backoff.
         "enable.sparse.connections": False,
+        "socket.nagle.disable": True,
         **(extra or {}),
     }
 
@@ -76,6 +77,7 @@ def producer_config(
         "bootstrap.servers": brokers,
         "partitioner": "murmur2_random",  # the Java client's key hashing
         "linger.ms": 2,
+        "socket.nagle.disable": True,
         "enable.idempotence": True,
         "message.timeout.ms": int(outage_limit_s * 1000),
         # How long a topic missing from the metadata may still be appearing (default 30 s,
