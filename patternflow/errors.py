@@ -18,7 +18,10 @@ both (the builtin in brackets)::
      ├── StateError                             state.errors: keyed state cannot be opened or used
      │    └── StateRecoveryError                the store cannot return to the snapshot asked for
      ├── LLMError [RuntimeError]                models.llm: the LLM server failed or answered in another form
-     │    └── LLMRefused                        the server refused the request (not retried)
+     │    ├── LLMRefused                        the server refused the request (not retried)
+     │    └── LLMUnavailable                    the server did not take the request (retried; not billed)
+     ├── CallInDoubt                            dataflows.agent: a model call may have been made before a crash
+     ├── RecordedFailure                        dataflows.agent: a model call that failed before a restart
      ├── ToolError                              dataflows.agent.tools: a tool could not do what was asked
      │    └── TransientToolError                a tool failed for a reason that may pass (retried)
      ├── JobError                               dataflows.batch_inference: a batch job cannot run as asked
