@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Generic, NamedTuple, Protocol, TypeVar
+from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 import bytewax.operators as op
 from bytewax.dataflow import operator
@@ -147,6 +147,8 @@ class ShardProgram(Protocol[V_in, W_out]):
 
 # (shard, commit seq, lineage); snapshots written before lineages were kept are (shard, commit seq)
 _Snapshot = tuple[str, int, str] | tuple[str, int]
+# A recorded shard's: the store's, and the inputs read but not yet applied (a replay holds them)
+_RecordedSnapshot = tuple[_Snapshot, list[tuple[str, V]]]
 
 
 class _ShardLogic(StatefulBatchLogic[tuple[str, str, V] | Wake, tuple[str, W], _Snapshot], Generic[V, W]):
@@ -235,14 +237,15 @@ class _RecordedShardLogic(_ShardLogic[V, W]):
     order they are read again in (early ones wait, new ones wait for the replay to end), and runs
     no timer until then: it decides again exactly what it decided before the kill. An input that
     does not come back within ``replay_patience_s`` ends the replay (logged): what follows is
-    decided afresh, in the order inputs come."""
+    decided afresh, in the order inputs come. The inputs a replay holds are in the shard's
+    snapshot: the source's offsets in it are past them."""
 
     def __init__(
         self,
         step_id: str,
         program: ShardProgram[V, W],
         config: StateConfig,
-        resume: _Snapshot | None,
+        resume: _RecordedSnapshot[V] | None,
         input_id: Callable[[V], str | None],
     ) -> None:
         self._input_id = input_id
@@ -252,7 +255,19 @@ class _RecordedShardLogic(_ShardLogic[V, W]):
         self._held: dict[int, tuple[str, V]] = {}  # replay: recorded inputs read again, by position
         self._fresh: list[tuple[str, V]] = []  # replay: inputs never applied, in the order they came
         self._progress_ms = wall_ms()
-        super().__init__(step_id, program, config, resume)
+        super().__init__(step_id, program, config, None if resume is None else resume[0])
+        if resume is not None and self._log is not None:
+            self._hold(resume[1])  # what a replay held when the snapshot was taken
+
+    def _hold(self, items: list[tuple[str, V]]) -> None:
+        """Keep ``items`` for the replay: each recorded one for its place, the others for after it."""
+        for item in items:
+            input_id = self._input_id(item[1])
+            n = None if input_id is None else self._positions.get(input_id)
+            if n is not None and n > self._applied:
+                self._held[n] = item
+            else:
+                self._fresh.append(item)
 
     @property
     def _replaying(self) -> bool:
@@ -267,6 +282,7 @@ class _RecordedShardLogic(_ShardLogic[V, W]):
             # directory used again with new input, finds no input of its own and is given up.
             self._applied = store.get(_POSITION_KEY, 0)
             self._positions = self._log.positions(self._applied)
+            self._progress_ms = wall_ms()
         return store
 
     def _apply(self, store: StateStore, item: tuple[str, V] | None, now: int) -> list[tuple[str, W]]:
@@ -328,14 +344,7 @@ class _RecordedShardLogic(_ShardLogic[V, W]):
         items = [(v[1], v[2]) for v in values if not isinstance(v, Wake)]
         out: list[tuple[str, W]] = []
         if self._replaying:
-            assert self._log is not None
-            for item in items:
-                input_id = self._input_id(item[1])
-                n = None if input_id is None else self._positions.get(input_id)
-                if n is not None and n > self._applied:
-                    self._held[n] = item
-                else:
-                    self._fresh.append(item)
+            self._hold(items)
             out.extend(self._replay(store))
         else:
             for item in items:
@@ -363,6 +372,10 @@ class _RecordedShardLogic(_ShardLogic[V, W]):
         if self._replaying:
             return datetime.now(UTC) + timedelta(seconds=1)
         return super().notify_at()
+
+    def snapshot(self) -> _RecordedSnapshot[V]:  # type: ignore[override]
+        held = [self._held[n] for n in sorted(self._held)]
+        return super().snapshot(), [*held, *self._fresh]
 
 
 def woken(up: KeyedStream[V], shards: int) -> KeyedStream[V | Wake]:
@@ -414,7 +427,7 @@ def recorded_state(
         shard = shard_of(key, config.shards)
         return shard, (shard, key, value)
 
-    def build(resume: _Snapshot | None) -> _RecordedShardLogic[V, W]:
+    def build(resume: Any) -> _RecordedShardLogic[V, W]:  # a _RecordedSnapshot, or None
         return _RecordedShardLogic(step_id, program_factory(), config, resume, input_id)
 
     outs = op.stateful_batch("logic", woken(op.map("shard", up, to_shard), config.shards), build)

@@ -158,3 +158,23 @@ def test_a_shard_killed_before_its_first_snapshot_replays_its_record_from_the_st
     assert feed(again, C) == []
     assert feed(again, B) == []
     assert feed(again, A) == [*before, ("closed", True, 9_000)]  # then the gate's timer, due long ago, runs
+
+
+def test_inputs_a_replay_holds_are_in_its_snapshot_and_survive_another_kill(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = Clock(monkeypatch)
+    first = shard(tmp_path)
+    token = (feed(first, A), first.snapshot())[1]
+    before = feed(first, B, C)
+    kill(first)
+
+    clock.now = 3_000
+    again = shard(tmp_path, token)
+    assert feed(again, C, D) == []  # c waits for b (read from another partition), d for the replay's end
+    token = again.snapshot()  # the source's offsets in it are past c and d
+    kill(again)
+
+    clock.now = 4_000
+    third = shard(tmp_path, token)
+    assert feed(third, B) == [*before, ("d", False, 4_000)]
