@@ -13,7 +13,7 @@ import pytest
 
 from clients.inference import InferenceClient, InferenceTimeout
 from dataflows.online_inference import Settings
-from operators.kafka import KafkaMessage, ensure_topics, produce, read_topic
+from operators.kafka import KafkaMessage, TopicSpec, ensure_topics, produce, read_topic
 from tests.support.models import loaded
 from tests.support.online import Load, Server, has_replies, inputs, raw_request, replies_by_id
 from tests.support.processes import ROOT, gateway, wait_for
@@ -61,13 +61,31 @@ def test_bad_requests_get_error_replies_and_dead_letters(server: Server, brokers
 def test_no_reply_destination_can_stop_the_server(server: Server, brokers: str) -> None:
     requests = f"{server.topic}.requests"
     value = orjson.dumps({"model": "tabular-risk", "inputs": inputs(4)})
+    # Topics a request must not write to: another dataflow's input, a table (even one named like replies).
+    documents, table, payments = (
+        f"{server.topic}.documents",
+        f"{server.topic}.table.replies",
+        f"{server.topic}.payments",
+    )
+    ensure_topics(
+        brokers,
+        [
+            TopicSpec(documents, cleanup_policy="compact"),
+            TopicSpec(table, cleanup_policy="compact"),
+            TopicSpec(payments),
+        ],
+    )
     with server.client() as client:
         mine = client.reply_topic
         attacks: dict[str, tuple[dict[str, str | bytes], str]] = {
             "no-such-partition": ({"reply_topic": mine, "reply_partition": "8"}, "reply_partition 8 does not exist"),
             "huge-partition": ({"reply_topic": mine, "reply_partition": "9" * 30}, "must be a non-negative integer"),
             "negative-partition": ({"reply_topic": mine, "reply_partition": "-1"}, "must be a non-negative integer"),
-            "no-such-topic": ({"reply_topic": f"{server.topic}.nowhere"}, "does not exist"),
+            "no-such-topic": ({"reply_topic": f"{server.topic}.nowhere.replies"}, "does not exist"),
+            "documents-topic": ({"reply_topic": documents, "correlation_id": "doc-00"}, "not allowed by ONLINE_REPLY"),
+            "compacted-topic": ({"reply_topic": table, "correlation_id": "doc-00"}, "is compacted"),
+            "input-topic": ({"reply_topic": payments}, "not allowed by ONLINE_REPLY_TOPICS"),
+            "other-dlq": ({"reply_topic": f"{server.topic}.other.dlq"}, "is a dead-letter topic"),
             "invalid-topic": ({"reply_topic": "no spaces!"}, "not a valid Kafka topic name"),
             "long-topic": ({"reply_topic": "t" * 300}, "not a valid Kafka topic name"),
             "request-topic": ({"reply_topic": requests}, "one of the server's own topics"),
@@ -94,6 +112,7 @@ def test_no_reply_destination_can_stop_the_server(server: Server, brokers: str) 
     assert not any(
         m.header("attack") for m in read_topic(brokers, requests) if m.header("status")
     )  # no replies looped in
+    assert read_topic(brokers, documents) == read_topic(brokers, table) == read_topic(brokers, payments) == []
 
 
 def test_a_request_past_its_deadline_is_answered_timeout(server: Server, brokers: str) -> None:

@@ -14,7 +14,7 @@ Clients import from this package without pulling in Bytewax; dataflows import
 the source and sink from their modules.
 """
 
-from operators.kafka.admin import TopicCache, TopicSpec, ensure_topics, partition_count, wait_for_topics
+from operators.kafka.admin import TopicCache, TopicInfo, TopicSpec, ensure_topics, partition_count, wait_for_topics
 from operators.kafka.client import OUTAGE_LIMIT_ENV, Outage, consumer_config, producer_config
 from operators.kafka.errors import (
     KafkaAdminError,
@@ -39,6 +39,7 @@ __all__ = [
     "Outage",
     "Position",
     "TopicCache",
+    "TopicInfo",
     "TopicSpec",
     "consumer_config",
     "ensure_topics",
