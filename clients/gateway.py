@@ -41,7 +41,7 @@ from starlette.routing import Route
 
 from clients.inference import AsyncInferenceClient, InferenceTimeout
 from clients.jobs import JobsClient, JobSubmitError
-from operators.kafka import KafkaError
+from operators.kafka import KafkaError, admin_config
 from operators.protocol import (
     JOBS_RESULTS_TOPIC,
     JOBS_SUBMIT_TOPIC,
@@ -84,7 +84,7 @@ class Settings:
 def create_app(settings: Settings) -> Starlette:
     clients: list[AsyncInferenceClient] = []
     jobs: list[JobsClient] = []
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    admin = AdminClient(admin_config(settings.kafka_bootstrap_servers))
 
     rag: list[AsyncInferenceClient] = []
 

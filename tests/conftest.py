@@ -8,4 +8,5 @@ pytest_plugins = [
     "tests.support.online",
     "tests.support.fraud",
     "tests.support.rag",
+    "tests.support.secured",
 ]

@@ -23,7 +23,7 @@ from confluent_kafka import KafkaError as RdKafkaError
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
-from operators.kafka.client import DEFAULT_OUTAGE_LIMIT_S, Outage
+from operators.kafka.client import DEFAULT_OUTAGE_LIMIT_S, Outage, admin_config
 from operators.kafka.errors import KafkaAdminError, is_transient
 
 __all__ = [
@@ -62,13 +62,21 @@ class TopicSpec:
 
 
 def _admin(brokers: str) -> AdminClient:
-    return AdminClient({"bootstrap.servers": brokers, "reconnect.backoff.max.ms": 1000})
+    return AdminClient(admin_config(brokers))
 
 
 def _topics(admin: AdminClient, outage: Outage, timeout_s: float = 5.0) -> dict[str, Any]:
     """Topic name -> metadata of the topics that exist and have partitions."""
-    meta = outage.call(lambda: admin.list_topics(timeout=timeout_s))
+    meta = outage.call(lambda: _listed(admin, timeout_s))
     return {name: t for name, t in meta.topics.items() if t.error is None and t.partitions}
+
+
+def _listed(admin: AdminClient, timeout_s: float) -> Any:
+    """The cluster's metadata. The poll first runs the client's error callback, which raises
+    :class:`~operators.kafka.errors.KafkaSecurityError` once the broker has refused its credentials:
+    a retry after a failed attempt stops there, rather than at the outage limit."""
+    admin.poll(0)
+    return admin.list_topics(timeout=timeout_s)
 
 
 def _outage(what: str, brokers: str, limit_s: float) -> Outage:
@@ -222,7 +230,7 @@ class TopicCache:
         with self._lock:
             self._refreshed = time.monotonic()
             try:
-                meta = self._admin.list_topics(timeout=timeout_s)
+                meta = _listed(self._admin, timeout_s)
             except KafkaException as exc:
                 log.warning("cannot refresh topic metadata at %s: %s; using what was last seen", self.brokers, exc)
                 return
