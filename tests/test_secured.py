@@ -1,18 +1,25 @@
 """The secured tier: a broker that takes only SASL_SSL (SCRAM-SHA-512 over TLS) and refuses what no
-ACL allows; clients and a dataflow connect through the client-security profile, each as its own
-principal, and no password reaches what they write."""
+ACL allows, with the ACL matrix of ``deploy/kafka/acls.yaml`` applied; clients and a dataflow
+connect through the client-security profile, each as its own principal, and no password reaches
+what they write."""
 
 from __future__ import annotations
 
 import os
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
+import orjson
 import pytest
 
+from clients.agents import AgentTopics
+from dataflows.agent.program import topic_specs
+from dataflows.event_counts import Settings
 from operators.kafka import (
     KafkaDeliveryError,
+    KafkaMessage,
     KafkaSecurityError,
     KafkaSourceError,
     ensure_topics,
@@ -20,8 +27,24 @@ from operators.kafka import (
     produce,
     read_topic,
 )
-from tests.support.event_counts import counts_by_id, events, expected_counts, run_to_end, start_dataflow
+from tests.support.event_counts import events, expected_counts, run_to_end, start_dataflow
 from tests.support.secured import CANARY, SecuredBroker
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """The matrix applied for one test: its topics start with ``topics``, its principals with ``users``."""
+
+    topics: str
+    users: str
+
+
+@pytest.fixture
+def tenant(secured: SecuredBroker) -> Tenant:
+    name = uuid.uuid4().hex[:8]
+    made = Tenant(f"s{name}.", f"s{name}-")
+    secured.apply_matrix(made.topics, made.users)
+    return made
 
 
 def as_user(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
@@ -29,84 +52,64 @@ def as_user(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
         monkeypatch.setenv(name, value)
 
 
-@pytest.fixture
-def prefix(secured: SecuredBroker) -> str:
-    """A topic prefix of one test, and a principal ``client-<prefix>`` allowed to make and use its topics."""
-    name = f"s{uuid.uuid4().hex[:8]}"
-    secured.add_user(f"client-{name}")
-    secured.allow(f"client-{name}", f"{name}.", ["CREATE", "DESCRIBE", "READ", "WRITE"])
-    return name
-
-
 def test_a_wrong_password_fails_fast_naming_the_settings(
-    secured: SecuredBroker, prefix: str, monkeypatch: pytest.MonkeyPatch
+    secured: SecuredBroker, tenant: Tenant, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    as_user(monkeypatch, secured.env(f"client-{prefix}", password=f"{CANARY}-wrong"))
+    as_user(monkeypatch, secured.env(f"{tenant.users}client", password=f"{CANARY}-wrong"))
     start = time.monotonic()
     with pytest.raises(KafkaSecurityError, match="KAFKA_SASL_PASSWORD") as caught:
-        partition_count(secured.address, f"{prefix}.any", outage_limit_s=120)
+        partition_count(secured.address, f"{tenant.topics}agent.tasks", outage_limit_s=120)
     assert time.monotonic() - start < 30, "an authentication failure must not wait out the outage limit"
     assert CANARY not in str(caught.value)
 
 
 def test_an_untrusted_broker_certificate_fails_fast_naming_the_ca_setting(
-    secured: SecuredBroker, prefix: str, monkeypatch: pytest.MonkeyPatch
+    secured: SecuredBroker, tenant: Tenant, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    as_user(
-        monkeypatch, secured.env(f"client-{prefix}") | {"KAFKA_SSL_CA_LOCATION": "/etc/ssl/certs/ca-certificates.crt"}
-    )
+    system_cas = "/etc/ssl/certs/ca-certificates.crt"  # they did not sign the test broker's certificate
+    as_user(monkeypatch, secured.env(f"{tenant.users}client") | {"KAFKA_SSL_CA_LOCATION": system_cas})
     start = time.monotonic()
     with pytest.raises(KafkaSecurityError, match="KAFKA_SSL_CA_LOCATION"):
-        partition_count(secured.address, f"{prefix}.any", outage_limit_s=120)
+        partition_count(secured.address, f"{tenant.topics}agent.tasks", outage_limit_s=120)
     assert time.monotonic() - start < 30
 
 
-def test_the_broker_refuses_what_the_acls_do_not_allow(
-    secured: SecuredBroker, prefix: str, monkeypatch: pytest.MonkeyPatch
+def test_the_broker_refuses_what_the_acl_matrix_does_not_allow(
+    secured: SecuredBroker, tenant: Tenant, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from operators.kafka import KafkaMessage, TopicSpec
+    agent = AgentTopics.prefixed(f"{tenant.topics}agent")
+    as_user(monkeypatch, secured.admin_env())
+    ensure_topics(secured.address, topic_specs(agent))  # made beforehand: no principal may create topics
 
-    # The runtime's topics, made by the runtime's principal; a client may only write tasks.
-    runtime, client = f"agent-{prefix}", f"client-{prefix}"
-    agent = f"{prefix}agent."
-    secured.add_user(runtime)
-    secured.allow(runtime, agent, ["CREATE", "DESCRIBE", "READ", "WRITE"])
-    secured.allow(client, f"{agent}tasks", ["DESCRIBE", "WRITE"])
-    as_user(monkeypatch, secured.env(runtime))
-    ensure_topics(secured.address, [TopicSpec(f"{agent}{t}") for t in ("tasks", "tool_results", "human_replies")])
+    def message(topic: str) -> list[KafkaMessage]:
+        return [KafkaMessage(b"{}", key=b"t1", topic=topic)]
 
-    as_user(monkeypatch, secured.env(client))
-    produce(secured.address, [KafkaMessage(b"{}", key=b"t1", topic=f"{agent}tasks")])
-    for forged in ("tool_results", "human_replies"):  # no forged tool results or approvals
+    as_user(monkeypatch, secured.env(f"{tenant.users}client"))
+    produce(secured.address, message(agent.tasks))
+    for forged in (agent.tool_results, agent.human_replies):  # no forged tool results or approvals
         with pytest.raises(KafkaDeliveryError, match="TOPIC_AUTHORIZATION_FAILED"):
-            produce(secured.address, [KafkaMessage(b"{}", key=b"t1", topic=f"{agent}{forged}")], timeout_s=20)
-    with pytest.raises(KafkaSourceError):
-        read_topic(secured.address, f"{agent}tool_results", timeout_s=20)
+            produce(secured.address, message(forged), timeout_s=20)
+    with pytest.raises(KafkaSourceError):  # nor reading the runtime's inputs
+        read_topic(secured.address, agent.tasks, timeout_s=20)
+    as_user(monkeypatch, secured.env(f"{tenant.users}reviewer"))
+    produce(secured.address, message(agent.human_replies))
 
 
 def test_a_dataflow_runs_as_its_own_principal_and_no_password_reaches_its_output(
-    secured: SecuredBroker, prefix: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    secured: SecuredBroker, tenant: Tenant, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from dataflows.event_counts import Settings
-
-    topic, flow = f"{prefix}.events", f"event_counts-{prefix}"
-    # Topics made beforehand by the client: the dataflow needs no right to create any.
-    as_user(monkeypatch, secured.env(f"client-{prefix}"))
-    settings = Settings(input_topic=topic, output_topic=f"{topic}-counts", input_partitions=2)
-    ensure_topics(secured.address, settings.topics())
+    topic, counts = f"{tenant.topics}events", f"{tenant.topics}event-counts"
+    as_user(monkeypatch, secured.admin_env())
+    settings = Settings(input_topic=topic, output_topic=counts, input_partitions=2)
+    ensure_topics(secured.address, settings.topics())  # made beforehand: the dataflow may not create topics
     msgs = events(topic, 2_000)
     produce(secured.address, msgs)
-    secured.add_user(flow)
-    secured.allow(flow, topic, ["DESCRIBE", "READ", "WRITE"])  # reads events, writes its counts and DLQs
-    # librdkafka looks up its consumers' group (offsets live in the snapshots: nothing is committed).
-    secured.allow(flow, "patternflow", ["DESCRIBE"], resource="GROUP")
 
-    env = {**os.environ, **secured.env(flow)}
-    monkeypatch.setattr(os, "environ", env)  # start_dataflow passes os.environ to the process
-    run_to_end(start_dataflow(topic, tmp_path, secured.address))
-    monkeypatch.undo()
-    as_user(monkeypatch, secured.env(f"client-{prefix}"))
-    by_id, _ = counts_by_id(secured.address, topic)
-    assert by_id == expected_counts(msgs)
-    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    env = {**os.environ, **secured.env(f"{tenant.users}event_counts")}
+    with monkeypatch.context() as m:
+        m.setattr(os, "environ", env)  # start_dataflow hands os.environ to the process
+        run_to_end(start_dataflow(topic, tmp_path, secured.address, extra={"EVENT_COUNTS_OUTPUT_TOPIC": counts}))
+    rows = [orjson.loads(m.value or b"") for m in read_topic(secured.address, counts)]
+    assert {row["id"]: row["count"] for row in rows} == expected_counts(msgs)
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]  # its log, recovery snapshots and state
     assert written and not [p for p in written if CANARY.encode() in p.read_bytes()]

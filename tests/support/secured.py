@@ -25,6 +25,7 @@ from confluent_kafka.admin import (
 )
 
 from operators.kafka.security import security_config
+from scripts.kafka_acls import apply, grants, load
 from tests.support.kafka import Broker, free_port_pair
 
 __all__ = ["CANARY", "SecuredBroker", "secured"]
@@ -57,13 +58,22 @@ class SecuredBroker:
             "KAFKA_SSL_CA_LOCATION": str(self.ca),
         }
 
+    def admin_env(self) -> dict[str, str]:
+        """The super user's profile: it creates the topics, the principals and their ACLs."""
+        return self.env("admin", (self.dir / "admin.password").read_text().strip())
+
     def admin(self) -> AdminClient:
         """The super user's admin client (kept: an admin client dropped cancels what it was doing)."""
         if self._admin is None:
-            password = (self.dir / "admin.password").read_text().strip()
-            config = {"bootstrap.servers": self.address, **security_config(self.env("admin", password))}
-            self._admin = AdminClient(config)
+            self._admin = AdminClient({"bootstrap.servers": self.address, **security_config(self.admin_env())})
         return self._admin
+
+    def apply_matrix(self, topic_prefix: str, principal_prefix: str) -> None:
+        """Every principal of ``deploy/kafka/acls.yaml`` made, with the ACLs the matrix grants it
+        (by ``scripts.kafka_acls``, as an operator applies it), on topics and principals prefixed."""
+        for name in load()["principals"]:
+            self.add_user(principal_prefix + name)
+        apply(self.admin(), grants(load(), topic_prefix, principal_prefix))
 
     def add_user(self, user: str) -> None:
         """A SCRAM-SHA-512 principal ``User:<user>`` with a password of its own (starting with the canary)."""
