@@ -11,6 +11,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import orjson
 import pytest
 
@@ -22,12 +23,16 @@ from operators.kafka import (
     KafkaMessage,
     KafkaSecurityError,
     KafkaSourceError,
+    TopicSpec,
     ensure_topics,
     partition_count,
     produce,
     read_topic,
 )
+from patternflow import free_port
 from tests.support.event_counts import events, expected_counts, run_to_end, start_dataflow
+from tests.support.online import Server, inputs, raw_request
+from tests.support.processes import wait_for
 from tests.support.secured import CANARY, SecuredBroker
 
 
@@ -113,3 +118,33 @@ def test_a_dataflow_runs_as_its_own_principal_and_no_password_reaches_its_output
     assert {row["id"]: row["count"] for row in rows} == expected_counts(msgs)
     written = [p for p in tmp_path.rglob("*") if p.is_file()]  # its log, recovery snapshots and state
     assert written and not [p for p in written if CANARY.encode() in p.read_bytes()]
+
+
+def test_the_online_server_serves_clients_as_principals_and_keeps_replies_within_its_rule(
+    secured: SecuredBroker, tenant: Tenant, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    base = f"{tenant.topics}inference"
+    documents = TopicSpec(f"{tenant.topics}rag.documents", cleanup_policy="compact")
+    as_user(monkeypatch, secured.admin_env())
+    ensure_topics(secured.address, [documents])
+    port = free_port()
+    server = Server(secured.address, base, tmp_path, **secured.env(f"{tenant.users}online_inference"))
+    server.env["ONLINE_METRICS_PORT"] = str(port)
+    server.start()
+    try:
+        as_user(monkeypatch, secured.env(f"{tenant.users}client"))
+        with server.client() as client:
+            server.wait_ready(client)
+            assert client.predict("tabular-risk", inputs(1), timeout_s=30)["status"] == "ok"
+            value = orjson.dumps({"model": "tabular-risk", "inputs": inputs(2)})
+            attack = raw_request(f"{base}.requests", value, correlation_id="doc-00", reply_topic=documents.name)
+            produce(secured.address, [attack])
+            assert client.predict("tabular-risk", inputs(3), timeout_s=30)["status"] == "ok"
+        scraped = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        assert CANARY not in scraped and CANARY not in server.procs[0].log.read_text(errors="replace")
+    finally:
+        server.stop()
+    as_user(monkeypatch, secured.admin_env())
+    (dead,) = wait_for(lambda: read_topic(secured.address, f"{base}.requests.dlq"), "the attack's dead letter")
+    assert "not allowed by ONLINE_REPLY_TOPICS" in (dead.header("dlq.reason") or b"").decode()
+    assert read_topic(secured.address, documents.name) == []
