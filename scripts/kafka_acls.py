@@ -78,7 +78,7 @@ def load(path: Path = MATRIX) -> dict[str, Any]:
 
 def grants(matrix: Mapping[str, Any], topic_prefix: str = "", principal_prefix: str = "") -> list[Grant]:
     """Every ACL the matrix grants, topics and principals prefixed."""
-    out = []
+    out: list[Grant] = []
     for name, columns in matrix["principals"].items():
         principal = principal_prefix + name
         unknown = set(columns) - set(OPERATIONS)

@@ -128,8 +128,8 @@ def test_the_online_server_serves_clients_as_principals_and_keeps_replies_within
     as_user(monkeypatch, secured.admin_env())
     ensure_topics(secured.address, [documents])
     port = free_port()
-    server = Server(secured.address, base, tmp_path, **secured.env(f"{tenant.users}online_inference"))
-    server.env["ONLINE_METRICS_PORT"] = str(port)
+    principal = secured.env(f"{tenant.users}online_inference") | {"ONLINE_METRICS_PORT": str(port)}
+    server = Server(secured.address, base, tmp_path, 1, **principal)
     server.start()
     try:
         as_user(monkeypatch, secured.env(f"{tenant.users}client"))
