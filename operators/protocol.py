@@ -111,7 +111,8 @@ class ReplyRules:
             raise InvalidMessage(f"reply_topic {topic!r} is not allowed by {self.setting} {list(self.allowed)}")
         info = self.describe(topic)
         if info is None:
-            raise InvalidMessage(f"reply_topic {topic!r} does not exist")
+            # (or the server may not read its configuration: it needs DescribeConfigs on its reply topics)
+            raise InvalidMessage(f"reply_topic {topic!r} does not exist, or its cleanup policy cannot be read")
         if info.compacted:
             raise InvalidMessage(f"reply_topic {topic!r} is compacted: a reply there would replace a record")
         return info.partitions

@@ -6,6 +6,7 @@ what they write."""
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 import uuid
 from dataclasses import dataclass
@@ -30,9 +31,10 @@ from operators.kafka import (
     read_topic,
 )
 from patternflow import free_port
+from tests.support.batch import JOB, fill, job_env, output_ids
 from tests.support.event_counts import events, expected_counts, run_to_end, start_dataflow
 from tests.support.online import Server, inputs, raw_request
-from tests.support.processes import wait_for
+from tests.support.processes import ROOT, wait_for
 from tests.support.secured import CANARY, SecuredBroker
 
 
@@ -148,3 +150,19 @@ def test_the_online_server_serves_clients_as_principals_and_keeps_replies_within
     (dead,) = wait_for(lambda: read_topic(secured.address, f"{base}.requests.dlq"), "the attack's dead letter")
     assert "not allowed by ONLINE_REPLY_TOPICS" in (dead.header("dlq.reason") or b"").decode()
     assert read_topic(secured.address, documents.name) == []
+
+
+def test_a_batch_job_runs_as_its_own_principal_and_its_manifest_holds_no_password(
+    secured: SecuredBroker, tenant: Tenant, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    customers = f"{tenant.topics}customers"
+    as_user(monkeypatch, secured.admin_env())
+    fill(secured.address, customers, 0, 500)
+    env = {**job_env(secured.address), **secured.env(f"{tenant.users}batch_inference")}
+    command = [*JOB, "--job", "nightly", "--input", f"kafka:{customers}", "--jobs-dir", str(tmp_path)]
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(output_ids(tmp_path / "nightly" / "output")) == sorted(f"c{i}" for i in range(500))
+    manifest = (tmp_path / "nightly" / "manifest.json").read_text()
+    assert CANARY not in manifest + done.stdout + done.stderr
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and CANARY.encode() in p.read_bytes()]

@@ -119,4 +119,5 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecuredBroker]
     try:
         yield broker
     finally:
+        broker._admin = None  # before the broker goes: it would try to reconnect until the process ends
         broker.broker.stop()
