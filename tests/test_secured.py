@@ -35,6 +35,7 @@ from tests.support.batch import JOB, fill, job_env, output_ids
 from tests.support.event_counts import events, expected_counts, run_to_end, start_dataflow
 from tests.support.online import Server, inputs, raw_request
 from tests.support.processes import ROOT, wait_for
+from tests.support.rag import DOCS, Rag, ask, doc_message, top
 from tests.support.secured import CANARY, SecuredBroker
 
 
@@ -166,3 +167,30 @@ def test_a_batch_job_runs_as_its_own_principal_and_its_manifest_holds_no_passwor
     manifest = (tmp_path / "nightly" / "manifest.json").read_text()
     assert CANARY not in manifest + done.stdout + done.stderr
     assert not [p for p in tmp_path.rglob("*") if p.is_file() and CANARY.encode() in p.read_bytes()]
+
+
+def test_rag_runs_as_its_own_principal_and_no_query_can_reply_into_its_documents(
+    secured: SecuredBroker, tenant: Tenant, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    as_user(monkeypatch, secured.admin_env())
+    rag = Rag(secured.address, f"{tenant.topics}rag", tmp_path, **secured.env(f"{tenant.users}rag"))
+    s = rag.s
+    rag.start()
+    try:
+        as_user(monkeypatch, secured.env(f"{tenant.users}client"))
+        with rag.client() as client:
+            rag.wait_ready(client)
+            rag.produce(doc_message(s.documents_topic, "vitd", *DOCS["vitd"]))
+            wait_for(lambda: top(ask(client, "vitamin D bone", k=1, answer=False)) == ["vitd"], "the document")
+            query = b'{"model": "rag", "inputs": {"query": "x"}}'
+            rag.produce(raw_request(s.queries_topic, query, correlation_id="doc-00", reply_topic=s.documents_topic))
+            assert top(ask(client, "vitamin D bone", k=1, answer=False)) == ["vitd"]  # still serving
+    finally:
+        assert rag.proc is not None
+        rag.proc.kill()
+        log = rag.proc.log.read_text(errors="replace")
+    assert CANARY not in log
+    as_user(monkeypatch, secured.admin_env())
+    (dead,) = wait_for(lambda: read_topic(secured.address, f"{s.queries_topic}.dlq"), "the attack's dead letter")
+    assert "one of the server's own topics" in (dead.header("dlq.reason") or b"").decode()
+    assert [m.key for m in read_topic(secured.address, s.documents_topic)] == [b"vitd"]
