@@ -46,7 +46,7 @@ test: system-packages kafka-up
 	@PY=$(PY) scripts/check
 
 test-fast: kafka-up
-	@PY=$(PY) scripts/check -m "not e2e and not outage and not platform"
+	@PY=$(PY) scripts/check -m "not e2e and not outage and not platform and not secured"
 
 demo: kafka-up
 	@$(PY) -m scripts.demo $(PATTERN)

@@ -4,7 +4,11 @@
     POST /v1/models/rag:predict      {"inputs": {"query": ..., "k": 5}}  -> a RAG answer (dataflows.rag)
     POST /v1/jobs                    {"model": ..., "inputs": [...], "job_id": optional}  -> 202 {"job_id", "status"}
     GET  /v1/jobs/{job_id}           -> the job's record (pending, running, done with outputs, failed with error)
-    GET  /healthz                    200 when the broker answers, else 503
+    GET  /healthz                    200 when the broker answers, else 503 (no key needed)
+
+With API keys configured (:mod:`clients.api_keys`: ``GATEWAY_API_KEYS_FILE`` or
+``GATEWAY_API_KEYS``), every other route needs one: 401 without a known key, 403 for a
+model the key may not use. TLS: put a TLS-terminating proxy in front (docs/online.md).
 
 Each predict request becomes a Kafka request/reply through one shared
 :class:`~clients.inference.AsyncInferenceClient`. Status codes: 200 ok, 400 bad
@@ -18,7 +22,8 @@ dataflow's topics exist, their routes answer 503 and say what to start.
 on a CPU takes a good part of a second.
 
 Run: ``python -m clients.gateway`` (settings: ``GATEWAY_HOST``, ``GATEWAY_PORT``,
-``GATEWAY_TIMEOUT_MS``, ``GATEWAY_RAG_TIMEOUT_MS``, ``KAFKA_BOOTSTRAP_SERVERS``).
+``GATEWAY_TIMEOUT_MS``, ``GATEWAY_RAG_TIMEOUT_MS``, ``GATEWAY_API_KEYS_FILE``,
+``GATEWAY_API_KEYS``, ``KAFKA_BOOTSTRAP_SERVERS`` and the client-security variables).
 """
 
 from __future__ import annotations
@@ -39,9 +44,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from clients.api_keys import ApiKeys, Denied
 from clients.inference import AsyncInferenceClient, InferenceTimeout
 from clients.jobs import JobsClient, JobSubmitError
-from operators.kafka import KafkaError
+from operators.kafka import KafkaError, admin_config
 from operators.protocol import (
     JOBS_RESULTS_TOPIC,
     JOBS_SUBMIT_TOPIC,
@@ -52,6 +58,7 @@ from operators.protocol import (
     REQUEST_TOPIC,
 )
 from operators.settings import brokers_field, from_env
+from patternflow.secrets import secret_field
 
 __all__ = ["Settings", "create_app"]
 
@@ -79,12 +86,33 @@ class Settings:
     jobs_results_topic: str = JOBS_RESULTS_TOPIC
     rag_queries_topic: str = RAG_QUERIES_TOPIC
     rag_answers_topic: str = RAG_ANSWERS_TOPIC
+    api_keys_file: str = ""  # API keys, a line each: name key models (clients.api_keys)
+    api_keys: str = secret_field()  # the same lines, ";" between them
+
+    def keys(self) -> ApiKeys:
+        """The configured API keys (none: the gateway is open); ``ValueError`` naming a bad line."""
+        lines = self.api_keys.split(";") if self.api_keys else []
+        keys = ApiKeys.parse(lines, "GATEWAY_API_KEYS").keys
+        if self.api_keys_file:
+            with open(self.api_keys_file) as file:
+                keys += ApiKeys.parse(file, f"GATEWAY_API_KEYS_FILE ({self.api_keys_file})").keys
+        return ApiKeys(keys)
+
+
+def _refused(denied: Denied) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if denied.status == 401 else None
+    return JSONResponse({"status": "unauthorized", "error": denied.error}, status_code=denied.status, headers=headers)
 
 
 def create_app(settings: Settings) -> Starlette:
     clients: list[AsyncInferenceClient] = []
     jobs: list[JobsClient] = []
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    admin = AdminClient(admin_config(settings.kafka_bootstrap_servers))
+    keys = settings.keys()
+    if keys.keys:
+        log.info("the gateway asks for API keys: %s", ", ".join(k.name for k in keys.keys))
+    else:
+        log.warning("no API keys configured (GATEWAY_API_KEYS_FILE): the gateway answers anyone")
 
     rag: list[AsyncInferenceClient] = []
 
@@ -143,6 +171,8 @@ def create_app(settings: Settings) -> Starlette:
 
     async def predict(request: Request) -> Response:
         name = request.path_params["name"]
+        if denied := keys.check(request.headers, name):
+            return _refused(denied)
         try:
             body = orjson.loads(await request.body())
             if not isinstance(body, dict) or "inputs" not in body:
@@ -162,6 +192,8 @@ def create_app(settings: Settings) -> Starlette:
         return JSONResponse(reply, status_code=STATUS_CODES.get(reply.get("status", ""), 502))
 
     async def submit_job(request: Request) -> Response:
+        if denied := keys.check(request.headers, None):
+            return _refused(denied)
         if not jobs:
             return JSONResponse(NO_JOB_WORKERS, status_code=503)
         try:
@@ -172,6 +204,8 @@ def create_app(settings: Settings) -> Starlette:
                 raise ValueError('"inputs" must be a list of instances and "job_id", if given, a string')
         except ValueError as exc:
             return JSONResponse({"status": "error", "error": str(exc)}, status_code=400)
+        if denied := keys.check(request.headers, body["model"]):
+            return _refused(denied)
         try:
             job_id = await asyncio.to_thread(jobs[0].submit, body["model"], body["inputs"], job_id=body.get("job_id"))
         except ValueError as exc:
@@ -181,6 +215,8 @@ def create_app(settings: Settings) -> Starlette:
         return JSONResponse(jobs[0].status(job_id), status_code=202)
 
     async def get_job(request: Request) -> Response:
+        if denied := keys.check(request.headers, None):
+            return _refused(denied)
         if not jobs:
             return JSONResponse(NO_JOB_WORKERS, status_code=503)
         record = jobs[0].status(request.path_params["job_id"])

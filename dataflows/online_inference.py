@@ -23,10 +23,10 @@ from bytewax.dataflow import Dataflow
 
 from models.registry import load, specs
 from operators.dlq import DLQ_SUFFIX
-from operators.kafka import TopicCache, TopicSpec
+from operators.kafka import TopicSpec
 from operators.kafka.sink import kafka_output
-from operators.protocol import REPLY_TOPIC, REQUEST_TOPIC
-from operators.serving import BatchConfig, ReplyRules, serve_requests
+from operators.protocol import DEFAULT_REPLY_TOPICS, REPLY_TOPIC, REQUEST_TOPIC
+from operators.serving import BatchConfig, serve_requests
 from operators.settings import from_env
 from operators.setup import Application, TorchSettings
 
@@ -39,6 +39,7 @@ class Settings(TorchSettings):
     request_partitions: int = 3
     reply_topic: str = REPLY_TOPIC
     reply_partitions: int = 8
+    reply_topics: tuple[str, ...] = DEFAULT_REPLY_TOPICS  # where else requests may ask to be answered
     models: tuple[str, ...] = ("tabular-risk", "minilm-embeddings")
     max_batch_size: int = 32
     max_wait_ms: int = 0
@@ -67,8 +68,8 @@ def build(settings: Settings | None = None) -> Dataflow:
     app = Application.start(s, s.topics())
     # Loaded and warmed up once per process, before any request is read; workers share them.
     models = load(s.models)
-    # A reply goes only to a topic and partition the broker has, and never to the server's own topics.
-    rules = ReplyRules(TopicCache(app.brokers).partitions, frozenset({s.request_topic, s.dlq_topic}))
+    # A reply goes only where ONLINE_REPLY_TOPICS allows, to a topic and partition the broker has.
+    rules = app.reply_rules(s.reply_topic, s.reply_topics, s.topics(), "ONLINE_REPLY_TOPICS")
     batching = BatchConfig(s.max_batch_size, s.max_wait_ms, s.max_queue)
 
     flow = Dataflow("online_inference")

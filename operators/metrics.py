@@ -6,7 +6,6 @@ dashboard can break a dataflow down step by step.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 import threading
@@ -17,6 +16,7 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Info, start_h
 from prometheus_client.metrics_core import Metric
 
 from operators.settings import process_id
+from patternflow.secrets import public
 
 if TYPE_CHECKING:
     from models.quality import Prequential
@@ -192,13 +192,13 @@ def recovery_directory(argv: list[str] | None = None) -> str:
 def serve(port: int, settings: Any = None) -> None:
     """Serve ``/metrics`` on ``port`` plus ``BYTEWAX_PROCESS_ID`` (so processes on one
     host do not collide), once per process; ``0`` disables it. A dataflow passes its
-    settings (a dataclass of ``dataflows.<name>``): they are published as the labels of
+    settings (a dataclass of ``dataflows.<name>``): they are published, secrets redacted
+    (:func:`patternflow.secrets.public`), as the labels of
     ``patternflow_dataflow_info{dataflow="<name>"}``, for ``patternflow audit``, with
     ``bytewax_recovery``: the recovery directory the process runs with (empty: none)."""
     if settings is not None:
         name = type(settings).__module__.removeprefix("dataflows.")
-        labels = {f.name: str(getattr(settings, f.name)) for f in dataclasses.fields(settings)}
-        DATAFLOW.labels(name).info({**labels, "bytewax_recovery": recovery_directory()})
+        DATAFLOW.labels(name).info({**public(settings), "bytewax_recovery": recovery_directory()})
     if not port:
         return
     port += process_id()

@@ -39,14 +39,13 @@ from models.registry import Model, get_spec
 from operators.dlq import DeadLetter, InvalidMessage, loads_json, to_dlq_message, try_map
 from operators.kafka.message import KafkaMessage
 from operators.metrics import INFERENCE_SECONDS, ITEMS, ONLINE_BATCH_FILL, ONLINE_REQUESTS
-from operators.protocol import deadline_ms, reply_to
+from operators.protocol import ReplyRules, deadline_ms, reply_to
 from operators.streams import split
 from patternflow import RELAXED_BUDGET_S, wall_ms
 
 __all__ = [
     "BatchConfig",
     "Reply",
-    "ReplyRules",
     "Request",
     "answerable",
     "error_and_dead_letter",
@@ -136,23 +135,12 @@ class BatchConfig:
             raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
 
 
-@dataclass(frozen=True)
-class ReplyRules:
-    """What makes a reply destination valid: ``partitions`` gives a topic's
-    partition count (``None``: no such topic), e.g. :meth:`TopicCache.partitions
-    <operators.kafka.admin.TopicCache.partitions>`; ``forbidden`` topics (the
-    server's own) never take replies."""
-
-    partitions: Callable[[str], int | None]
-    forbidden: frozenset[str] = frozenset()
-
-
 def answerable(msg: KafkaMessage, rules: ReplyRules, now_ms: Callable[[], int] = wall_ms, model: str = "") -> Request:
     """The request ``msg`` is, before its value is read: where to reply, and when it was sent and read.
 
     Raises :class:`InvalidMessage` when the request names no valid place to reply.
     """
-    to = reply_to(msg, rules.partitions, rules.forbidden)
+    to = reply_to(msg, rules)
     return Request(
         correlation_id=to.correlation_id,
         reply_topic=to.topic,

@@ -30,9 +30,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from operators import metrics
-from operators.kafka import Position, TopicSpec, ensure_topics, partition_count
+from operators.kafka import Position, TopicCache, TopicSpec, ensure_topics, partition_count
 from operators.kafka.sink import KafkaSink
 from operators.kafka.source import KafkaBatchSource, KafkaSource
+from operators.protocol import ReplyRules
 from operators.settings import brokers_field, outage_limit_field
 
 __all__ = ["Application", "DataflowSettings", "TorchSettings"]
@@ -87,6 +88,15 @@ class Application:
 
     def partition_count(self, topic: str) -> int:
         return partition_count(self.brokers, topic, outage_limit_s=self.outage_limit_s)
+
+    def reply_rules(
+        self, reply_topic: str, allowed: Iterable[str], own: Iterable[TopicSpec], setting: str
+    ) -> ReplyRules:
+        """The rule a server that replies where each request asks checks destinations by: its
+        ``reply_topic`` and the ``allowed`` names and patterns (the ``setting`` variable's), never
+        one of its ``own`` topics, with topics looked up on the broker (:class:`TopicCache`)."""
+        own_names = frozenset(spec.name for spec in own) - {reply_topic}
+        return ReplyRules(TopicCache(self.brokers).describe, (reply_topic, *allowed), own_names, setting)
 
     def source(
         self,

@@ -14,6 +14,7 @@ both (the builtin in brackets)::
      │    ├── KafkaSourceError                  the broker refused a read (unknown topic, auth, ...)
      │    ├── KafkaDeliveryError                a produced message was neither acknowledged nor dead-lettered
      │    ├── KafkaAdminError                   a topic could not be created or described
+     │    ├── KafkaSecurityError                the client-security settings cannot work, or the broker refused them
      │    └── KafkaUnavailable                  the broker stayed unreachable past the outage limit
      ├── StateError                             state.errors: keyed state cannot be opened or used
      │    └── StateRecoveryError                the store cannot return to the snapshot asked for

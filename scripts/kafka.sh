@@ -13,6 +13,11 @@
 #                            in kafka-<version>/libs, data in kafka-data/<port>
 #   KAFKA_DATA_DIR           the broker's data directory instead (tests use a fresh one)
 #   PYTHON                   a Python with confluent-kafka, used for the readiness check
+#   KAFKA_SECURED_DIR        a directory: when set, the broker is the secured one
+#                            (deploy/kafka/secured.properties: SASL_SSL with SCRAM-SHA-512,
+#                            the StandardAuthorizer, ACLs), and the directory holds what
+#                            its clients need, made on first start: ca.pem (the CA to
+#                            trust) and admin.password (the super user's, admin)
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -26,13 +31,40 @@ version=$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$here/kafka
 libs=$cache/kafka-$version/libs
 data=${KAFKA_DATA_DIR:-$cache/kafka-data/$port}
 python=${PYTHON:-python3}
+secured=${KAFKA_SECURED_DIR:-}
 
 answers_metadata() {
-  "$python" - "$bootstrap" <<'PY' >/dev/null 2>&1
+  "$python" - "$bootstrap" "$secured" <<'PY' >/dev/null 2>&1
 import sys
+from pathlib import Path
 from confluent_kafka.admin import AdminClient
-AdminClient({"bootstrap.servers": sys.argv[1]}).list_topics(timeout=2)
+config = {"bootstrap.servers": sys.argv[1]}
+if sys.argv[2]:
+    secured = Path(sys.argv[2])
+    config.update({
+        "security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512", "sasl.username": "admin",
+        "sasl.password": (secured / "admin.password").read_text().strip(), "ssl.ca.location": str(secured / "ca.pem"),
+    })
+AdminClient(config).list_topics(timeout=2)
 PY
+}
+
+# The secured broker's CA, its certificate for the host, and the admin's password, made once per directory.
+make_secrets() {
+  [ -f "$secured/broker.p12" ] && return 0
+  mkdir -p "$secured" && chmod 700 "$secured"
+  openssl rand -hex 16 > "$secured/admin.password"
+  openssl rand -hex 16 > "$secured/store.password"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj "/CN=patternflow test CA" \
+    -keyout "$secured/ca.key" -out "$secured/ca.pem" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=$host" -keyout "$secured/broker.key" -out "$secured/broker.csr" 2>/dev/null
+  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:%s\n' "$host" > "$secured/san.ext"
+  openssl x509 -req -in "$secured/broker.csr" -CA "$secured/ca.pem" -CAkey "$secured/ca.key" -CAcreateserial \
+    -days 30 -extfile "$secured/san.ext" -out "$secured/broker.pem" 2>/dev/null
+  openssl pkcs12 -export -in "$secured/broker.pem" -inkey "$secured/broker.key" -certfile "$secured/ca.pem" \
+    -name broker -passout "file:$secured/store.password" -out "$secured/broker.p12"
+  rm -f "$secured/broker.csr" "$secured/san.ext"
+  echo "kafka: made a test CA and the broker's certificate in $secured"
 }
 
 fetch_jars() {
@@ -49,9 +81,16 @@ fetch_jars() {
 
 write_config() {
   mkdir -p "$data/logs"
-  sed -e "s|@HOST@|$host|g" -e "s|@CONTROLLER_PORT@|$controller_port|g" \
-      -e "s|@PORT@|$port|g" -e "s|@DATA@|$data|g" \
-      "$here/../deploy/kafka/server.properties" > "$data/server.properties"
+  local templates=("$here/../deploy/kafka/server.properties") admin_password="" store_password=""
+  if [ -n "$secured" ]; then
+    make_secrets
+    templates+=("$here/../deploy/kafka/secured.properties")  # later lines override earlier ones
+    admin_password=$(cat "$secured/admin.password") store_password=$(cat "$secured/store.password")
+  fi
+  ( umask 077; cat "${templates[@]}" | sed -e "s|@HOST@|$host|g" -e "s|@CONTROLLER_PORT@|$controller_port|g" \
+      -e "s|@PORT@|$port|g" -e "s|@DATA@|$data|g" -e "s|@SECURED@|$secured|g" \
+      -e "s|@ADMIN_PASSWORD@|$admin_password|g" -e "s|@STORE_PASSWORD@|$store_password|g" \
+      > "$data/server.properties" )
   cat > "$data/log4j.properties" <<PROPS
 log4j.rootLogger=INFO, file
 log4j.appender.file=org.apache.log4j.FileAppender
@@ -76,7 +115,11 @@ up() {
   write_config
   if [ ! -f "$data/logs/meta.properties" ]; then
     cluster_id=$("${jvm[@]}" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -n 1)
-    "${jvm[@]}" kafka.tools.StorageTool format -t "$cluster_id" -c "$data/server.properties" >/dev/null
+    local scram=()
+    if [ -n "$secured" ]; then
+      scram=(--add-scram "SCRAM-SHA-512=[name=admin,password=$(cat "$secured/admin.password")]")
+    fi
+    "${jvm[@]}" kafka.tools.StorageTool format -t "$cluster_id" -c "$data/server.properties" "${scram[@]}" >/dev/null
     echo "kafka: formatted storage in $data/logs (cluster $cluster_id)"
   fi
   nohup "${jvm[@]}" kafka.Kafka "$data/server.properties" >"$data/stdout.log" 2>&1 &

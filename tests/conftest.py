@@ -9,4 +9,5 @@ pytest_plugins = [
     "tests.support.fraud",
     "tests.support.rag",
     "tests.support.agent",
+    "tests.support.secured",
 ]

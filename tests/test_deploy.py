@@ -13,8 +13,11 @@ from importlib import import_module
 import pytest
 import yaml
 
+from clients.agents import AgentTopics
+from dataflows.agent.program import topic_specs
 from dataflows.event_counts import Settings
 from dataflows.launch import LONG_RUNNING
+from scripts.kafka_acls import grants, load
 from tests.support.commands import DATAFLOWS, default_port, env_prefix
 from tests.support.processes import ROOT
 
@@ -148,3 +151,32 @@ def test_dashboards_query_only_metrics_the_dataflows_export() -> None:
     queried = {name for d in dashboards for name in re.findall(r"patternflow_[a-z_]+", d.read_text())}
     assert dashboards and queried
     assert queried <= exported, queried - exported
+
+
+def test_the_acl_matrix_grants_each_dataflow_the_topics_it_declares_and_nobody_more_than_it_needs() -> None:
+    granted = grants(load())
+
+    def may(principal: str, operation: str, topic: str) -> bool:
+        return any(
+            g.principal == principal
+            and g.resource == "TOPIC"
+            and g.operation == operation
+            and (topic.startswith(g.name) if g.prefixed else topic == g.name)
+            for g in granted
+        )
+
+    declared = {
+        name: [spec.name for spec in import_module(f"dataflows.{name}").Settings().topics()]
+        for name in ("event_counts", "online_inference", "async_jobs", "telemetry_anomalies", "fraud_detection", "rag")
+    }
+    declared["agent"] = [spec.name for spec in topic_specs(AgentTopics())]  # the runtime's and its tool workers'
+    for name, topics in declared.items():
+        users = [name, "agent_tools"] if name == "agent" else [name]
+        for topic in topics:
+            assert any(may(user, op, topic) for user in users for op in ("READ", "WRITE")), (name, topic)
+    # Topics are made beforehand: nobody creates, alters or deletes anything.
+    assert {g.operation for g in granted} == {"READ", "WRITE", "DESCRIBE", "DESCRIBE_CONFIGS"}
+    # No forged tool results or approvals, and a client reads no dataflow's input.
+    assert not may("client", "WRITE", "agent.tool_results") and not may("client", "WRITE", "agent.human_replies")
+    assert may("reviewer", "WRITE", "agent.human_replies")
+    assert not any(may("client", "READ", t) for t in ("rag.documents", "payments", "agent.tasks", "jobs.submit"))

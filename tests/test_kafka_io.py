@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from datetime import timedelta
 
 import bytewax.operators as op
 import pytest
 from bytewax.dataflow import Dataflow
 from bytewax.testing import TestingSink, TestingSource, run_main
+from confluent_kafka import KafkaError as RdKafkaError
+from confluent_kafka.admin import AdminClient
 
 from operators.kafka import (
     KafkaBatch,
@@ -16,13 +20,15 @@ from operators.kafka import (
     KafkaMessage,
     KafkaSourceError,
     Position,
+    TopicCache,
+    TopicInfo,
     TopicSpec,
     ensure_topics,
     partition_count,
     produce,
     read_topic,
 )
-from operators.kafka.sink import KafkaSink, kafka_output
+from operators.kafka.sink import KafkaSink, _Failure, classify, kafka_output
 from operators.kafka.source import KafkaBatchSource, KafkaSource
 from tests.support.processes import wait_for
 
@@ -287,3 +293,74 @@ def test_a_topic_declared_twice_is_created_once_or_refused_when_the_specs_differ
     assert partition_count(brokers, topic) == 2
     with pytest.raises(ValueError, match="declared twice"):
         ensure_topics(brokers, [TopicSpec(topic + "-x", partitions=2), TopicSpec(topic + "-x", partitions=3)])
+
+
+def test_the_topic_cache_tells_partitions_and_compaction_and_learns_new_topics(brokers: str, topic: str) -> None:
+    ensure_topics(brokers, [TopicSpec(f"{topic}.table", partitions=2, cleanup_policy="compact")])
+    cache = TopicCache(brokers, min_miss_refresh_s=0)
+    assert cache.describe(f"{topic}.table") == TopicInfo(2, compacted=True)
+    assert cache.describe(f"{topic}.log") is None
+    ensure_topics(brokers, [TopicSpec(f"{topic}.log", partitions=3)])
+    assert cache.describe(f"{topic}.log") == TopicInfo(3, compacted=False)
+    assert cache.partitions(f"{topic}.table") == 2
+
+
+def test_every_produce_error_is_the_messages_the_brokers_or_the_producers() -> None:
+    codes = [v for k, v in vars(RdKafkaError).items() if k.isupper() or (k.startswith("_") and isinstance(v, int))]
+    faults = {code: classify(RdKafkaError(code)) for code in codes if isinstance(code, int)}
+    assert len(faults) > 150 and set(faults.values()) == {"message", "broker", "producer"}
+    assert faults[RdKafkaError._UNKNOWN_PARTITION] == faults[RdKafkaError.TOPIC_AUTHORIZATION_FAILED] == "message"
+    assert faults[RdKafkaError.CLUSTER_AUTHORIZATION_FAILED] == "message"  # not retriable: no waiting it out
+    assert faults[RdKafkaError._MSG_TIMED_OUT] == faults[RdKafkaError.NOT_ENOUGH_REPLICAS] == "broker"
+    assert faults[RdKafkaError._DESTROY] == "producer"
+
+
+def deleting(
+    brokers: str, doomed: str, before: list[KafkaMessage], after: list[KafkaMessage]
+) -> Iterator[KafkaMessage]:
+    """``before``, then ``doomed`` deleted, then ``after``: a source for a sink that wrote to a topic once."""
+    yield from before
+    time.sleep(0.5)  # the first messages are out and the producer knows the topic
+    admin = AdminClient({"bootstrap.servers": brokers})
+    for future in admin.delete_topics([doomed], operation_timeout=10).values():
+        future.result(timeout=10)
+    yield from after
+
+
+def test_a_topic_deleted_after_it_was_written_once_takes_dead_letters_and_the_flow_goes_on(
+    brokers: str, topic: str
+) -> None:
+    replies, other = f"{topic}.replies", f"{topic}.other"
+    ensure_topics(brokers, [TopicSpec(replies, partitions=4), TopicSpec(other), TopicSpec(f"{topic}.dlq")])
+    first = [KafkaMessage(b"1", key=f"k{i}".encode(), topic=replies) for i in range(10)]
+    second = [KafkaMessage(b"2", key=f"k{i}".encode(), topic=replies, partition=i % 4) for i in range(10)]
+    last = [KafkaMessage(b"3", key=f"k{i}".encode(), topic=other) for i in range(10)]
+    flow = Dataflow("deleted_reply_topic")
+    source = TestingSource(deleting(brokers, replies, first, [*second, *last]))
+    kafka_output("out", op.input("in", flow, source), KafkaSink(brokers, dlq_topic=f"{topic}.dlq", outage_limit_s=20))
+    run_main(flow, epoch_interval=timedelta(milliseconds=50))
+    assert len(read_topic(brokers, other)) == 10
+    dead = read_topic(brokers, f"{topic}.dlq")
+    assert sorted(m.value or b"" for m in dead) == [b"2"] * 10
+    assert all(m.header("dlq.target.topic") == replies.encode() for m in dead)
+
+
+def test_a_message_timed_out_while_the_broker_answers_is_a_dead_letter_and_with_it_down_it_stops(
+    brokers: str, topic: str
+) -> None:
+    # A destination that never takes a record while the broker answers (a partition without its
+    # in-sync replicas) cannot be made on one broker: its timeout report is written in by hand.
+    ensure_topics(brokers, [TopicSpec(f"{topic}.dlq")])
+    timed_out = RdKafkaError(RdKafkaError._MSG_TIMED_OUT)
+    sink = KafkaSink(brokers, dlq_topic=f"{topic}.dlq", outage_limit_s=3)
+    part = sink.build_part("stuck", "0", None)
+    part._shared.failures.append(_Failure(timed_out, f"{topic}.replies", 0, b"k", b"stuck"))
+    part.close()
+    (dead,) = read_topic(brokers, f"{topic}.dlq")
+    assert dead.value == b"stuck" and b"_MSG_TIMED_OUT" in (dead.header("dlq.reason") or b"")
+
+    down = KafkaSink("127.0.0.1:1", dlq_topic=f"{topic}.dlq", outage_limit_s=3).build_part("down", "0", None)
+    down._shared.failures.append(_Failure(timed_out, f"{topic}.replies", 0, b"k", b"lost"))
+    with pytest.raises(KafkaDeliveryError, match="within the outage limit"):
+        down.snapshot()
+    down._shared.release(timeout_s=0)

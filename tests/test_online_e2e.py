@@ -10,10 +10,11 @@ from pathlib import Path
 
 import orjson
 import pytest
+from confluent_kafka.admin import AdminClient
 
 from clients.inference import InferenceClient, InferenceTimeout
 from dataflows.online_inference import Settings
-from operators.kafka import KafkaMessage, ensure_topics, produce, read_topic
+from operators.kafka import KafkaMessage, TopicSpec, admin_config, ensure_topics, produce, read_topic
 from tests.support.models import loaded
 from tests.support.online import Load, Server, has_replies, inputs, raw_request, replies_by_id
 from tests.support.processes import ROOT, gateway, wait_for
@@ -61,13 +62,31 @@ def test_bad_requests_get_error_replies_and_dead_letters(server: Server, brokers
 def test_no_reply_destination_can_stop_the_server(server: Server, brokers: str) -> None:
     requests = f"{server.topic}.requests"
     value = orjson.dumps({"model": "tabular-risk", "inputs": inputs(4)})
+    # Topics a request must not write to: another dataflow's input, a table (even one named like replies).
+    documents, table, payments = (
+        f"{server.topic}.documents",
+        f"{server.topic}.table.replies",
+        f"{server.topic}.payments",
+    )
+    ensure_topics(
+        brokers,
+        [
+            TopicSpec(documents, cleanup_policy="compact"),
+            TopicSpec(table, cleanup_policy="compact"),
+            TopicSpec(payments),
+        ],
+    )
     with server.client() as client:
         mine = client.reply_topic
         attacks: dict[str, tuple[dict[str, str | bytes], str]] = {
             "no-such-partition": ({"reply_topic": mine, "reply_partition": "8"}, "reply_partition 8 does not exist"),
             "huge-partition": ({"reply_topic": mine, "reply_partition": "9" * 30}, "must be a non-negative integer"),
             "negative-partition": ({"reply_topic": mine, "reply_partition": "-1"}, "must be a non-negative integer"),
-            "no-such-topic": ({"reply_topic": f"{server.topic}.nowhere"}, "does not exist"),
+            "no-such-topic": ({"reply_topic": f"{server.topic}.nowhere.replies"}, "does not exist"),
+            "documents-topic": ({"reply_topic": documents, "correlation_id": "doc-00"}, "not allowed by ONLINE_REPLY"),
+            "compacted-topic": ({"reply_topic": table, "correlation_id": "doc-00"}, "is compacted"),
+            "input-topic": ({"reply_topic": payments}, "not allowed by ONLINE_REPLY_TOPICS"),
+            "other-dlq": ({"reply_topic": f"{server.topic}.other.dlq"}, "is a dead-letter topic"),
             "invalid-topic": ({"reply_topic": "no spaces!"}, "not a valid Kafka topic name"),
             "long-topic": ({"reply_topic": "t" * 300}, "not a valid Kafka topic name"),
             "request-topic": ({"reply_topic": requests}, "one of the server's own topics"),
@@ -94,6 +113,30 @@ def test_no_reply_destination_can_stop_the_server(server: Server, brokers: str) 
     assert not any(
         m.header("attack") for m in read_topic(brokers, requests) if m.header("status")
     )  # no replies looped in
+    assert read_topic(brokers, documents) == read_topic(brokers, table) == read_topic(brokers, payments) == []
+
+
+def test_a_reply_topic_deleted_after_one_reply_gets_dead_letters_and_the_server_goes_on(
+    server: Server, brokers: str
+) -> None:
+    requests, gone = f"{server.topic}.requests", f"{server.topic}.gone.replies"
+    ensure_topics(brokers, [TopicSpec(gone, partitions=2)])
+    value = orjson.dumps({"model": "tabular-risk", "inputs": inputs(6)})
+    produce(brokers, [raw_request(requests, value, correlation_id="before", reply_topic=gone)])
+    wait_for(lambda: read_topic(brokers, gone), "the reply before the deletion")
+    admin = AdminClient(admin_config(brokers))
+    for future in admin.delete_topics([gone], operation_timeout=10).values():
+        future.result(timeout=10)
+    produce(brokers, [raw_request(requests, value, correlation_id="after", reply_topic=gone, reply_partition="1")])
+
+    def dead_letter() -> bool:
+        # The request (header) if parsing found the topic gone; the reply (its key) if the broker refused it.
+        return any(b"after" in (m.key, m.header("correlation_id")) for m in read_topic(brokers, f"{requests}.dlq"))
+
+    wait_for(dead_letter, "the dead letter of the reply to the deleted topic")
+    with server.client() as client:
+        assert client.predict("tabular-risk", inputs(7), timeout_s=30)["status"] == "ok"
+    assert all(proc.poll() is None for proc in server.procs)
 
 
 def test_a_request_past_its_deadline_is_answered_timeout(server: Server, brokers: str) -> None:

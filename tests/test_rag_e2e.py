@@ -84,7 +84,10 @@ def test_bad_documents_and_queries_get_reasons_and_the_dataflow_goes_on(rag: Rag
         bad_queries = [
             query(b"{not json", request_headers("c1", answers)),
             query(b'{"model": "rag", "inputs": {"query": "x", "k": 0}}', request_headers("c2", answers)),
-            query(ok, request_headers("c3", "no.such.topic")),
+            query(ok, request_headers("c3", "no.such.answers")),
+            # The attack on the index: a reply keyed like a document, into the compacted documents topic.
+            query(ok, request_headers("doc-00", s.documents_topic)),
+            query(ok, request_headers("c5", "payments")),
             query(ok, [("correlation_id", b"c4"), ("reply_topic", answers.encode()), ("reply_partition", b"x")]),
         ]
         rag.produce(*bad_docs, *bad_queries, doc_message(s.documents_topic, "vitd", *DOCS["vitd"]))
@@ -96,6 +99,9 @@ def test_bad_documents_and_queries_get_reasons_and_the_dataflow_goes_on(rag: Rag
         queries_dlq = dead_letters(brokers, q, len(bad_queries))
         reasons = [(m.header("dlq.reason") or b"").decode() for m in queries_dlq]
         assert any("does not exist" in r for r in reasons) and any("reply_partition" in r for r in reasons)
+        assert any(f"{s.documents_topic!r} is one of the server's own topics" in r for r in reasons)
+        assert any("'payments' is not allowed by RAG_REPLY_TOPICS" in r for r in reasons)
+        assert b"doc-00" not in {m.key for m in read_topic(brokers, s.documents_topic)}
         errors = {
             m.key: orjson.loads(m.value or b"") for m in read_topic(brokers, s.answers_topic) if m.key in (b"c1", b"c2")
         }

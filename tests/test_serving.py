@@ -15,8 +15,9 @@ import pytest
 from models.registry import REGISTRY, Model, ModelSpec
 from models.schema import InvalidInput
 from operators.dlq import InvalidMessage
-from operators.kafka import KafkaMessage
-from operators.serving import Batch, BatchConfig, Reply, ReplyRules, Request, _Batcher, infer, parse_request
+from operators.kafka import KafkaMessage, TopicInfo
+from operators.protocol import DEFAULT_REPLY_TOPICS, ReplyRules
+from operators.serving import Batch, BatchConfig, Reply, Request, _Batcher, infer, parse_request
 from tests.support.models import loaded
 
 SAMPLES: dict[str, list[Any]] = {
@@ -133,7 +134,16 @@ def test_a_failing_model_answers_its_batch_with_errors() -> None:
     assert [(r.status, r.error) for r in replies] == [("error", "model failed: RuntimeError: CUDA out of memory")] * 2
 
 
-RULES = ReplyRules({"r": 4, "other": 1}.get, frozenset({"requests", "requests.dlq"}))
+TOPICS = {
+    "r": TopicInfo(4, compacted=False),
+    "other.replies": TopicInfo(1, compacted=False),
+    "docs.answers": TopicInfo(2, compacted=True),
+    "payments": TopicInfo(3, compacted=False),
+    "requests": TopicInfo(3, compacted=False),
+    "peer.requests.dlq": TopicInfo(1, compacted=False),
+}
+OWN = frozenset({"requests", "requests.dlq"})
+RULES = ReplyRules(TOPICS.get, ("r", *DEFAULT_REPLY_TOPICS), OWN, "TEST_REPLY_TOPICS")
 
 
 def message(value: bytes | None, *headers: tuple[str, bytes | None]) -> KafkaMessage:
@@ -180,7 +190,10 @@ def test_parse_request() -> None:
         (reply_headers(correlation_id=None), "lacks the correlation_id header"),
         (reply_headers(correlation_id=b"\xff\xfe"), "'correlation_id' is not UTF-8"),
         (reply_headers(correlation_id=b"x" * 257), "over 256 bytes"),
-        (reply_headers(reply_topic=b"missing"), "'missing' does not exist"),
+        (reply_headers(reply_topic=b"missing.replies"), "'missing.replies' does not exist"),
+        (reply_headers(reply_topic=b"payments"), "'payments' is not allowed by TEST_REPLY_TOPICS"),
+        (reply_headers(reply_topic=b"docs.answers"), "'docs.answers' is compacted"),
+        (reply_headers(reply_topic=b"peer.requests.dlq"), "is a dead-letter topic"),
         (reply_headers(reply_topic=b"bad topic!"), "not a valid Kafka topic name"),
         (reply_headers(reply_topic=b".."), "not a valid Kafka topic name"),
         (reply_headers(reply_topic=b"t" * 250), "not a valid Kafka topic name"),
@@ -188,7 +201,7 @@ def test_parse_request() -> None:
         (reply_headers(reply_topic=b"requests"), "one of the server's own topics"),
         (reply_headers(reply_topic=b"requests.dlq"), "one of the server's own topics"),
         (reply_headers(reply_partition=b"4"), "reply_partition 4 does not exist: 'r' has 4 partition(s)"),
-        (reply_headers(reply_topic=b"other", reply_partition=b"1"), "'other' has 1 partition(s)"),
+        (reply_headers(reply_topic=b"other.replies", reply_partition=b"1"), "'other.replies' has 1 partition(s)"),
         (reply_headers(reply_partition=b"-1"), "'reply_partition' must be a non-negative integer"),
         (reply_headers(reply_partition=b"1_0"), "'reply_partition' must be a non-negative integer"),
         (reply_headers(reply_partition=b" 1"), "'reply_partition' must be a non-negative integer"),
@@ -212,5 +225,23 @@ def test_a_bad_deadline_gets_an_error_reply(deadline: bytes) -> None:
 
 
 def test_the_last_of_repeated_headers_counts() -> None:
-    parsed = parse_request(message(GOOD, *reply_headers(), ("reply_topic", b"other")), RULES)
-    assert isinstance(parsed, Request) and parsed.reply_topic == "other"
+    parsed = parse_request(message(GOOD, *reply_headers(), ("reply_topic", b"other.replies")), RULES)
+    assert isinstance(parsed, Request) and parsed.reply_topic == "other.replies"
+
+
+@pytest.mark.parametrize(
+    ("topic", "reason"),
+    [
+        ("requests", "one of the server's own topics"),
+        ("requests.dlq", "one of the server's own topics"),
+        ("peer.requests.dlq", "is a dead-letter topic"),
+        ("docs.answers", "is compacted"),
+    ],
+)
+def test_a_rule_that_allows_every_topic_still_refuses_the_servers_own_dead_letters_and_tables(
+    topic: str, reason: str
+) -> None:
+    anything = ReplyRules(TOPICS.get, ("*",), OWN, "TEST_REPLY_TOPICS")
+    assert anything.check("payments") == 3
+    with pytest.raises(InvalidMessage, match=reason):
+        anything.check(topic)

@@ -6,10 +6,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY, generate_latest
 
+from operators import metrics
 from operators.kafka import Position
 from operators.settings import SettingsError, from_args, from_env
 from operators.setup import DataflowSettings, TorchSettings
+from patternflow.secrets import secret_field
 
 
 @dataclass(frozen=True)
@@ -92,3 +95,26 @@ def test_a_dataflows_settings_add_their_own_to_the_shared_ones_under_its_prefix(
     s = from_env(Flow, "F_", {**env, "F_TOPIC": "t"})
     assert s == Flow("h:9", 5.0, Position.latest(), 9999, 2, "t")
     assert isinstance(s, DataflowSettings) and Flow().metrics_port == 9999
+
+
+CANARY = "canary-Pw-7f3a9c"
+
+
+@dataclass(frozen=True)
+class WithSecrets(DataflowSettings):
+    llm_api_key: str = secret_field()  # marked
+    store_password: str = ""  # not marked: its name says it
+    chunk_tokens: int = 256  # a name like a secret's, but not one
+
+
+def test_secret_settings_never_reach_the_metrics_labels_or_the_repr() -> None:
+    env = {"S_LLM_API_KEY": CANARY, "S_STORE_PASSWORD": CANARY, "S_CHUNK_TOKENS": "64"}
+    settings = from_env(WithSecrets, "S_", env)
+    assert settings.llm_api_key == settings.store_password == CANARY
+    metrics.serve(0, settings)
+    scraped = generate_latest(REGISTRY).decode()
+    (info,) = [line for line in scraped.splitlines() if 'dataflow="tests.test_settings"' in line]
+    assert CANARY not in scraped
+    assert 'llm_api_key="<redacted>"' in info and 'store_password="<redacted>"' in info
+    assert 'chunk_tokens="64"' in info
+    assert "llm_api_key" not in repr(settings)  # a marked secret is not even in the repr

@@ -59,10 +59,10 @@ from dataflows.rag.text import Chunker
 from models.registry import get_spec
 from operators import metrics
 from operators.dlq import DLQ_SUFFIX, to_dlq_message, try_map
-from operators.kafka import TopicCache, TopicSpec
+from operators.kafka import TopicSpec
 from operators.kafka.sink import kafka_output
-from operators.protocol import RAG_ANSWERS_TOPIC, RAG_EVALS_TOPIC, RAG_QUERIES_TOPIC
-from operators.serving import Reply, ReplyRules, error_and_dead_letter
+from operators.protocol import DEFAULT_REPLY_TOPICS, RAG_ANSWERS_TOPIC, RAG_EVALS_TOPIC, RAG_QUERIES_TOPIC
+from operators.serving import Reply, error_and_dead_letter
 from operators.settings import from_env
 from operators.setup import Application, TorchSettings
 from operators.stateful import StateConfig, keyed_state, sharded_state
@@ -76,6 +76,7 @@ class Settings(TorchSettings):
     documents_topic: str = "rag.documents"
     queries_topic: str = RAG_QUERIES_TOPIC
     answers_topic: str = RAG_ANSWERS_TOPIC  # the reply topic clients use by default
+    reply_topics: tuple[str, ...] = DEFAULT_REPLY_TOPICS  # where else queries may ask to be answered
     evals_topic: str = RAG_EVALS_TOPIC  # eval runs' figures (scripts.eval_rag), exported for this index
     partitions: int = 3
     # Documents read per poll: embedding them holds up the queries behind them (about 1 s per 16 on 2 CPU cores).
@@ -144,7 +145,7 @@ def build(settings: Settings | None = None) -> Dataflow:
     generate = generator(s, Extractive(embed, s.support_threshold))
     answering = Answering(s.fusion, generate, s.candidates, s.context_docs, version)
     metrics.RAG_INDEX.info({"version": version})
-    rules = ReplyRules(TopicCache(app.brokers).partitions, frozenset({s.queries_topic, s.queries_topic + DLQ_SUFFIX}))
+    rules = app.reply_rules(s.answers_topic, s.reply_topics, s.topics(), "RAG_REPLY_TOPICS")
     state = StateConfig(s.state_dir, shards=s.shards)
 
     flow = Dataflow("rag")

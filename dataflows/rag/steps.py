@@ -45,8 +45,8 @@ from dataflows.rag.text import Chunker, terms
 from operators import metrics
 from operators.dlq import loads_json
 from operators.kafka.message import KafkaMessage
-from operators.protocol import RAG_MODEL, deadline_ms, id_from_key
-from operators.serving import Reply, ReplyRules, Request, answerable
+from operators.protocol import RAG_MODEL, ReplyRules, deadline_ms, id_from_key
+from operators.serving import Reply, Request, answerable
 from operators.stateful import Expiring, shard_of
 from patternflow import InvalidMessage, wall_ms
 from state import StateStore

@@ -3,7 +3,7 @@
 - :class:`TopicSpec` and :func:`ensure_topics`: what a dataflow creates at start.
 - :func:`wait_for_topics`: what a client calls when it may start before the
   dataflow that creates its topics.
-- :class:`TopicCache`: partition counts from the broker's metadata, cached, for
+- :class:`TopicCache`: partition counts and cleanup policies from the broker, cached, for
   checking a destination that a message names before anything is produced there.
 
 Every broker call retries transient errors through :class:`~operators.kafka.client.Outage`.
@@ -21,12 +21,20 @@ from typing import Any, Literal
 
 from confluent_kafka import KafkaError as RdKafkaError
 from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
-from operators.kafka.client import DEFAULT_OUTAGE_LIMIT_S, Outage
+from operators.kafka.client import DEFAULT_OUTAGE_LIMIT_S, Outage, admin_config
 from operators.kafka.errors import KafkaAdminError, is_transient
 
-__all__ = ["TopicCache", "TopicSpec", "ensure_topics", "partition_count", "valid_topic_name", "wait_for_topics"]
+__all__ = [
+    "TopicCache",
+    "TopicInfo",
+    "TopicSpec",
+    "ensure_topics",
+    "partition_count",
+    "valid_topic_name",
+    "wait_for_topics",
+]
 
 log = logging.getLogger("patternflow.kafka")
 # Kafka's own rule (org.apache.kafka.common.internals.Topic): 1-249 of these characters, not "." or "..".
@@ -54,13 +62,21 @@ class TopicSpec:
 
 
 def _admin(brokers: str) -> AdminClient:
-    return AdminClient({"bootstrap.servers": brokers, "reconnect.backoff.max.ms": 1000})
+    return AdminClient(admin_config(brokers))
 
 
 def _topics(admin: AdminClient, outage: Outage, timeout_s: float = 5.0) -> dict[str, Any]:
     """Topic name -> metadata of the topics that exist and have partitions."""
-    meta = outage.call(lambda: admin.list_topics(timeout=timeout_s))
+    meta = outage.call(lambda: _listed(admin, timeout_s))
     return {name: t for name, t in meta.topics.items() if t.error is None and t.partitions}
+
+
+def _listed(admin: AdminClient, timeout_s: float) -> Any:
+    """The cluster's metadata. The poll first runs the client's error callback, which raises
+    :class:`~operators.kafka.errors.KafkaSecurityError` once the broker has refused its credentials:
+    a retry after a failed attempt stops there, rather than at the outage limit."""
+    admin.poll(0)
+    return admin.list_topics(timeout=timeout_s)
 
 
 def _outage(what: str, brokers: str, limit_s: float) -> Outage:
@@ -151,22 +167,34 @@ def wait_for_topics(
         time.sleep(0.2)
 
 
-class TopicCache:
-    """Partition counts of topics, from the broker's metadata.
+@dataclass(frozen=True)
+class TopicInfo:
+    """What a producer must know of a topic it did not declare: its partitions, and whether
+    it is compacted (a table, where a record under a key replaces the one before)."""
 
-    :meth:`partitions` answers from the cache, which a background thread
+    partitions: int
+    compacted: bool
+
+
+class TopicCache:
+    """Partition counts and cleanup policies of topics, from the broker.
+
+    :meth:`describe` answers from the cache, which a background thread
     refreshes every ``refresh_s`` (so a broker outage never blocks a caller on a
     known topic). A topic the cache does not know is asked for at once, at most
     every ``min_miss_refresh_s`` (so a stream of requests naming made-up topics
     cannot flood the broker) and with a short timeout; while the broker is
-    down the cache answers with what it last saw. Thread-safe.
+    down the cache answers with what it last saw. A topic's cleanup policy is
+    asked for the first time the topic is described, and refreshed with the
+    rest; a topic whose policy the broker did not tell is unknown. Thread-safe.
     """
 
     def __init__(self, brokers: str, *, refresh_s: float = 10.0, min_miss_refresh_s: float = 1.0) -> None:
         self.brokers = brokers
         self._admin = _admin(brokers)
         self._min_miss_refresh_s = min_miss_refresh_s
-        self._known: dict[str, int] = {}
+        self._partitions: dict[str, int] = {}  # every topic the broker has
+        self._known: dict[str, TopicInfo] = {}  # the topics described so far
         self._refreshed = -float("inf")
         self._lock = threading.Lock()
         self._refresh(timeout_s=5)
@@ -175,11 +203,23 @@ class TopicCache:
 
     def partitions(self, topic: str) -> int | None:
         """``topic``'s partition count, or ``None`` if it does not exist."""
+        info = self.describe(topic)
+        return None if info is None else info.partitions
+
+    def describe(self, topic: str) -> TopicInfo | None:
+        """``topic``'s partitions and cleanup policy, or ``None`` if it does not exist (or the broker
+        has not told its policy yet)."""
         known = self._known.get(topic)
-        if known is None and time.monotonic() - self._refreshed >= self._min_miss_refresh_s:
+        if known is not None:
+            return known
+        if topic not in self._partitions and time.monotonic() - self._refreshed >= self._min_miss_refresh_s:
             self._refresh(timeout_s=1)
-            known = self._known.get(topic)
-        return known
+        if topic in self._partitions:  # a topic that exists, described for the first time
+            with self._lock:
+                compacted = self._compacted([topic], timeout_s=1)
+                if topic in compacted and topic in self._partitions:
+                    self._known[topic] = TopicInfo(self._partitions[topic], compacted[topic])
+        return self._known.get(topic)
 
     def _keep_fresh(self, every_s: float) -> None:
         while True:
@@ -190,8 +230,28 @@ class TopicCache:
         with self._lock:
             self._refreshed = time.monotonic()
             try:
-                meta = self._admin.list_topics(timeout=timeout_s)
+                meta = _listed(self._admin, timeout_s)
             except KafkaException as exc:
                 log.warning("cannot refresh topic metadata at %s: %s; using what was last seen", self.brokers, exc)
                 return
-            self._known = {n: len(t.partitions) for n, t in meta.topics.items() if t.error is None and t.partitions}
+            partitions = {n: len(t.partitions) for n, t in meta.topics.items() if t.error is None and t.partitions}
+            described = [n for n in self._known if n in partitions]
+            compacted = self._compacted(described, timeout_s)
+            # A topic the broker did not answer about keeps the policy last seen.
+            self._partitions = partitions
+            self._known = {n: TopicInfo(partitions[n], compacted.get(n, self._known[n].compacted)) for n in described}
+
+    def _compacted(self, names: list[str], timeout_s: float) -> dict[str, bool]:
+        """Whether each of ``names`` is compacted, for those the broker answers about."""
+        if not names:
+            return {}
+        futures = self._admin.describe_configs([ConfigResource("topic", n) for n in names])
+        answers: dict[str, bool] = {}
+        for resource, future in futures.items():
+            try:
+                policy = future.result(timeout=timeout_s)["cleanup.policy"].value or ""
+            except (KafkaException, TimeoutError, KeyError) as exc:
+                log.warning("cannot describe topic %r at %s: %s", resource.name, self.brokers, exc)
+                continue
+            answers[resource.name] = "compact" in policy
+        return answers

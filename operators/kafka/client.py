@@ -1,7 +1,8 @@
 """librdkafka client settings, and riding out broker outages.
 
-One place for the settings every consumer and producer of patternflow uses
-(sources, sinks, clients, benchmarks), and :class:`Outage`, the rule for broker
+One place for the settings every consumer, producer and admin client of patternflow uses
+(sources, sinks, topic admin, clients, the gateway, scripts, benchmarks), the client-security
+profile (:mod:`operators.kafka.security`) included, and :class:`Outage`, the rule for broker
 errors: a transient one (a broker restarting, a leader moving, a topic still
 being created; see :func:`~operators.kafka.errors.is_transient`) is retried
 with backoff, and only an outage longer than ``limit_s`` raises
@@ -23,9 +24,18 @@ from confluent_kafka import KafkaException, Producer
 
 from operators.kafka.errors import KafkaUnavailable, is_transient
 from operators.kafka.message import KafkaMessage
+from operators.kafka.security import security_config
 from patternflow.retry import RetryPolicy
 
-__all__ = ["BROKER_RETRY", "OUTAGE_LIMIT_ENV", "Outage", "consumer_config", "producer_config", "send"]
+__all__ = [
+    "BROKER_RETRY",
+    "OUTAGE_LIMIT_ENV",
+    "Outage",
+    "admin_config",
+    "consumer_config",
+    "producer_config",
+    "send",
+]
 
 OUTAGE_LIMIT_ENV = "KAFKA_OUTAGE_LIMIT_S"
 DEFAULT_OUTAGE_LIMIT_S = 120.0
@@ -33,10 +43,16 @@ T = TypeVar("T")
 log = logging.getLogger("patternflow.kafka")
 
 
+def admin_config(brokers: str) -> dict[str, Any]:
+    """The librdkafka settings of every patternflow admin client (topics, metadata)."""
+    return {"bootstrap.servers": brokers, "reconnect.backoff.max.ms": 1000, **security_config()}
+
+
 def consumer_config(brokers: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The librdkafka settings of every patternflow consumer; ``extra`` overrides."""
     return {
         "bootstrap.servers": brokers,
+        **security_config(),
         # Offsets live in Bytewax snapshots; the group id only satisfies librdkafka.
         "group.id": "patternflow",
         "enable.auto.commit": False,
@@ -75,6 +91,7 @@ def producer_config(
     """
     return {
         "bootstrap.servers": brokers,
+        **security_config(),
         "partitioner": "murmur2_random",  # the Java client's key hashing
         "linger.ms": 2,
         "socket.nagle.disable": True,

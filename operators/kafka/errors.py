@@ -6,6 +6,7 @@ Under :class:`~patternflow.errors.PatternflowError`::
      ├── KafkaSourceError       the broker refused a read (unknown topic, auth, ...)
      ├── KafkaDeliveryError     a produced message was neither acknowledged nor dead-lettered
      ├── KafkaAdminError        a topic could not be created or described
+     ├── KafkaSecurityError     the client-security settings cannot work, or the broker refused them
      └── KafkaUnavailable       the broker stayed unreachable past the outage limit
 
 librdkafka's own ``KafkaException`` is translated where it enters our code.
@@ -21,6 +22,7 @@ __all__ = [
     "KafkaAdminError",
     "KafkaDeliveryError",
     "KafkaError",
+    "KafkaSecurityError",
     "KafkaSourceError",
     "KafkaUnavailable",
     "is_transient",
@@ -41,6 +43,10 @@ class KafkaDeliveryError(KafkaError):
 
 class KafkaAdminError(KafkaError):
     """A topic could not be created, found or described."""
+
+
+class KafkaSecurityError(KafkaError):
+    """The client-security settings cannot work, or the broker refused the credentials or certificate."""
 
 
 class KafkaUnavailable(KafkaError):

@@ -3,54 +3,64 @@
 :class:`KafkaSink` produces asynchronously: the message key decides the
 partition (murmur2, as Java clients do) unless the message names one, and every
 epoch's snapshot waits for all delivery reports, so an epoch completes only
-once its output is acknowledged. A failed delivery is one of two kinds:
+once its output is acknowledged. Every failed delivery is classified
+(:func:`classify`), so that nothing a message names or carries can stop the
+dataflow:
 
-==========================================  =========================================================
-the message's fault: a dead letter          the broker's or the network's: retried
-==========================================  =========================================================
-the topic does not exist or its name is     broker down or restarting, leader moving, request
-invalid; the partition does not exist;      timeouts: librdkafka retries the message until
-the message is over the size limit; the     ``outage_limit_s`` has passed, then the failure
-broker rejects the record (invalid record,  (``_MSG_TIMED_OUT``) raises :class:`KafkaDeliveryError`:
-timestamp, authorisation, policy)           the dataflow stops and resumes from its last snapshot
-==========================================  =========================================================
+- ``message``, the message's fault, a dead letter: the topic does not exist (or
+  was deleted since), its name is invalid, the partition does not exist, the
+  message is over the size limit, the broker rejects the record (invalid record
+  or timestamp, authorisation, policy), and any rejection of a record that
+  librdkafka does not mark retriable;
+- ``broker``, the broker's or the network's, retried: broker down or restarting,
+  leader moving, request timeouts. librdkafka retries the message until
+  ``outage_limit_s`` has passed and then reports ``_MSG_TIMED_OUT``; the sink then
+  asks the broker for the topic's metadata: if the broker answers, the
+  destination was at fault (say, a partition without enough in-sync replicas)
+  and the message is a dead letter; if it does not, the outage is past its limit
+  and :class:`KafkaDeliveryError` stops the dataflow, which resumes from its last
+  snapshot;
+- ``producer``, the producer was torn down (the process is stopping): the epoch
+  is not complete, and its messages are sent again after a restart.
 
 A dead letter goes to the sink's ``dlq_topic`` with the value and key it had
 (librdkafka's delivery reports do not return headers), ``dlq.reason``,
 ``dlq.step``, ``dlq.target.topic`` and ``dlq.target.partition``; a value too
 large for the broker is cut to :data:`DEAD_LETTER_MAX_VALUE_BYTES`, marked by
 ``dlq.truncated``. Without a ``dlq_topic``, or when the dead letter cannot be
-written either, the failure raises.
+written either, the failure raises: a broker that takes no dead letter is not
+well.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import bytewax.operators as op
 from bytewax.dataflow import Stream, operator
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 from confluent_kafka import KafkaError as RdKafkaError
-from confluent_kafka import Producer
+from confluent_kafka import KafkaException, Producer
 
 from operators import metrics
 from operators.kafka.client import DEFAULT_OUTAGE_LIMIT_S, OUTAGE_LIMIT_ENV, producer_config, send
-from operators.kafka.errors import KafkaDeliveryError
+from operators.kafka.errors import KafkaDeliveryError, is_transient
 from operators.kafka.message import KafkaMessage
 from patternflow import hash_key
 
-__all__ = ["DEAD_LETTER_MAX_VALUE_BYTES", "KafkaSink", "kafka_output"]
+__all__ = ["DEAD_LETTER_MAX_VALUE_BYTES", "KafkaSink", "classify", "kafka_output"]
 
 DEAD_LETTER_MAX_VALUE_BYTES = 64 * 1024
+_PROBE_TIMEOUT_S = 5.0  # asking the broker, after a message timed out, whether it answers at all
 
 # Failures that retrying cannot fix: the message, not the cluster, is at fault.
 _MESSAGE_FAULTS = frozenset(
     {
         RdKafkaError.MSG_SIZE_TOO_LARGE,  # librdkafka's local size check reports this code too
         RdKafkaError.RECORD_LIST_TOO_LARGE,
-        RdKafkaError._UNKNOWN_PARTITION,
+        RdKafkaError._UNKNOWN_PARTITION,  # also what a topic deleted since reports
         RdKafkaError._UNKNOWN_TOPIC,
         RdKafkaError.UNKNOWN_TOPIC_OR_PART,
         RdKafkaError.TOPIC_EXCEPTION,
@@ -63,7 +73,24 @@ _MESSAGE_FAULTS = frozenset(
         RdKafkaError.POLICY_VIOLATION,
     }
 )
+# The producer itself is going away: not the message's fault, nor the broker's.
+_PRODUCER_GONE = frozenset(
+    {RdKafkaError._DESTROY, RdKafkaError._PURGE_QUEUE, RdKafkaError._PURGE_INFLIGHT, RdKafkaError._FATAL}
+)
 _TOO_LARGE = frozenset({RdKafkaError.MSG_SIZE_TOO_LARGE, RdKafkaError.RECORD_LIST_TOO_LARGE})
+Fault = Literal["message", "broker", "producer"]
+
+
+def classify(err: RdKafkaError) -> Fault:
+    """Whose fault a failed delivery is (see the module's docstring); every error is one of the three."""
+    code = err.code()
+    if code in _MESSAGE_FAULTS:
+        return "message"
+    if code in _PRODUCER_GONE:
+        return "producer"
+    if code == RdKafkaError._MSG_TIMED_OUT or is_transient(err):
+        return "broker"
+    return "message"
 
 
 class _Failure:
@@ -75,8 +102,8 @@ class _Failure:
         self.error, self.topic, self.partition, self.key, self.value = error, topic, partition, key, value
 
     @property
-    def message_fault(self) -> bool:
-        return self.error.code() in _MESSAGE_FAULTS
+    def fault(self) -> Fault:
+        return classify(self.error)
 
     def describe(self) -> str:
         said = f"{self.topic}[{self.partition}] key={self.key!r:.80}: {self.error.str()}"
@@ -166,8 +193,11 @@ class _SinkPartition(StatefulSinkPartition[list[KafkaMessage], None]):
         if not self._shared.failures:
             return
         failed, self._shared.failures = self._shared.failures, []
+        # A message the broker did not take within the outage limit is at fault if the broker answers.
+        answers = any(f.fault == "broker" for f in failed) and self._broker_answers()
+        at_fault = {"message", "broker"} if answers else {"message"}
         # A dead letter that fails has nowhere left to go.
-        fatal = [f for f in failed if not f.message_fault or f.topic == self._dlq_topic]
+        fatal = [f for f in failed if f.topic == self._dlq_topic or f.fault not in at_fault]
         if fatal:
             raise KafkaDeliveryError(
                 f"step {self._step_id!r}: {len(fatal)} message(s) were not delivered, first: {fatal[0].describe()}"
@@ -181,6 +211,13 @@ class _SinkPartition(StatefulSinkPartition[list[KafkaMessage], None]):
         for failure in failed:
             send(producer, self._dlq_topic, failure.dead_letter(self._step_id, self._dlq_topic), on_refused)
         self._dead.inc(len(failed))
+
+    def _broker_answers(self) -> bool:
+        try:
+            self._shared.producer.list_topics(timeout=_PROBE_TIMEOUT_S)
+        except KafkaException:
+            return False
+        return True
 
     def snapshot(self) -> None:
         # An epoch may only complete once its output is acknowledged or dead-lettered.

@@ -18,6 +18,7 @@ import pytest
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
+from operators.kafka import admin_config
 from patternflow import default_brokers
 from tests.support.processes import ROOT
 
@@ -34,7 +35,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def brokers() -> str:
     address = default_brokers()
     try:
-        AdminClient({"bootstrap.servers": address}).list_topics(timeout=5)
+        AdminClient(admin_config(address)).list_topics(timeout=5)
     except KafkaException as exc:
         pytest.fail(f"no Kafka broker at {address} ({exc}); start one with 'make kafka-up'")
     return address
@@ -45,7 +46,7 @@ def topic(brokers: str) -> Iterator[str]:
     """A fresh topic name prefix for one test; topics are deleted afterwards."""
     name = f"t-{uuid.uuid4().hex[:10]}"
     yield name
-    admin = AdminClient({"bootstrap.servers": brokers})
+    admin = AdminClient(admin_config(brokers))
     doomed = [t for t in admin.list_topics(timeout=10).topics if t.startswith(name)]
     if doomed:
         for future in admin.delete_topics(doomed, operation_timeout=10).values():
@@ -55,7 +56,7 @@ def topic(brokers: str) -> Iterator[str]:
 class Broker:
     """A broker of this test's own, on its own ports with empty storage, that the test may stop and start."""
 
-    def __init__(self, port: int, data: Path) -> None:
+    def __init__(self, port: int, data: Path, secured: Path | None = None) -> None:
         self.address = f"127.0.0.1:{port}"
         self._env = {
             **os.environ,
@@ -63,6 +64,8 @@ class Broker:
             "KAFKA_DATA_DIR": str(data),
             "PYTHON": sys.executable,  # for the script's readiness check
         }
+        if secured is not None:  # the secured broker: its CA and admin password are made there
+            self._env["KAFKA_SECURED_DIR"] = str(secured)
 
     def _run(self, action: str) -> None:
         out = subprocess.run([str(ROOT / "scripts/kafka.sh"), action], env=self._env, capture_output=True, text=True)

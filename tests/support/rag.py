@@ -41,9 +41,12 @@ def doc_message(topic: str, doc_id: str, title: str, text: str, lang: str) -> Ka
 
 
 class Rag:
-    def __init__(self, brokers: str, topic: str, tmp: Path) -> None:
+    def __init__(self, brokers: str, topic: str, tmp: Path, **env: str) -> None:
         self.s = Settings(
-            documents_topic=f"{topic}.documents", queries_topic=f"{topic}.queries", answers_topic=f"{topic}.answers"
+            documents_topic=f"{topic}.documents",
+            queries_topic=f"{topic}.queries",
+            answers_topic=f"{topic}.answers",
+            evals_topic=f"{topic}.evals",
         )
         self.brokers, self.tmp, self.port = brokers, tmp, free_port()
         self.env = {
@@ -52,8 +55,10 @@ class Rag:
             "RAG_DOCUMENTS_TOPIC": self.s.documents_topic,
             "RAG_QUERIES_TOPIC": self.s.queries_topic,
             "RAG_ANSWERS_TOPIC": self.s.answers_topic,
+            "RAG_EVALS_TOPIC": self.s.evals_topic,
             "RAG_STATE_DIR": str(tmp / "state"),
             "RAG_METRICS_PORT": str(self.port),
+            **env,
         }
         ensure_topics(brokers, self.s.topics())
         self.proc: Logged | None = None

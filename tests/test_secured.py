@@ -1,0 +1,196 @@
+"""The secured tier: a broker that takes only SASL_SSL (SCRAM-SHA-512 over TLS) and refuses what no
+ACL allows, with the ACL matrix of ``deploy/kafka/acls.yaml`` applied; clients and a dataflow
+connect through the client-security profile, each as its own principal, and no password reaches
+what they write."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from clients.agents import AgentTopics
+from dataflows.agent.program import topic_specs
+from dataflows.event_counts import Settings
+from operators.kafka import (
+    KafkaDeliveryError,
+    KafkaMessage,
+    KafkaSecurityError,
+    KafkaSourceError,
+    TopicSpec,
+    ensure_topics,
+    partition_count,
+    produce,
+    read_topic,
+)
+from patternflow import free_port
+from tests.support.batch import JOB, fill, job_env, output_ids
+from tests.support.event_counts import events, expected_counts, run_to_end, start_dataflow
+from tests.support.online import Server, inputs, raw_request
+from tests.support.processes import ROOT, wait_for
+from tests.support.rag import DOCS, Rag, ask, doc_message, top
+from tests.support.secured import CANARY, SecuredBroker
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """The matrix applied for one test: its topics start with ``topics``, its principals with ``users``."""
+
+    topics: str
+    users: str
+
+
+@pytest.fixture
+def tenant(secured: SecuredBroker) -> Tenant:
+    name = uuid.uuid4().hex[:8]
+    made = Tenant(f"s{name}.", f"s{name}-")
+    secured.apply_matrix(made.topics, made.users)
+    return made
+
+
+def as_user(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_a_wrong_password_fails_fast_naming_the_settings(
+    secured: SecuredBroker, tenant: Tenant, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    as_user(monkeypatch, secured.env(f"{tenant.users}client", password=f"{CANARY}-wrong"))
+    start = time.monotonic()
+    with pytest.raises(KafkaSecurityError, match="KAFKA_SASL_PASSWORD") as caught:
+        partition_count(secured.address, f"{tenant.topics}agent.tasks", outage_limit_s=120)
+    assert time.monotonic() - start < 30, "an authentication failure must not wait out the outage limit"
+    assert CANARY not in str(caught.value)
+
+
+def test_an_untrusted_broker_certificate_fails_fast_naming_the_ca_setting(
+    secured: SecuredBroker, tenant: Tenant, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    system_cas = "/etc/ssl/certs/ca-certificates.crt"  # they did not sign the test broker's certificate
+    as_user(monkeypatch, secured.env(f"{tenant.users}client") | {"KAFKA_SSL_CA_LOCATION": system_cas})
+    start = time.monotonic()
+    with pytest.raises(KafkaSecurityError, match="KAFKA_SSL_CA_LOCATION"):
+        partition_count(secured.address, f"{tenant.topics}agent.tasks", outage_limit_s=120)
+    assert time.monotonic() - start < 30
+
+
+def test_the_broker_refuses_what_the_acl_matrix_does_not_allow(
+    secured: SecuredBroker, tenant: Tenant, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    agent = AgentTopics.prefixed(f"{tenant.topics}agent")
+    as_user(monkeypatch, secured.admin_env())
+    ensure_topics(secured.address, topic_specs(agent))  # made beforehand: no principal may create topics
+
+    def message(topic: str) -> list[KafkaMessage]:
+        return [KafkaMessage(b"{}", key=b"t1", topic=topic)]
+
+    as_user(monkeypatch, secured.env(f"{tenant.users}client"))
+    produce(secured.address, message(agent.tasks))
+    for forged in (agent.tool_results, agent.human_replies):  # no forged tool results or approvals
+        with pytest.raises(KafkaDeliveryError, match="TOPIC_AUTHORIZATION_FAILED"):
+            produce(secured.address, message(forged), timeout_s=20)
+    with pytest.raises(KafkaSourceError):  # nor reading the runtime's inputs
+        read_topic(secured.address, agent.tasks, timeout_s=20)
+    as_user(monkeypatch, secured.env(f"{tenant.users}reviewer"))
+    produce(secured.address, message(agent.human_replies))
+
+
+def test_a_dataflow_runs_as_its_own_principal_and_no_password_reaches_its_output(
+    secured: SecuredBroker, tenant: Tenant, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    topic, counts = f"{tenant.topics}events", f"{tenant.topics}event-counts"
+    as_user(monkeypatch, secured.admin_env())
+    settings = Settings(input_topic=topic, output_topic=counts, input_partitions=2)
+    ensure_topics(secured.address, settings.topics())  # made beforehand: the dataflow may not create topics
+    msgs = events(topic, 2_000)
+    produce(secured.address, msgs)
+
+    env = {**os.environ, **secured.env(f"{tenant.users}event_counts")}
+    with monkeypatch.context() as m:
+        m.setattr(os, "environ", env)  # start_dataflow hands os.environ to the process
+        run_to_end(start_dataflow(topic, tmp_path, secured.address, extra={"EVENT_COUNTS_OUTPUT_TOPIC": counts}))
+    rows = [orjson.loads(m.value or b"") for m in read_topic(secured.address, counts)]
+    assert {row["id"]: row["count"] for row in rows} == expected_counts(msgs)
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]  # its log, recovery snapshots and state
+    assert written and not [p for p in written if CANARY.encode() in p.read_bytes()]
+
+
+def test_the_online_server_serves_clients_as_principals_and_keeps_replies_within_its_rule(
+    secured: SecuredBroker, tenant: Tenant, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    base = f"{tenant.topics}inference"
+    documents = TopicSpec(f"{tenant.topics}rag.documents", cleanup_policy="compact")
+    as_user(monkeypatch, secured.admin_env())
+    ensure_topics(secured.address, [documents])
+    port = free_port()
+    principal = secured.env(f"{tenant.users}online_inference") | {"ONLINE_METRICS_PORT": str(port)}
+    server = Server(secured.address, base, tmp_path, 1, **principal)
+    server.start()
+    try:
+        as_user(monkeypatch, secured.env(f"{tenant.users}client"))
+        with server.client() as client:
+            server.wait_ready(client)
+            assert client.predict("tabular-risk", inputs(1), timeout_s=30)["status"] == "ok"
+            value = orjson.dumps({"model": "tabular-risk", "inputs": inputs(2)})
+            attack = raw_request(f"{base}.requests", value, correlation_id="doc-00", reply_topic=documents.name)
+            produce(secured.address, [attack])
+            assert client.predict("tabular-risk", inputs(3), timeout_s=30)["status"] == "ok"
+        scraped = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        assert CANARY not in scraped and CANARY not in server.procs[0].log.read_text(errors="replace")
+    finally:
+        server.stop()
+    as_user(monkeypatch, secured.admin_env())
+    (dead,) = wait_for(lambda: read_topic(secured.address, f"{base}.requests.dlq"), "the attack's dead letter")
+    assert "not allowed by ONLINE_REPLY_TOPICS" in (dead.header("dlq.reason") or b"").decode()
+    assert read_topic(secured.address, documents.name) == []
+
+
+def test_a_batch_job_runs_as_its_own_principal_and_its_manifest_holds_no_password(
+    secured: SecuredBroker, tenant: Tenant, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    customers = f"{tenant.topics}customers"
+    as_user(monkeypatch, secured.admin_env())
+    fill(secured.address, customers, 0, 500)
+    env = {**job_env(secured.address), **secured.env(f"{tenant.users}batch_inference")}
+    command = [*JOB, "--job", "nightly", "--input", f"kafka:{customers}", "--jobs-dir", str(tmp_path)]
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(output_ids(tmp_path / "nightly" / "output")) == sorted(f"c{i}" for i in range(500))
+    manifest = (tmp_path / "nightly" / "manifest.json").read_text()
+    assert CANARY not in manifest + done.stdout + done.stderr
+    assert not [p for p in tmp_path.rglob("*") if p.is_file() and CANARY.encode() in p.read_bytes()]
+
+
+def test_rag_runs_as_its_own_principal_and_no_query_can_reply_into_its_documents(
+    secured: SecuredBroker, tenant: Tenant, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    as_user(monkeypatch, secured.admin_env())
+    rag = Rag(secured.address, f"{tenant.topics}rag", tmp_path, **secured.env(f"{tenant.users}rag"))
+    s = rag.s
+    rag.start()
+    try:
+        as_user(monkeypatch, secured.env(f"{tenant.users}client"))
+        with rag.client() as client:
+            rag.wait_ready(client)
+            rag.produce(doc_message(s.documents_topic, "vitd", *DOCS["vitd"]))
+            wait_for(lambda: top(ask(client, "vitamin D bone", k=1, answer=False)) == ["vitd"], "the document")
+            query = b'{"model": "rag", "inputs": {"query": "x"}}'
+            rag.produce(raw_request(s.queries_topic, query, correlation_id="doc-00", reply_topic=s.documents_topic))
+            assert top(ask(client, "vitamin D bone", k=1, answer=False)) == ["vitd"]  # still serving
+    finally:
+        assert rag.proc is not None
+        rag.proc.kill()
+        log = rag.proc.log.read_text(errors="replace")
+    assert CANARY not in log
+    as_user(monkeypatch, secured.admin_env())
+    (dead,) = wait_for(lambda: read_topic(secured.address, f"{s.queries_topic}.dlq"), "the attack's dead letter")
+    assert "one of the server's own topics" in (dead.header("dlq.reason") or b"").decode()
+    assert [m.key for m in read_topic(secured.address, s.documents_topic)] == [b"vitd"]
