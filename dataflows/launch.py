@@ -13,11 +13,28 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
+from datetime import timedelta
+from importlib import import_module
 from pathlib import Path
 
-from patternflow import free_port
+from patternflow import default_brokers, free_port, wall_ms
 
-__all__ = ["LONG_RUNNING", "AgentStack", "exited", "main", "run_command"]
+__all__ = [
+    "LONG_RUNNING",
+    "AgentStack",
+    "ensure_recovery",
+    "exited",
+    "main",
+    "run_cluster",
+    "run_command",
+    "run_process",
+]
+
+PROG = "python -m dataflows.launch"
+_LAUNCH = [sys.executable, "-m", "dataflows.launch"]
+CLUSTER_STOP_S = 30.0  # how long the other processes of a cluster get to stop once one has failed
 
 ROOT = Path(__file__).resolve().parent.parent
 # The dataflows that run until stopped (dataflows.batch_inference runs one job and exits).
@@ -35,9 +52,7 @@ LONG_RUNNING = (
 
 def run_command(flow: str, recovery: Path, *, snapshot_s: int = 1, workers: int = 1) -> list[str]:
     """``bytewax.run`` for ``flow`` (e.g. ``"dataflows.event_counts:build()"``), snapshotting every ``snapshot_s``."""
-    if not recovery.exists():
-        recovery.mkdir(parents=True)
-        subprocess.run([sys.executable, "-m", "bytewax.recovery", str(recovery), "1"], check=True)
+    ensure_recovery(recovery)
     run = [sys.executable, "-m", "bytewax.run", flow, "-r", str(recovery)]
     return [*run, "-s", str(snapshot_s), "-b", "0", "-w", str(workers)]
 
@@ -109,18 +124,157 @@ class AgentStack:
         self.stop()
 
 
+def ensure_recovery(recovery: Path, *, partitions: int = 1) -> None:
+    """Create the recovery store at ``recovery`` unless it exists (``partitions=0``: an empty
+    directory, for a process of a cluster whose recovery partitions live on another process's host)."""
+    if recovery.exists():
+        return
+    recovery.mkdir(parents=True)
+    if partitions:
+        subprocess.run([sys.executable, "-m", "bytewax.recovery", str(recovery), str(partitions)], check=True)
+
+
+def run_process(
+    dataflow: str,
+    recovery: Path,
+    *,
+    snapshot_s: int = 5,
+    workers: int = 1,
+    process_id: int | None = None,
+    addresses: list[str] | None = None,
+) -> int:
+    """Run ``dataflows.<dataflow>`` in this process (one process of a cluster when ``addresses`` are given)
+    and return its exit status: 0 when it ended, 1 when it failed, having logged the first cause."""
+    from bytewax._bytewax import cli_main
+    from bytewax.recovery import RecoveryConfig
+
+    from operators.failures import Failure, FailureBoard, cluster_key, guard
+
+    ensure_recovery(recovery, partitions=0 if process_id else 1)
+    if process_id is not None:
+        os.environ.setdefault("BYTEWAX_PROCESS_ID", str(process_id))  # each process's metrics port
+    started_ms = wall_ms()
+    flow = import_module(f"dataflows.{dataflow}").build()
+    board = FailureBoard(default_brokers(), cluster_key(flow.flow_id, addresses or [])) if addresses else None
+    if board is not None:
+        board.ensure()
+    first: list[Failure] = []
+    lock = threading.Lock()
+
+    def failed(step_id: str, exc: BaseException) -> None:
+        with lock:
+            if first:
+                return
+            first.append(Failure.of(process_id or 0, step_id, exc))
+        print(f"{PROG}: {first[0]}\n{first[0].traceback}", file=sys.stderr, flush=True)
+        if board is not None:  # before the exception goes on and the cluster's connections drop
+            board.publish(first[0])
+
+    try:
+        cli_main(
+            guard(flow, failed),
+            workers_per_process=workers,
+            process_id=process_id,
+            addresses=addresses,
+            epoch_interval=timedelta(seconds=snapshot_s),
+            recovery_config=RecoveryConfig(str(recovery), timedelta(0)),
+        )
+    except KeyboardInterrupt:
+        return 130
+    except BaseException as exc:  # Bytewax's PanicException is a BaseException
+        cause = first[0] if first else board.first(started_ms) if board is not None else None
+        if cause is None:
+            print(
+                f"{PROG}: {dataflow} stopped ({type(exc).__name__}: {exc}); no process of the cluster reported "
+                "a cause: one was killed, or lost its host or the network",
+                file=sys.stderr,
+            )
+        else:
+            peers = "" if first else f"\n{cause.traceback}"  # this process's own was logged when it was raised
+            print(f"{PROG}: {dataflow} stopped; the first cause: {cause}{peers}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_cluster(dataflow: str, recovery: Path, *, processes: int, snapshot_s: int = 5, workers: int = 1) -> int:
+    """Run ``dataflows.<dataflow>`` as ``processes`` processes on this machine (sharing its recovery and
+    state directories), their output prefixed with ``[<process id>]``; the status of the first to fail,
+    or 0 when all ended."""
+    addresses = ";".join(f"127.0.0.1:{free_port()}" for _ in range(processes))
+    ensure_recovery(recovery)
+    flags = ["--recovery", str(recovery), "--snapshot-s", str(snapshot_s), "--workers", str(workers)]
+    procs = [
+        subprocess.Popen(
+            [*_LAUNCH, dataflow, *flags, "--process-id", str(i), "--addresses", addresses],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for i in range(processes)
+    ]
+    relays = [threading.Thread(target=_relay, args=(proc, f"[{i}] "), daemon=True) for i, proc in enumerate(procs)]
+    for relay in relays:
+        relay.start()
+
+    def forward(signum: int, _: object) -> None:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, forward)
+    failed: tuple[int, int] | None = None  # (process id, status) of the first to fail
+    while any(p.poll() is None for p in procs) and failed is None:
+        failed = next(((i, p.returncode) for i, p in enumerate(procs) if p.poll() not in (None, 0)), None)
+        time.sleep(0.1)
+    # The others stop once their peer's connections drop; give them time to say why.
+    deadline = time.monotonic() + CLUSTER_STOP_S
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    for relay in relays:
+        relay.join(timeout=5)
+    failed = failed or next(((i, p.returncode) for i, p in enumerate(procs) if p.returncode), None)
+    if failed is None:
+        return 0
+    print(f"{PROG}: process {failed[0]} of {dataflow} exited first with status {failed[1]}", file=sys.stderr)
+    return failed[1] if failed[1] > 0 else 1
+
+
+def _relay(proc: subprocess.Popen[bytes], prefix: str) -> None:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        sys.stdout.buffer.write(prefix.encode() + line)
+        sys.stdout.buffer.flush()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m dataflows.launch", description="Run a dataflow with recovery; settings from the environment."
+        prog=PROG,
+        description="Run a dataflow with recovery, alone or as a cluster; settings from the environment.",
     )
     parser.add_argument("dataflow", choices=LONG_RUNNING)
     parser.add_argument("--recovery", type=Path, help="the recovery directory (var/recovery/DATAFLOW)")
     parser.add_argument("--snapshot-s", type=int, default=5, help="seconds between snapshots (5)")
-    parser.add_argument("--workers", type=int, default=1, help="worker threads (1)")
+    parser.add_argument("--workers", type=int, default=1, help="worker threads per process (1)")
+    parser.add_argument("--processes", type=int, default=1, help="processes on this machine, as one cluster (1)")
+    parser.add_argument("--process-id", type=int, help="this process's id in a cluster across hosts (0 to N-1)")
+    parser.add_argument("--addresses", help='every process\'s host:port, by process id, ";"-separated, on every host')
     args = parser.parse_args(argv)
+    if (args.process_id is None) != (args.addresses is None):
+        parser.error("--process-id and --addresses go together")
+    if args.addresses is not None and args.processes != 1:
+        parser.error("--processes is for one machine; with --addresses, start one launcher per process")
+    if args.processes < 1 or args.workers < 1:
+        parser.error("--processes and --workers must be at least 1")
     recovery = args.recovery or Path("var/recovery") / args.dataflow
-    cmd = run_command(f"dataflows.{args.dataflow}:build()", recovery, snapshot_s=args.snapshot_s, workers=args.workers)
-    os.execv(cmd[0], cmd)
+    common = {"snapshot_s": args.snapshot_s, "workers": args.workers}
+    if args.processes > 1:
+        sys.exit(run_cluster(args.dataflow, recovery, processes=args.processes, **common))
+    addresses = args.addresses.split(";") if args.addresses is not None else None
+    sys.exit(run_process(args.dataflow, recovery, process_id=args.process_id, addresses=addresses, **common))
 
 
 if __name__ == "__main__":
