@@ -1,5 +1,6 @@
 """Dataflows as clusters of processes, started as users start them (``python -m dataflows.launch
-NAME --processes N``): exact results, and a failure that every process names."""
+NAME --processes N``): exact results, their progress in a consumer group, and a failure that
+every process names."""
 
 from __future__ import annotations
 
@@ -7,10 +8,39 @@ import shutil
 from pathlib import Path
 
 import pytest
+from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
+from confluent_kafka.admin import AdminClient
 
+from operators.kafka import consumer_config
 from tests.support.event_counts import counts_by_id, events, expected_counts, prepare, run_to_end, start_dataflow
 
 pytestmark = pytest.mark.e2e
+
+GROUP = "patternflow.event_counts"  # the group event_counts commits its snapshots' offsets to
+
+
+def commit(brokers: str, group: str, offsets: list[TopicPartition]) -> None:
+    consumer = Consumer(consumer_config(brokers, {"group.id": group}))
+    try:
+        consumer.commit(offsets=offsets, asynchronous=False)
+    finally:
+        consumer.close()
+
+
+def committed(brokers: str, group: str, topic: str, partitions: int) -> dict[int, int]:
+    """What ``kafka-consumer-groups.sh --describe`` shows as the group's offsets in ``topic``."""
+    query = ConsumerGroupTopicPartitions(group, [TopicPartition(topic, p) for p in range(partitions)])
+    admin = AdminClient({"bootstrap.servers": brokers})  # alive until its answer comes
+    (future,) = admin.list_consumer_group_offsets([query]).values()
+    return {tp.partition: tp.offset for tp in future.result(timeout=10).topic_partitions}
+
+
+def ends(brokers: str, topic: str, partitions: int) -> dict[int, int]:
+    consumer = Consumer(consumer_config(brokers))
+    try:
+        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in range(partitions)}
+    finally:
+        consumer.close()
 
 
 def test_event_counts_as_two_processes_counts_exactly_and_every_process_names_a_lost_state_directory(
@@ -18,9 +48,12 @@ def test_event_counts_as_two_processes_counts_exactly_and_every_process_names_a_
 ) -> None:
     msgs = events(topic, 20_000)
     prepare(brokers, topic, msgs, partitions=4)
+    commit(brokers, GROUP, [TopicPartition(topic, p, 3) for p in range(4)])  # offsets a start must not use
     run_to_end(start_dataflow(topic, tmp_path, brokers, processes=2))
     by_id, rows = counts_by_id(brokers, topic)
     assert by_id == expected_counts(msgs) and rows == len(by_id)
+    # Each process committed its partitions' offsets at its snapshots: the group shows the input read to its end.
+    assert committed(brokers, GROUP, topic, 4) == ends(brokers, topic, 4)
 
     # One shard's state directory is lost: the process that owns the shard cannot resume it.
     (shard,) = [d for d in (tmp_path / "state").glob("*/shard-3")]
