@@ -208,6 +208,7 @@ def run_cluster(dataflow: str, recovery: Path, *, processes: int, snapshot_s: in
             [*_LAUNCH, dataflow, *flags, "--process-id", str(i), "--addresses", addresses],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
         )
         for i in range(processes)
     ]
@@ -241,6 +242,15 @@ def run_cluster(dataflow: str, recovery: Path, *, processes: int, snapshot_s: in
         return 0
     print(f"{PROG}: process {failed[0]} of {dataflow} exited first with status {failed[1]}", file=sys.stderr)
     return failed[1] if failed[1] > 0 else 1
+
+
+def _die_with_parent() -> None:
+    """A process of a cluster gets SIGKILL when its launcher dies, even by kill -9 (Linux), rather
+    than running on, orphaned, beside the next launcher's processes."""
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _relay(proc: subprocess.Popen[bytes], prefix: str) -> None:

@@ -5,14 +5,17 @@ every process names."""
 from __future__ import annotations
 
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from operators.kafka import consumer_config
+from operators.kafka import consumer_config, read_topic
 from tests.support.event_counts import counts_by_id, events, expected_counts, prepare, run_to_end, start_dataflow
+from tests.support.fraud import VELOCITY, Fraud
+from tests.support.processes import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -67,3 +70,23 @@ def test_event_counts_as_two_processes_counts_exactly_and_every_process_names_a_
         assert any("the first cause: process" in line and "StateRecoveryError" in line for line in lines), log[-4000:]
     assert "the state directory was lost" in log
     assert "exited first with status 1" in log
+
+
+def test_fraud_detection_killed_as_two_processes_and_resumed_as_three_scores_as_one_process_does(
+    fraud: Fraud,
+) -> None:
+    fraud.feed(12_000)
+    decisions = fraud.topics["decisions"]
+    clean = fraud.start("clean", decisions=f"{decisions}-clean")
+    assert clean.wait(timeout=300) == 0, clean.output()
+    crashed = fraud.start("cluster", processes=2)
+    wait_for(lambda: crashed.poll() is not None or len(read_topic(fraud.brokers, decisions)) > 5_000, "decisions", 120)
+    assert crashed.poll() is None, "the cluster ended before the kill; give it more payments"
+    crashed.send_signal(signal.SIGKILL)  # the launcher; its processes die with it
+    crashed.wait()
+    resumed = fraud.start("cluster", processes=3)  # on one machine: one state directory, shards move freely
+    assert resumed.wait(timeout=300) == 0, resumed.output()
+    expected, got = fraud.decisions(f"{decisions}-clean"), fraud.decisions()
+    assert got.keys() == expected.keys() and len(got) == 12_000
+    for pid, want in expected.items():
+        assert {k: got[pid]["features"][k] for k in VELOCITY} == {k: want["features"][k] for k in VELOCITY}, pid
