@@ -151,8 +151,10 @@ def run_process(
     from operators.failures import Failure, FailureBoard, cluster_key, guard
 
     ensure_recovery(recovery, partitions=0 if process_id else 1)
+    # As bytewax.run's flags would: each process's metrics port, and the recovery its metrics publish.
+    os.environ["BYTEWAX_RECOVERY_DIRECTORY"] = str(recovery)
     if process_id is not None:
-        os.environ.setdefault("BYTEWAX_PROCESS_ID", str(process_id))  # each process's metrics port
+        os.environ["BYTEWAX_PROCESS_ID"] = str(process_id)
     started_ms = wall_ms()
     flow = import_module(f"dataflows.{dataflow}").build()
     board = FailureBoard(default_brokers(), cluster_key(flow.flow_id, addresses or [])) if addresses else None
