@@ -6,16 +6,23 @@ from __future__ import annotations
 
 import shutil
 import signal
+import uuid
 from pathlib import Path
 
+import orjson
 import pytest
 from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, TopicPartition
 from confluent_kafka.admin import AdminClient
 
+from clients.agents import AgentClient
+from dataflows.launch import AgentStack
+from models.scripted_llm import RECORDINGS, ScriptedModel, serve
 from operators.kafka import consumer_config, read_topic
+from patternflow import free_port
 from tests.support.event_counts import counts_by_id, events, expected_counts, prepare, run_to_end, start_dataflow
 from tests.support.fraud import VELOCITY, Fraud
 from tests.support.processes import wait_for
+from tests.support.rag import DOCS, Rag, ask, doc_message, top
 
 pytestmark = pytest.mark.e2e
 
@@ -90,3 +97,48 @@ def test_fraud_detection_killed_as_two_processes_and_resumed_as_three_scores_as_
     assert got.keys() == expected.keys() and len(got) == 12_000
     for pid, want in expected.items():
         assert {k: got[pid]["features"][k] for k in VELOCITY} == {k: want["features"][k] for k in VELOCITY}, pid
+
+
+def test_rag_indexes_as_two_processes_and_answers_the_same_after_a_kill_9_and_a_restart_as_three(
+    brokers: str, topic: str, tmp_path: Path
+) -> None:
+    rag = Rag(brokers, topic, tmp_path).start(processes=2)
+    try:
+        with rag.client() as client:
+            rag.wait_ready(client)
+            rag.produce(*(doc_message(rag.s.documents_topic, d, *fields) for d, fields in DOCS.items()))
+            queries = ("aspirin heart attack", "bone fractures", "memory adolescents")
+            wait_for(lambda: len(top(ask(client, "aspirin bone memory", k=4, retriever="bm25"))) == 4, "indexed")
+            expected = {q: ask(client, q, k=4, answer=False)["hits"] for q in queries}
+            assert top(ask(client, "Does aspirin reduce heart attacks?", k=3))[0] == "aspirin"
+            assert rag.proc is not None
+            rag.proc.send_signal(signal.SIGKILL)  # the launcher; its processes die with it
+            rag.proc.wait()
+            rag.start(processes=3)
+            rag.wait_ready(client)
+            # The index shards moved between processes; the index is the same.
+            assert {q: ask(client, q, k=4, answer=False)["hits"] for q in queries} == expected
+    finally:
+        if rag.proc is not None and rag.proc.poll() is None:
+            rag.proc.kill()
+
+
+def test_the_agent_loop_runs_as_two_processes_and_after_a_kill_9_as_three(brokers: str, tmp_path: Path) -> None:
+    prefix = f"t-{uuid.uuid4().hex[:10]}"
+    model = ScriptedModel(orjson.loads(RECORDINGS.read_bytes()))
+    settings = {"AGENT_TOOLS": "calculator", "AGENT_TOOLS_TOOLS": "calculator"}
+    with (
+        serve(model, free_port(), latency_ms=20) as url,
+        AgentStack(brokers, tmp_path, url, prefix, **settings) as stack,
+        AgentClient(brokers, topic_prefix=prefix) as agents,
+    ):
+        stack.start(processes=2)
+        first = [agents.submit("What is 17 * 23 + 4?", tenant=f"t{i}") for i in range(6)]
+        assert all(agents.wait(task)["answer"] == "17 * 23 + 4 = 395." for task in first)
+        stack.kill()  # the launchers; their processes die with them
+        stack.start(processes=3)
+        later = [agents.submit("What is 17 * 23 + 4?", tenant=f"t{i}") for i in range(6)]
+        results = [agents.wait(task) for task in first + later]
+        stack.check()
+    assert all(r["status"] == "done" and r["answer"] == "17 * 23 + 4 = 395." for r in results)
+    assert all(r["turns"] == 2 and r["tool_calls"] == 1 for r in results), "no turn or tool call ran twice"
