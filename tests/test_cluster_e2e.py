@@ -130,15 +130,15 @@ def test_the_agent_loop_runs_as_two_processes_and_after_a_kill_9_as_three(broker
     with (
         serve(model, free_port(), latency_ms=20) as url,
         AgentStack(brokers, tmp_path, url, prefix, **settings) as stack,
-        AgentClient(brokers, topic_prefix=prefix) as agents,
     ):
         stack.start(processes=2)
-        first = [agents.submit("What is 17 * 23 + 4?", tenant=f"t{i}") for i in range(6)]
-        assert all(agents.wait(task)["answer"] == "17 * 23 + 4 = 395." for task in first)
-        stack.kill()  # the launchers; their processes die with them
-        stack.start(processes=3)
-        later = [agents.submit("What is 17 * 23 + 4?", tenant=f"t{i}") for i in range(6)]
-        results = [agents.wait(task) for task in first + later]
+        with AgentClient(brokers, topic_prefix=prefix) as agents:
+            first = [agents.submit("What is 17 * 23 + 4?", tenant=f"t{i}") for i in range(6)]
+            assert all(agents.wait(task, timeout_s=180)["answer"] == "17 * 23 + 4 = 395." for task in first)
+            stack.kill()  # the launchers; their processes die with them
+            stack.start(processes=3)
+            later = [agents.submit("What is 17 * 23 + 4?", tenant=f"t{i}") for i in range(6)]
+            results = [agents.wait(task, timeout_s=180) for task in first + later]
         stack.check()
     assert all(r["status"] == "done" and r["answer"] == "17 * 23 + 4 = 395." for r in results)
     assert all(r["turns"] == 2 and r["tool_calls"] == 1 for r in results), "no turn or tool call ran twice"
