@@ -215,6 +215,7 @@ def run_cluster(dataflow: str, recovery: Path, *, processes: int, snapshot_s: in
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             preexec_fn=_die_with_parent,
+            start_new_session=True,  # Ctrl-C reaches them once, forwarded, not also from the terminal
         )
         for i in range(processes)
     ]
