@@ -1,9 +1,16 @@
-"""The command line that runs a dataflow as users run it: ``python -m bytewax.run``
-with a recovery directory (created on first use). Tests, the demo and the
-benchmarks start every dataflow through it; :class:`AgentStack` starts the agent
+"""The command line that runs a dataflow as users run it, with a recovery directory
+(created on first use), alone or as a Bytewax cluster; tests, the demo and the
+benchmarks start dataflows through it (:func:`run_command` is the same run as a
+``python -m bytewax.run`` command line); :class:`AgentStack` starts the agent
 runtime with its tool workers. The container image runs a dataflow with it::
 
-    python -m dataflows.launch event_counts     # recovery in var/recovery/event_counts
+    python -m dataflows.launch event_counts                  # recovery in var/recovery/event_counts
+    python -m dataflows.launch event_counts --processes 2    # a cluster of 2 processes on this machine
+    python -m dataflows.launch event_counts --process-id 0 --addresses "a:2101;b:2101"   # on host a
+
+Under the launcher every process of a cluster names the first failure of any of them
+(:mod:`operators.failures`) and exits 1; ``--processes`` exits with the status of the
+first process to fail. docs/deploy.md says where recovery and state directories live.
 """
 
 from __future__ import annotations
