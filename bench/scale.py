@@ -15,6 +15,7 @@ then equal to the input's.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -145,14 +146,9 @@ def committed(group: str, topic: str, partitions: int) -> dict[int, int]:
 
 def fraud_input(n: int) -> tuple[FraudSettings, int]:
     prefix = f"bscale-{uuid.uuid4().hex[:8]}"
-    s = FraudSettings(
-        payments_topic=f"{prefix}.payments",
-        chargebacks_topic=f"{prefix}.chargebacks",
-        merchants_topic=f"{prefix}.merchants",
-        decisions_topic=f"{prefix}.decisions",
-        outcomes_topic=f"{prefix}.outcomes",
-        late_topic=f"{prefix}.late",
-    )
+    names = [f.name for f in dataclasses.fields(FraudSettings) if f.name.endswith("_topic")]
+    topics: dict[str, Any] = {name: f"{prefix}.{name.removesuffix('_topic')}" for name in names}
+    s = dataclasses.replace(FraudSettings(), **topics)
     ensure_topics(BROKERS, s.topics())
     traffic = generate(n, seed=3)
     produce(BROKERS, table_messages(traffic, s.merchants_topic))
