@@ -225,7 +225,7 @@ def main() -> None:
         "thread, and Python's GIL keeps a process's operators to one core, so a second process can add "
         "at most the core the first leaves free, less what the broker needs and what the cluster's "
         "exchange costs: every keyed step sends the items another process owns over TCP, pickled. "
-        f"Event counts (one keyed step, small items) gains {result['event_counts_speedup']}x; fraud "
+        f"Event counts (one keyed step, small items) runs at {result['event_counts_speedup']}x; fraud "
         "detection (several keyed steps per payment: joins, per-card features, model shards, larger "
         f"items) runs at {result['fraud_speedup']}x: on two cores shared with the broker the exchange "
         "costs more than the second core gives. That is this machine's ceiling, not the design's: with "
