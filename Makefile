@@ -57,6 +57,7 @@ bench: kafka-up
 	$(PY) -m bench.online --quick
 	$(PY) -m bench.batch --quick
 	$(PY) -m bench.rag --quick
+	$(PY) -m bench.scale --quick
 
 clean:
 	rm -rf var $(filter-out bench/results/README.md,$(wildcard bench/results/*.md)) bench/results/*.png

@@ -132,11 +132,6 @@ class JobsClient:
                 msgs = self._consumer.consume(500, 0.1)
             except KafkaException:  # closed under us
                 return
-            if self._behind:
-                now = self._consumer.position(self._behind)
-                self._behind = [end for end, at in zip(self._behind, now, strict=True) if at.offset < end.offset]
-            if not self._behind:
-                self._caught_up.set()
             for msg in msgs:
                 key, value = msg.key(), msg.value()
                 if msg.error() is not None or not key:
@@ -150,6 +145,12 @@ class JobsClient:
                         continue  # not written by the workers
                     if isinstance(record, dict) and record.get("status") in _RANK and "job_id" in record:
                         self._update(record)
+            # Only once the records read so far are applied: a lookup after the constructor returns sees them.
+            if self._behind:
+                now = self._consumer.position(self._behind)
+                self._behind = [end for end, at in zip(self._behind, now, strict=True) if at.offset < end.offset]
+            if not self._behind:
+                self._caught_up.set()
 
     def close(self) -> None:
         self._closed.set()

@@ -18,6 +18,7 @@ import bytewax.operators as op
 from bytewax.dataflow import Dataflow
 
 from dataflows.async_jobs.jobs import JobTable, parse_jobs, run_jobs
+from dataflows.async_jobs.published import PublishedResults
 from models.registry import load, specs
 from operators.dlq import DLQ_SUFFIX, to_dlq_message
 from operators.kafka import TopicSpec
@@ -39,6 +40,7 @@ class Settings(TorchSettings):
     max_inputs: int = 1_000  # per job
     jobs_per_poll: int = 64  # submissions read (and batched together) per poll of a partition
     result_ttl_s: int = 7 * 24 * 3600  # how long a job id is remembered (a resubmission after is run again)
+    max_clock_skew_s: int = 300  # between submitters and workers: how far back a restart looks for results
     state_dir: Path = Path("var/state/async_jobs")
     state_shards: int = 8
     metrics_port: int = 9103
@@ -70,10 +72,16 @@ def build(settings: Settings | None = None) -> Dataflow:
     flow = Dataflow("async_jobs")
     polls = op.input("submissions", flow, app.batch_source([s.submit_topic], batch_size=s.jobs_per_poll))
     # KafkaBatch: the submissions one poll of a partition read
-    parsed = op.map("parse", polls, lambda batch: parse_jobs("async_jobs.parse", batch, s.max_inputs))
-    # Parsed: jobs to run, jobs failed already (with their dead letters), messages with no job id
+    published = PublishedResults(
+        app.brokers, s.results_topic, max_clock_skew_ms=s.max_clock_skew_s * 1000, outage_limit_s=app.outage_limit_s
+    )
+    parsed = op.map("parse", polls, lambda batch: published.split(parse_jobs("async_jobs.parse", batch, s.max_inputs)))
+    # Parsed: jobs to run, jobs failed already (with their dead letters), jobs finished before a restart
+    # (their published results), messages with no job id
     taken = op.flat_map("take", parsed, lambda p: [job.result("running") for job in p.jobs])
-    finished = op.flat_map("run", parsed, lambda p: run_jobs(models, p.jobs) + [failed for failed, _ in p.failed])
+    finished = op.flat_map(
+        "run", parsed, lambda p: run_jobs(models, p.jobs) + [failed for failed, _ in p.failed] + p.published
+    )
     # JobResult: running notices, and results (done or failed), one of each per job
     statuses = op.key_on("by_job", op.merge("statuses", taken, finished), lambda result: result.job_id)
     state = StateConfig(s.state_dir, shards=s.state_shards)

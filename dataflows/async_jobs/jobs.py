@@ -19,13 +19,13 @@ cannot be answered: it goes to the dead-letter topic only; one with an id but a
 bad body fails (the reason is in ``error``) and is also dead-lettered.
 
 Each job's status is recorded in RocksDB-backed keyed state (:class:`JobTable`),
-which alone publishes statuses: after a kill -9 and the replay that follows, a
-job that already has a result is not recorded or published again, and one that
-had not is run and recorded once. (Its ``done`` message can still appear twice
-on the topic when the kill falls between publishing and the snapshot: the same
-record, under the same key.) A job id is an idempotency key: a resubmission
-under a finished job's id gets the first result again (the model may run for it,
-but its result is dropped).
+which alone publishes statuses. After a kill -9 the table rolls back to the last
+snapshot and the submissions read since are read again: a job that had finished
+is not run again (:mod:`~dataflows.async_jobs.published` finds its result on the
+results topic and the table publishes that same record again), and one that had
+not is run and recorded once (its ``running`` notice may appear twice). A job
+id is an idempotency key: a resubmission under a finished job's id gets the
+first result again (the model may run for it, but its result is dropped).
 """
 
 from __future__ import annotations
@@ -86,10 +86,12 @@ class JobResult:
 
 @dataclass(frozen=True)
 class Parsed:
-    """One poll's submissions: jobs to run, jobs failed already, and messages with no job id."""
+    """One poll's submissions: jobs to run, jobs failed already, jobs with a published result
+    (:mod:`~dataflows.async_jobs.published`), and messages with no job id."""
 
     jobs: list[Job] = field(default_factory=list)
     failed: list[tuple[JobResult, DeadLetter]] = field(default_factory=list)
+    published: list[JobResult] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
 
 

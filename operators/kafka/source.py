@@ -4,7 +4,7 @@ Bytewax's own connector takes one start offset for every partition and stops a
 bounded read when each partition first catches up, which is not deterministic
 while producers write. :class:`KafkaSource` instead gives each Kafka partition
 its own Bytewax partition and consumer, keeps offsets in Bytewax's recovery
-snapshots (no consumer group), starts each partition at a :class:`Position`,
+snapshots, starts each partition at a :class:`Position`,
 and in bounded mode resolves each partition's end (its high watermark, or an
 ``end`` position) once, at the first start, and stops there: the end offsets
 are part of the snapshot, so a replay resumed after a crash stops where the
@@ -15,6 +15,12 @@ first run would have.
 as columns, for dataflows that work on batches: building a KafkaMessage costs
 more than reading the record, and a batch builds none unless iterated.
 
+After each snapshot a partition commits the offset the snapshot holds to the
+consumer group ``patternflow.<dataflow id>`` (unless ``config`` names a
+``group.id``), so Kafka's own lag tools (``kafka-consumer-groups.sh --describe``,
+Burrow, KEDA's Kafka scaler) see a dataflow's progress. The group is never read:
+no consumer joins it, and where a partition starts is Bytewax's recovery alone.
+
 A broker outage is ridden out: transient errors are retried, and only an
 outage longer than ``outage_limit_s`` raises
 :class:`~operators.kafka.errors.KafkaUnavailable`.
@@ -23,6 +29,7 @@ outage longer than ``outage_limit_s`` raises
 from __future__ import annotations
 
 import gc
+import logging
 import time
 from bisect import bisect_left
 from collections.abc import Iterator, Mapping, Sequence
@@ -40,9 +47,12 @@ from operators.kafka.errors import KafkaSourceError, is_transient
 from operators.kafka.message import KafkaBatch, KafkaMessage, records
 from operators.kafka.position import Position
 
-__all__ = ["KafkaBatchSource", "KafkaSource", "fixed_range"]
+__all__ = ["GROUP_PREFIX", "KafkaBatchSource", "KafkaSource", "fixed_range"]
+
+GROUP_PREFIX = "patternflow."  # + the dataflow's id: the consumer group a source commits its snapshots' offsets to
 
 X = TypeVar("X")
+log = logging.getLogger("patternflow.kafka")
 _PROBE_INTERVAL_S = 5.0  # how often a partition updates its lag and checks that the broker answers
 
 
@@ -104,6 +114,7 @@ class _Partition(StatefulSourcePartition[Any, _PartState]):
         # of every partition for a round trip to the broker.
         self._probed = time.monotonic()
         self._read_since_probe = False
+        self._committed = -1
 
     def next_batch(self) -> list[Any]:
         if self._end is not None and self._next >= self._end:
@@ -180,7 +191,17 @@ class _Partition(StatefulSourcePartition[Any, _PartState]):
         self._lag.set(max(0, end - self._next))
 
     def snapshot(self) -> _PartState:
+        if self._next != self._committed:
+            # For Kafka's lag tools only (kafka-consumer-groups.sh, Burrow, KEDA): a start never reads it back.
+            self._commit([TopicPartition(self._topic, self._partition, self._next)])
+            self._committed = self._next
         return _PartState(self._next, self._end)
+
+    def _commit(self, offsets: list[TopicPartition]) -> None:
+        try:
+            self._consumer.commit(offsets=offsets, asynchronous=True)
+        except KafkaException as exc:  # the local queue is full, or the broker is away: the next snapshot commits
+            log.debug("step %r: committing %s failed: %s", self._step_id, offsets, exc)
 
     def close(self) -> None:
         self._consumer.close()
@@ -253,7 +274,8 @@ class _KafkaInput(FixedPartitionedSource[X, _PartState], Generic[X]):
     def build_part(self, step_id: str, for_part: str, resume_state: _PartState | None) -> _Partition:
         part, topic = for_part.split("-", 1)
         tp = TopicPartition(topic, int(part))
-        consumer = Consumer(consumer_config(self.brokers, self.config))
+        group = {"group.id": f"{GROUP_PREFIX}{step_id.split('.', 1)[0]}"}  # the dataflow's id
+        consumer = Consumer(consumer_config(self.brokers, {**group, **self.config}))
         outage = self._outage(f"step {step_id!r}: {topic}[{part}] at {self.brokers}")
         try:
             state = resume_state or self._first_state(consumer, tp, outage)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -40,8 +41,15 @@ def expected_counts(msgs: list[KafkaMessage]) -> dict[str, int]:
 
 
 def start_dataflow(
-    topic: str, tmp: Path, brokers: str, workers: int = 1, extra: dict[str, str] | None = None
+    topic: str,
+    tmp: Path,
+    brokers: str,
+    workers: int = 1,
+    extra: dict[str, str] | None = None,
+    *,
+    processes: int = 1,
 ) -> Logged:
+    """The dataflow on ``topic``, as one process or, through the launcher, a cluster of ``processes``."""
     env = {
         **os.environ,
         "KAFKA_BOOTSTRAP_SERVERS": brokers,
@@ -54,7 +62,11 @@ def start_dataflow(
         "EVENT_COUNTS_METRICS_PORT": "0",
         **(extra or {}),
     }
-    cmd = run_command("dataflows.event_counts:build()", tmp / "recovery", workers=workers)
+    if processes == 1:
+        cmd = run_command("dataflows.event_counts:build()", tmp / "recovery", workers=workers)
+    else:
+        cmd = [sys.executable, "-m", "dataflows.launch", "event_counts", "--recovery", str(tmp / "recovery")]
+        cmd += ["--snapshot-s", "1", "--workers", str(workers), "--processes", str(processes)]
     return Logged(cmd, env, tmp / "dataflow.log")
 
 

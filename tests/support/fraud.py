@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,8 @@ class Fraud:
         produce(self.brokers, cbs)
         return traffic
 
-    def start(self, run: str, decisions: str | None = None) -> Logged:
+    def start(self, run: str, decisions: str | None = None, *, processes: int = 1) -> Logged:
+        """A bounded run, its recovery and state under ``<tmp>/<run>``; with ``processes``, a cluster (the launcher)."""
         env = {
             **os.environ,
             "KAFKA_BOOTSTRAP_SERVERS": self.brokers,
@@ -57,6 +59,16 @@ class Fraud:
             "FRAUD_METRICS_PORT": "0",
         }
         cmd = run_command("dataflows.fraud_detection:build()", self.tmp / run / "recovery", snapshot_s=1)
+        if processes > 1:
+            cmd = [
+                sys.executable,
+                "-m",
+                "dataflows.launch",
+                "fraud_detection",
+                "--recovery",
+                str(self.tmp / run / "recovery"),
+            ]
+            cmd += ["--snapshot-s", "1", "--processes", str(processes)]
         return Logged(cmd, env, self.tmp / f"{run}.log")
 
     def decisions(self, topic: str | None = None) -> dict[str, dict[str, Any]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -63,8 +64,13 @@ class Rag:
         ensure_topics(brokers, self.s.topics())
         self.proc: Logged | None = None
 
-    def start(self) -> Rag:
-        self.proc = Logged(run_command("dataflows.rag:build()", self.tmp / "recovery"), self.env, self.tmp / "rag.log")
+    def start(self, *, processes: int = 1) -> Rag:
+        """The dataflow as one process or, through the launcher, a cluster of ``processes``."""
+        cmd = run_command("dataflows.rag:build()", self.tmp / "recovery")
+        if processes > 1:
+            cmd = [sys.executable, "-m", "dataflows.launch", "rag", "--recovery", str(self.tmp / "recovery")]
+            cmd += ["--snapshot-s", "1", "--processes", str(processes)]
+        self.proc = Logged(cmd, self.env, self.tmp / "rag.log")
         return self
 
     def client(self) -> InferenceClient:
