@@ -90,7 +90,10 @@ def grants(matrix: Mapping[str, Any], topic_prefix: str = "", principal_prefix: 
                 full = topic_prefix + topic.removesuffix("*")
                 out.extend(Grant(principal, "TOPIC", full, prefixed, op) for op in OPERATIONS[column])
         if columns.get("read"):
+            # librdkafka looks up its consumer's group; a dataflow's sources commit their snapshots'
+            # offsets to the group <group>.<dataflow id> (the lag tools read it; recovery never does).
             out.append(Grant(principal, "GROUP", matrix["group"], False, "DESCRIBE"))
+            out.extend(Grant(principal, "GROUP", f"{matrix['group']}.{name}", False, op) for op in ("READ", "DESCRIBE"))
     return list(dict.fromkeys(out))  # read and write both grant DESCRIBE: once is enough
 
 
