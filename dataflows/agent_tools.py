@@ -217,7 +217,7 @@ def _result(call: ToolCall, ok: bool, content: str, attempts: int, seconds: floa
 def build(settings: Settings | None = None) -> Dataflow:
     s = settings or from_env(Settings, prefix="AGENT_TOOLS_")
     topics = s.topics
-    app = Application.start(s, topic_specs(topics))
+    app = Application.start(s, topic_specs(topics, of="agent_tools"))
     specs = tools(s.tools)
     if "fetch" in specs:
         specs["fetch"] = replace(specs["fetch"], timeout_s=s.fetch_timeout_s)

@@ -91,16 +91,19 @@ class AgentStack:
         }
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self, *flows: str, processes: int = 1) -> AgentStack:
+    def start(self, *flows: str, processes: int = 1, env: dict[str, str] | None = None) -> AgentStack:
         """Start ``flows`` (``"agent"``, ``"agent_tools"``; both by default), each as ``processes``
-        processes (a cluster, through the launcher, when more than one); logs in ``<workdir>/<flow>.log``."""
+        processes (a cluster, through the launcher, when more than one), with ``env`` over the
+        stack's settings (a principal's client-security profile); logs in ``<workdir>/<flow>.log``."""
         for flow in flows or ("agent", "agent_tools"):
             recovery = self.workdir / f"{flow}-recovery"
             cmd = run_command(f"dataflows.{flow}:build()", recovery)
             if processes > 1:
                 cmd = [*_LAUNCH, flow, "--recovery", str(recovery), "--snapshot-s", "1", "--processes", str(processes)]
             with (self.workdir / f"{flow}.log").open("ab") as log:
-                self.procs[flow] = subprocess.Popen(cmd, env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+                self.procs[flow] = subprocess.Popen(
+                    cmd, env={**self.env, **(env or {})}, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+                )
         return self
 
     def kill(self, *flows: str) -> None:

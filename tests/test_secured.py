@@ -16,9 +16,11 @@ import httpx
 import orjson
 import pytest
 
-from clients.agents import AgentTopics
+from clients.agents import AgentClient, AgentTopics
 from dataflows.agent.program import topic_specs
 from dataflows.event_counts import Settings
+from dataflows.launch import AgentStack
+from models.scripted_llm import RECORDINGS, ScriptedModel, serve
 from operators.kafka import (
     KafkaDeliveryError,
     KafkaMessage,
@@ -194,3 +196,27 @@ def test_rag_runs_as_its_own_principal_and_no_query_can_reply_into_its_documents
     (dead,) = wait_for(lambda: read_topic(secured.address, f"{s.queries_topic}.dlq"), "the attack's dead letter")
     assert "one of the server's own topics" in (dead.header("dlq.reason") or b"").decode()
     assert [m.key for m in read_topic(secured.address, s.documents_topic)] == [b"vitd"]
+
+
+def test_the_agent_loop_runs_as_two_principals_and_a_client_gets_answers(
+    secured: SecuredBroker, tenant: Tenant, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    prefix = f"{tenant.topics}agent"
+    as_user(monkeypatch, secured.admin_env())
+    ensure_topics(secured.address, topic_specs(AgentTopics.prefixed(prefix)))  # made beforehand
+    model = ScriptedModel(orjson.loads(RECORDINGS.read_bytes()))
+    with (
+        serve(model, free_port()) as url,
+        AgentStack(
+            secured.address, tmp_path, url, prefix, AGENT_TOOLS="calculator", AGENT_TOOLS_TOOLS="calculator"
+        ) as stack,
+    ):
+        stack.start("agent", env=secured.env(f"{tenant.users}agent"))
+        stack.start("agent_tools", env=secured.env(f"{tenant.users}agent_tools"))
+        as_user(monkeypatch, secured.env(f"{tenant.users}client"))
+        with AgentClient(secured.address, topic_prefix=prefix) as agents:
+            result = agents.wait(agents.submit("What is 17 * 23 + 4?"), timeout_s=120)
+        stack.check()
+    assert result["status"] == "done" and result["answer"] == "17 * 23 + 4 = 395."
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]  # logs, recovery, state, journals
+    assert written and not [p for p in written if CANARY.encode() in p.read_bytes()]

@@ -140,7 +140,7 @@ class Settings(DataflowSettings):
 def build(settings: Settings | None = None) -> Dataflow:
     s = settings or from_env(Settings, prefix="AGENT_")
     topics = s.topics
-    app = Application.start(s, topic_specs(topics, s.partitions))
+    app = Application.start(s, topic_specs(topics, s.partitions, of="agent"))
     policy = s.policy()
     key = os.environ.get("AGENT_LLM_API_KEY", "")
     model = ChatClient(s.llm_url, s.llm_model, key, s.llm_timeout_s, max_connections=s.llm_capacity)

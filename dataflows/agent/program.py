@@ -129,8 +129,20 @@ SUMMARISE = (
 )
 
 
-def topic_specs(topics: AgentTopics, partitions: int = 3) -> list[TopicSpec]:
-    """Every topic of the runtime and its tool workers (either may start first)."""
+def topic_specs(topics: AgentTopics, partitions: int = 3, *, of: str | None = None) -> list[TopicSpec]:
+    """Every topic of the runtime and its tool workers (an operator makes them all beforehand on a
+    secured cluster), or those ``of="agent"`` (the runtime) or ``of="agent_tools"`` read or write:
+    each makes only its own, and either may start first."""
+    specs = _every_topic(topics, partitions)
+    tool_workers = {topics.tool_calls, topics.tool_results, topics.tool_calls + DLQ_SUFFIX}
+    if of == "agent":
+        return [spec for spec in specs if spec.name != topics.tool_calls + DLQ_SUFFIX]
+    if of == "agent_tools":
+        return [spec for spec in specs if spec.name in tool_workers]
+    return specs
+
+
+def _every_topic(topics: AgentTopics, partitions: int) -> list[TopicSpec]:
     day, week = DAY_MS, 7 * DAY_MS
     return [
         TopicSpec(topics.tasks, partitions=partitions, retention_ms=week),
