@@ -133,8 +133,10 @@ class JobsClient:
             except KafkaException:  # closed under us
                 return
             for msg in msgs:
-                key, value = msg.key(), msg.value()
-                if msg.error() is not None or not key:
+                key, value, error = msg.key(), msg.value(), msg.error()
+                if error is not None and error.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED:
+                    self._without(msg.topic() or "")
+                if error is not None or not key:
                     continue
                 if msg.topic() == self.submit_topic:
                     self._update({"job_id": key.decode(errors="replace"), "status": "pending"})
@@ -151,6 +153,14 @@ class JobsClient:
                 self._behind = [end for end, at in zip(self._behind, now, strict=True) if at.offset < end.offset]
             if not self._behind:
                 self._caught_up.set()
+
+    def _without(self, topic: str) -> None:
+        """Stop reading ``topic``, which this client's principal may not read (on a secured cluster a
+        client may not read the workers' input): a job then reads as pending once this client submits
+        it, or once the workers have taken it."""
+        if topic == self.submit_topic and any(tp.topic == topic for tp in self._consumer.assignment()):
+            self._consumer.incremental_unassign([tp for tp in self._consumer.assignment() if tp.topic == topic])
+            self._behind = [tp for tp in self._behind if tp.topic != topic]
 
     def close(self) -> None:
         self._closed.set()

@@ -17,9 +17,11 @@ import orjson
 import pytest
 
 from clients.agents import AgentClient, AgentTopics
+from clients.jobs import JobsClient
 from dataflows.agent.program import topic_specs
+from dataflows.async_jobs import Settings as JobsSettings
 from dataflows.event_counts import Settings
-from dataflows.launch import AgentStack
+from dataflows.launch import AgentStack, run_command
 from models.scripted_llm import RECORDINGS, ScriptedModel, serve
 from operators.kafka import (
     KafkaDeliveryError,
@@ -36,7 +38,7 @@ from patternflow import free_port
 from tests.support.batch import JOB, fill, job_env, output_ids
 from tests.support.event_counts import events, expected_counts, run_to_end, start_dataflow
 from tests.support.online import Server, inputs, raw_request
-from tests.support.processes import ROOT, wait_for
+from tests.support.processes import ROOT, Logged, wait_for
 from tests.support.rag import DOCS, Rag, ask, doc_message, top
 from tests.support.secured import CANARY, SecuredBroker
 
@@ -219,4 +221,30 @@ def test_the_agent_loop_runs_as_two_principals_and_a_client_gets_answers(
         stack.check()
     assert result["status"] == "done" and result["answer"] == "17 * 23 + 4 = 395."
     written = [p for p in tmp_path.rglob("*") if p.is_file()]  # logs, recovery, state, journals
+    assert written and not [p for p in written if CANARY.encode() in p.read_bytes()]
+
+
+def test_async_jobs_run_as_their_own_principal_and_a_client_gets_its_results(
+    secured: SecuredBroker, tenant: Tenant, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    submit, results = f"{tenant.topics}jobs.submit", f"{tenant.topics}jobs.results"
+    as_user(monkeypatch, secured.admin_env())
+    ensure_topics(secured.address, JobsSettings(submit_topic=submit, results_topic=results).topics())
+    env = {**os.environ, **secured.env(f"{tenant.users}async_jobs")}
+    env |= {"JOBS_SUBMIT_TOPIC": submit, "JOBS_RESULTS_TOPIC": results, "JOBS_MODELS": "tabular-risk"}
+    env |= {"JOBS_STATE_DIR": str(tmp_path / "state"), "JOBS_METRICS_PORT": "0"}
+    as_user(monkeypatch, secured.env(f"{tenant.users}client"))
+    with JobsClient(secured.address, submit_topic=submit, results_topic=results) as jobs:
+        waiting = jobs.submit("tabular-risk", [[0.1] * 8])  # before the workers start: they look for its result
+    workers = Logged(run_command("dataflows.async_jobs:build()", tmp_path / "recovery"), env, tmp_path / "jobs.log")
+    try:
+        with JobsClient(secured.address, submit_topic=submit, results_topic=results) as jobs:
+            done = jobs.wait(jobs.submit("tabular-risk", [[0.5] * 8, [-0.5] * 8]), timeout_s=120)
+            assert jobs.wait(waiting, timeout_s=60)["status"] == "done"
+        assert workers.poll() is None, workers.output()
+    finally:
+        workers.kill()
+        workers.wait()
+    assert done["status"] == "done" and len(done["outputs"]) == 2
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert written and not [p for p in written if CANARY.encode() in p.read_bytes()]
