@@ -75,7 +75,8 @@ class AgentStack:
 
     def __init__(self, brokers: str, workdir: Path, llm_url: str, prefix: str = "agent", **settings: str) -> None:
         self.workdir = workdir
-        self.metrics_port = free_port()
+        base = free_port(block=16)  # each flow's metrics on the port plus the process id, up to 8 processes
+        self.metrics_port = base
         self.env = {
             **os.environ,
             "KAFKA_BOOTSTRAP_SERVERS": brokers,
@@ -86,7 +87,7 @@ class AgentStack:
             "AGENT_STATE_DIR": str(workdir / "agent-state"),
             "AGENT_TOOLS_JOURNAL_DIR": str(workdir / "tools-journal"),
             "AGENT_METRICS_PORT": str(self.metrics_port),
-            "AGENT_TOOLS_METRICS_PORT": str(free_port()),
+            "AGENT_TOOLS_METRICS_PORT": str(base + 8),
             **settings,
         }
         self.procs: dict[str, subprocess.Popen[bytes]] = {}

@@ -52,8 +52,21 @@ def hash_key(key: str | bytes) -> int:
     return zlib.crc32(key if isinstance(key, bytes) else key.encode())
 
 
-def free_port() -> int:
-    """A TCP port free on this host now (for test and benchmark servers)."""
+def free_port(block: int = 1) -> int:
+    """A TCP port free on this host now (for test and benchmark servers), and the ``block - 1``
+    after it too (a cluster's processes serve metrics on the port plus their process id)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port + block <= 65536 and all(_free(p) for p in range(port + 1, port + block)):
+            return port
+
+
+def _free(port: int) -> bool:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True

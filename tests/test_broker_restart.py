@@ -18,7 +18,7 @@ from patternflow import free_port
 from tests.support.batch import JOB, committed_more, fill, job_env, output_ids
 from tests.support.event_counts import counts_by_id, events, expected_counts, prepare, run_to_end, start_dataflow
 from tests.support.fraud import Fraud
-from tests.support.kafka import Broker, free_port_pair
+from tests.support.kafka import Broker
 from tests.support.online import Load, Server
 from tests.support.processes import Logged, wait_for
 from tests.support.rag import DOCS, Rag, doc_message, top
@@ -30,7 +30,7 @@ OUTAGE_S = 8  # the broker stays down this long, under load
 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    broker = Broker(free_port_pair(), tmp_path_factory.mktemp("kafka"))
+    broker = Broker(free_port(block=2), tmp_path_factory.mktemp("kafka"))
     broker.start()
     yield broker
     broker.stop()

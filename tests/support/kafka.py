@@ -7,7 +7,6 @@ marked ``kafka``: ``pytest -m "not kafka"`` runs the rest alone, without a broke
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import uuid
@@ -22,7 +21,7 @@ from operators.kafka import admin_config
 from patternflow import default_brokers
 from tests.support.processes import ROOT
 
-__all__ = ["Broker", "brokers", "free_port_pair", "topic"]
+__all__ = ["Broker", "brokers", "topic"]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -76,17 +75,3 @@ class Broker:
 
     def stop(self) -> None:
         self._run("down")
-
-
-def free_port_pair() -> int:
-    """A port whose next port is free too (the KRaft controller takes it)."""
-    for _ in range(50):
-        with socket.socket() as a, socket.socket() as b:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-            try:
-                b.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-            return int(port)
-    raise RuntimeError("no two adjacent free ports")

@@ -25,8 +25,9 @@ from confluent_kafka.admin import (
 )
 
 from operators.kafka.security import security_config
+from patternflow import free_port
 from scripts.kafka_acls import apply, grants, load
-from tests.support.kafka import Broker, free_port_pair
+from tests.support.kafka import Broker
 
 __all__ = ["CANARY", "SecuredBroker", "secured"]
 
@@ -38,7 +39,7 @@ class SecuredBroker:
 
     def __init__(self, root: Path) -> None:
         self.dir = root / "secrets"
-        self.broker = Broker(free_port_pair(), root / "data", secured=self.dir)
+        self.broker = Broker(free_port(block=2), root / "data", secured=self.dir)
         self.address = self.broker.address
         self.passwords: dict[str, str] = {}
         self._admin: AdminClient | None = None
