@@ -195,19 +195,22 @@ class _ShardLogic(StatefulBatchLogic[tuple[str, str, V] | Wake, tuple[str, W], _
     def on_batch(self, values: list[tuple[str, str, V] | Wake]) -> tuple[list[tuple[str, W]], bool]:
         start = time.perf_counter()
         store = self._store or self._open(values[0][0], None)
-        out: list[tuple[str, W]] = []
-        items = [value for value in values if not isinstance(value, Wake)]
-        for _, key, value in items:
-            out.extend(self._program.on_item(store, key, value))
-        out.extend(self._program.on_timer(store))
+        items = [(value[1], value[2]) for value in values if not isinstance(value, Wake)]
+        out = self._apply_items(store, items) + self._timers(store)
         self._items.inc(len(items))
         self._seconds.observe(time.perf_counter() - start)
         return self._done(store, out)
 
+    def _apply_items(self, store: StateStore, items: list[tuple[str, V]]) -> list[tuple[str, W]]:
+        return [out for key, value in items for out in self._program.on_item(store, key, value)]
+
+    def _timers(self, store: StateStore) -> list[tuple[str, W]]:
+        return list(self._program.on_timer(store))
+
     def on_notify(self) -> tuple[list[tuple[str, W]], bool]:
         if self._store is None:
             return [], StatefulBatchLogic.RETAIN
-        return self._done(self._store, list(self._program.on_timer(self._store)))
+        return self._done(self._store, self._timers(self._store))
 
     def on_eof(self) -> tuple[list[tuple[str, W]], bool]:
         if self._store is None:
@@ -338,27 +341,16 @@ class _RecordedShardLogic(_ShardLogic[V, W]):
         self._fresh[:0] = held
         return self._replay(store)
 
-    def on_batch(self, values: list[tuple[str, str, V] | Wake]) -> tuple[list[tuple[str, W]], bool]:
-        start = time.perf_counter()
-        store = self._store or self._open(values[0][0], None)
-        items = [(v[1], v[2]) for v in values if not isinstance(v, Wake)]
-        out: list[tuple[str, W]] = []
+    def _apply_items(self, store: StateStore, items: list[tuple[str, V]]) -> list[tuple[str, W]]:
         if self._replaying:
             self._hold(items)
-            out.extend(self._replay(store))
-        else:
-            for item in items:
-                out.extend(self._apply(store, item, wall_ms()))
-        out.extend(self._timers(store))
-        self._items.inc(len(items))
-        self._seconds.observe(time.perf_counter() - start)
-        return self._done(store, out)
+            return self._replay(store)
+        return [out for item in items for out in self._apply(store, item, wall_ms())]
 
     def on_notify(self) -> tuple[list[tuple[str, W]], bool]:
-        if self._store is None:
-            return [], StatefulBatchLogic.RETAIN
-        out = self._replay(self._store) if self._replaying else []
-        return self._done(self._store, out + self._timers(self._store))
+        if self._store is not None and self._replaying:
+            return self._done(self._store, self._replay(self._store) + self._timers(self._store))
+        return super().on_notify()
 
     def on_eof(self) -> tuple[list[tuple[str, W]], bool]:
         if self._store is None:

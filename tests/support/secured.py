@@ -13,12 +13,7 @@ from pathlib import Path
 
 import pytest
 from confluent_kafka.admin import (
-    AclBinding,
-    AclOperation,
-    AclPermissionType,
     AdminClient,
-    ResourcePatternType,
-    ResourceType,
     ScramCredentialInfo,
     ScramMechanism,
     UserScramCredentialUpsertion,
@@ -26,7 +21,7 @@ from confluent_kafka.admin import (
 
 from operators.kafka.security import security_config
 from patternflow import free_port
-from scripts.kafka_acls import apply, grants, load
+from scripts.kafka_acls import Grant, apply, grants, load
 from tests.support.kafka import Broker
 
 __all__ = ["CANARY", "SecuredBroker", "secured"]
@@ -91,18 +86,7 @@ class SecuredBroker:
     def allow(self, user: str, prefix: str, operations: Iterable[str], resource: str = "TOPIC") -> None:
         """ACLs: ``user`` may do ``operations`` (READ, WRITE, DESCRIBE, ...) on the ``resource``s (topics,
         groups) named ``prefix``*."""
-        bindings = [
-            AclBinding(
-                ResourceType[resource],
-                prefix,
-                ResourcePatternType.PREFIXED,
-                f"User:{user}",
-                "*",
-                AclOperation[operation],
-                AclPermissionType.ALLOW,
-            )
-            for operation in operations
-        ]
+        bindings = [Grant(user, resource, prefix, True, operation).binding() for operation in operations]
         for future in self.admin().create_acls(bindings).values():
             future.result(timeout=30)
 
