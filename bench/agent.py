@@ -20,6 +20,7 @@ model turns and two tool calls. Measured, on one worker of each dataflow:
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import statistics
 import subprocess
@@ -143,13 +144,25 @@ async def direct_task(model: ChatClient, fetch: Any, task: str) -> tuple[float, 
 async def direct(llm_url: str, pages: str, task: str, sequential: int, concurrent: int) -> dict[str, float]:
     model = ChatClient(llm_url, "scripted")
     fetch = fetcher(frozenset({pages}))
-    one = [await direct_task(model, fetch, task) for _ in range(sequential)]
-    start = time.perf_counter()
-    await asyncio.gather(*(direct_task(model, fetch, task) for _ in range(concurrent)))
-    return {
-        "overhead_1": statistics.median((wall - busy) / TURNS for wall, busy in one),
-        "tasks_per_s": concurrent / (time.perf_counter() - start),
-    }
+    try:
+        one = [await direct_task(model, fetch, task) for _ in range(sequential)]
+        start, cpu = time.perf_counter(), busy_cpu_s()
+        await asyncio.gather(*(direct_task(model, fetch, task) for _ in range(concurrent)))
+        return {
+            "overhead_1": statistics.median((wall - busy) / TURNS for wall, busy in one),
+            "tasks_per_s": concurrent / (time.perf_counter() - start),
+            "cpu_ms_per_task": (busy_cpu_s() - cpu) * 1000 / concurrent,
+        }
+    finally:
+        await model.close()
+        await fetch.close()
+
+
+def busy_cpu_s() -> float:
+    """CPU seconds the whole machine has spent busy (every process, every core: the broker's too), from /proc/stat."""
+    with open("/proc/stat") as stat:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, stat.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:
@@ -188,9 +201,9 @@ def main() -> None:
                 for _ in range(sequential):
                     one.update(submit_and_wait(agents, [task]))
                 progress(f"{concurrent} tasks submitted at once")
-                start_s = time.perf_counter()
+                start_s, cpu_s = time.perf_counter(), busy_cpu_s()
                 many = submit_and_wait(agents, [task] * concurrent)
-                many_s = time.perf_counter() - start_s
+                many_s, many_cpu_s = time.perf_counter() - start_s, busy_cpu_s() - cpu_s
                 progress(f"{runaway} runaway tasks (max_iterations {MAX_ITERATIONS})")
                 stops = submit_and_wait(agents, ["Keep counting", "Check the same thing again"] * (runaway // 2))
             stack.check()
@@ -209,6 +222,9 @@ def main() -> None:
         "tasks_per_s_500": round(concurrent / many_s, 1),
         "direct_tasks_per_s_500": round(base["tasks_per_s"], 1),
         "tasks_per_s_vs_direct": round(concurrent / many_s / base["tasks_per_s"], 2),
+        "cpu_ms_per_task_500": round(many_cpu_s * 1000 / concurrent, 2),
+        "direct_cpu_ms_per_task_500": round(base["cpu_ms_per_task"], 2),
+        "cpu_bound_vs_direct": round(base["cpu_ms_per_task"] / (many_cpu_s * 1000 / concurrent), 2),
         "max_in_flight": in_flight({t: trail[t] for t in many}),
         "runaway_capped_pct": round(100 * len(capped) / len(stops), 1),
         "tasks_done_pct": round(100 * done / (len(one) + len(many)), 1),
@@ -229,6 +245,12 @@ def main() -> None:
         "Overhead per turn: the client's wall time for a task less the model and tool latencies the audit trail "
         "records, divided by the task's model turns; the median over tasks. The direct loop is the same loop without "
         "Kafka or state, with the same HTTP client and tool.",
+        "CPU per task: what the whole machine spent busy (every process on both cores: model double, page "
+        "server, broker, the dataflows and this client) during the 500-task run, divided by 500. "
+        "`cpu_bound_vs_direct` is the direct loop's CPU per task over patternflow's: the throughput ratio "
+        "the cores allow when both runs keep them busy, the ceiling of `tasks_per_s_vs_direct` on this machine. "
+        "Every turn crosses Kafka three times (the reply, the tool call, the tool result), and each crossing "
+        "costs a produce, a broker append and a fetch, and a pass through the dataflow's steps, in Python.",
         "",
     ]
     write_report(

@@ -205,3 +205,9 @@ class ChatClient:
             raise LLMError(f"{url}: {exc!r}") from exc
         check_status(url, status, raw)
         return parse_reply(raw)
+
+    async def close(self) -> None:
+        """Close the connection pool (in the event loop that used it)."""
+        if self._http is not None:
+            await self._http.close()
+            self._http = None

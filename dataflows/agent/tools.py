@@ -174,31 +174,37 @@ async def run_calculator(args: dict[str, Any], key: str) -> str:
     return calculate(args["expression"])
 
 
-def fetcher(allowlist: frozenset[str], max_bytes: int = 100_000, timeout_s: float = 10.0) -> Executor:
+def fetcher(allowlist: frozenset[str], max_bytes: int = 100_000, timeout_s: float = 10.0) -> HttpTool:
     """HTTP GET for hosts on ``allowlist`` (``"example.com"`` or ``"127.0.0.1:8080"``); redirects are not followed."""
-    return _http("GET", "fetch", allowlist, max_bytes, timeout_s)
+    return HttpTool("GET", "fetch", allowlist, max_bytes, timeout_s)
 
 
-def poster(allowlist: frozenset[str], max_bytes: int = 10_000, timeout_s: float = 10.0) -> Executor:
+def poster(allowlist: frozenset[str], max_bytes: int = 10_000, timeout_s: float = 10.0) -> HttpTool:
     """HTTP POST of ``payload`` as JSON to hosts on ``allowlist``, the call id as its ``Idempotency-Key``."""
-    return _http("POST", "post", allowlist, max_bytes, timeout_s)
+    return HttpTool("POST", "post", allowlist, max_bytes, timeout_s)
 
 
-def _http(method: str, tool: str, allowlist: frozenset[str], max_bytes: int, timeout_s: float) -> Executor:
-    http: list[aiohttp.ClientSession] = []  # made in the event loop that first uses it
+class HttpTool:
+    """An HTTP tool: ``method`` to hosts on ``allowlist``, through one connection pool made in the
+    event loop that first uses it (:meth:`close` it there)."""
 
-    async def run(args: dict[str, Any], key: str) -> str:
-        url = args["url"]
+    def __init__(self, method: str, tool: str, allowlist: frozenset[str], max_bytes: int, timeout_s: float) -> None:
+        self._method, self._tool, self._allowlist = method, tool, allowlist
+        self._max_bytes, self._timeout_s = max_bytes, timeout_s
+        self._http: aiohttp.ClientSession | None = None
+
+    async def __call__(self, args: dict[str, Any], key: str) -> str:
+        method, url, max_bytes = self._method, args["url"], self._max_bytes
         parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not ({parts.hostname, parts.netloc} & allowlist):
-            allowed = ", ".join(sorted(allowlist)) or "empty"
-            raise ToolError(f"{parts.netloc or url!r} is not on the {tool} allowlist ({allowed})")
-        if not http:  # the tool's own timeout (the workers') comes first; this one is a backstop
-            http.append(aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s + 1)))
+        if parts.scheme not in ("http", "https") or not ({parts.hostname, parts.netloc} & self._allowlist):
+            allowed = ", ".join(sorted(self._allowlist)) or "empty"
+            raise ToolError(f"{parts.netloc or url!r} is not on the {self._tool} allowlist ({allowed})")
+        if self._http is None:  # the tool's own timeout (the workers') comes first; this one is a backstop
+            self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._timeout_s + 1))
         body = b""
         sent = {"json": args["payload"], "headers": {"Idempotency-Key": key}} if method == "POST" else {}
         try:
-            async with http[0].request(method, url, allow_redirects=False, **sent) as response:
+            async with self._http.request(method, url, allow_redirects=False, **sent) as response:
                 async for piece in response.content.iter_chunked(64 * 1024):
                     body += piece
                     if len(body) >= max_bytes:
@@ -214,7 +220,10 @@ def _http(method: str, tool: str, allowlist: frozenset[str], max_bytes: int, tim
             raise TransientToolError(f"{method} {url} answered HTTP {status}")
         return f"HTTP {status}\n{body[:max_bytes].decode(errors='replace')}"
 
-    return run
+    async def close(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
 
 
 def retriever(predict: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]], k: int = 3) -> Executor:
