@@ -7,9 +7,11 @@ Every principal's password starts with :data:`CANARY`, so a test can grep what a
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import pytest
 from confluent_kafka.admin import (
@@ -24,9 +26,20 @@ from patternflow import free_port
 from scripts.kafka_acls import Grant, apply, grants, load
 from tests.support.kafka import Broker
 
-__all__ = ["CANARY", "SecuredBroker", "secured"]
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+__all__ = ["CANARY", "SecuredBroker", "deployed", "secured"]
 
 CANARY = "canary-7d1e5b"
+S = TypeVar("S", bound="DataclassInstance")
+
+
+def deployed(settings: type[S], prefix: str) -> S:
+    """A dataflow's ``settings`` with each of its topics (the fields named ``*_topic``) named as the ACL
+    matrix names it, its default, under ``prefix``."""
+    fields = dataclasses.fields(settings)
+    return settings(**{f.name: f"{prefix}{f.default}" for f in fields if f.name.endswith("_topic")})
 
 
 class SecuredBroker:
