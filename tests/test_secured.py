@@ -8,8 +8,6 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -46,29 +44,8 @@ from tests.support.fraud import Fraud, topics_of
 from tests.support.online import Server, inputs, raw_request
 from tests.support.processes import ROOT, Logged, wait_for
 from tests.support.rag import DOCS, Rag, ask, doc_message, top
-from tests.support.secured import CANARY, SecuredBroker, deployed
+from tests.support.secured import CANARY, SecuredBroker, Tenant, as_user, deployed
 from tests.support.telemetry import Telemetry
-
-
-@dataclass(frozen=True)
-class Tenant:
-    """The matrix applied for one test: its topics start with ``topics``, its principals with ``users``."""
-
-    topics: str
-    users: str
-
-
-@pytest.fixture
-def tenant(secured: SecuredBroker) -> Tenant:
-    name = uuid.uuid4().hex[:8]
-    made = Tenant(f"s{name}.", f"s{name}-")
-    secured.apply_matrix(made.topics, made.users)
-    return made
-
-
-def as_user(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
 
 
 def no_canary_in(root: Path, *texts: str) -> None:
