@@ -25,6 +25,7 @@ from dataflows.launch import AgentStack, run_command
 from dataflows.telemetry_anomalies import Settings as TelemetrySettings
 from models.quality import roc_auc
 from models.scripted_llm import RECORDINGS, ScriptedModel, serve
+from operators.failures import FAILURES_TOPIC, FAILURES_TOPIC_ENV, FailureBoard
 from operators.kafka import (
     KafkaDeliveryError,
     KafkaMessage,
@@ -119,6 +120,27 @@ def test_a_dataflow_runs_as_its_own_principal_and_no_password_reaches_its_output
     with monkeypatch.context() as m:
         m.setattr(os, "environ", env)  # start_dataflow hands os.environ to the process
         run_to_end(start_dataflow(topic, tmp_path, secured.address, extra={"EVENT_COUNTS_OUTPUT_TOPIC": counts}))
+    rows = [orjson.loads(m.value or b"") for m in read_topic(secured.address, counts)]
+    assert {row["id"]: row["count"] for row in rows} == expected_counts(msgs)
+    no_canary_in(tmp_path)
+
+
+def test_a_dataflow_runs_as_a_cluster_of_its_principal_telling_its_failures_on_the_matrix_topic(
+    secured: SecuredBroker, tenant: Tenant, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    topic, counts = f"{tenant.topics}events", f"{tenant.topics}event-counts"
+    failures = f"{tenant.topics}{FAILURES_TOPIC}"
+    as_user(monkeypatch, secured.admin_env())
+    ensure_topics(secured.address, Settings(input_topic=topic, output_topic=counts, input_partitions=2).topics())
+    FailureBoard(secured.address, "", topic=failures).ensure()  # made beforehand, as the dataflows' topics
+    msgs = events(topic, 2_000)
+    produce(secured.address, msgs)
+
+    env = {**os.environ, **secured.env(f"{tenant.users}event_counts"), FAILURES_TOPIC_ENV: failures}
+    extra = {"EVENT_COUNTS_OUTPUT_TOPIC": counts}
+    with monkeypatch.context() as m:
+        m.setattr(os, "environ", env)  # start_dataflow hands os.environ to the launcher
+        run_to_end(start_dataflow(topic, tmp_path, secured.address, extra=extra, processes=2))
     rows = [orjson.loads(m.value or b"") for m in read_topic(secured.address, counts)]
     assert {row["id"]: row["count"] for row in rows} == expected_counts(msgs)
     no_canary_in(tmp_path)
