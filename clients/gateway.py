@@ -8,7 +8,10 @@
 
 With API keys configured (:mod:`clients.api_keys`: ``GATEWAY_API_KEYS_FILE`` or
 ``GATEWAY_API_KEYS``), every other route needs one: 401 without a known key, 403 for a
-model the key may not use. TLS: put a TLS-terminating proxy in front (docs/online.md).
+model the key may not use. With ``GATEWAY_TLS_CERT_FILE`` and ``GATEWAY_TLS_KEY_FILE`` (and
+``GATEWAY_TLS_KEY_PASSWORD`` for an encrypted key) it serves HTTPS only; a certificate and key
+that cannot serve stop it at start, naming the settings. Without them it speaks plain HTTP,
+for a TLS-terminating proxy in front (docs/online.md).
 
 Each predict request becomes a Kafka request/reply through one shared
 :class:`~clients.inference.AsyncInferenceClient`. Status codes: 200 ok, 400 bad
@@ -23,7 +26,8 @@ on a CPU takes a good part of a second.
 
 Run: ``python -m clients.gateway`` (settings: ``GATEWAY_HOST``, ``GATEWAY_PORT``,
 ``GATEWAY_TIMEOUT_MS``, ``GATEWAY_RAG_TIMEOUT_MS``, ``GATEWAY_API_KEYS_FILE``,
-``GATEWAY_API_KEYS``, ``KAFKA_BOOTSTRAP_SERVERS`` and the client-security variables).
+``GATEWAY_API_KEYS``, ``GATEWAY_TLS_CERT_FILE``, ``GATEWAY_TLS_KEY_FILE``,
+``GATEWAY_TLS_KEY_PASSWORD``, ``KAFKA_BOOTSTRAP_SERVERS`` and the client-security variables).
 """
 
 from __future__ import annotations
@@ -31,9 +35,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import orjson
 import uvicorn
@@ -60,7 +65,7 @@ from operators.protocol import (
 from operators.settings import brokers_field, from_env
 from patternflow.secrets import secret_field
 
-__all__ = ["Settings", "create_app"]
+__all__ = ["Settings", "create_app", "server_options"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -88,6 +93,9 @@ class Settings:
     rag_answers_topic: str = RAG_ANSWERS_TOPIC
     api_keys_file: str = ""  # API keys, a line each: name key models (clients.api_keys)
     api_keys: str = secret_field()  # the same lines, ";" between them
+    tls_cert_file: str = ""  # HTTPS: the server's certificate (PEM, any intermediates after it) ...
+    tls_key_file: str = ""  # ... and its private key (PEM); neither: plain HTTP
+    tls_key_password: str = secret_field()  # the key's password, when it is encrypted
 
     def keys(self) -> ApiKeys:
         """The configured API keys (none: the gateway is open); ``ValueError`` naming a bad line."""
@@ -97,6 +105,30 @@ class Settings:
             with open(self.api_keys_file) as file:
                 keys += ApiKeys.parse(file, f"GATEWAY_API_KEYS_FILE ({self.api_keys_file})").keys
         return ApiKeys(keys)
+
+    def tls(self) -> bool:
+        """Whether the gateway serves HTTPS; ``ValueError`` naming the settings when its certificate
+        and key cannot serve (one without the other, a file missing, a key that does not match or
+        does not open), never quoting a file's contents."""
+        if not self.tls_cert_file and not self.tls_key_file:
+            return False
+        if not self.tls_cert_file or not self.tls_key_file:
+            missing = "GATEWAY_TLS_KEY_FILE" if self.tls_cert_file else "GATEWAY_TLS_CERT_FILE"
+            raise ValueError(f"GATEWAY_TLS_CERT_FILE and GATEWAY_TLS_KEY_FILE go together: {missing} is not set")
+        named = f"GATEWAY_TLS_CERT_FILE ({self.tls_cert_file}) and GATEWAY_TLS_KEY_FILE ({self.tls_key_file})"
+        try:
+            # The password given even when empty: an encrypted key without one fails here, where
+            # OpenSSL would otherwise ask for it on the terminal.
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(self.tls_cert_file, self.tls_key_file, self.tls_key_password)
+        except ssl.SSLError as exc:
+            raise ValueError(
+                f"{named} cannot serve TLS ({exc.reason or exc.__class__.__name__}): is the key the certificate's, "
+                "and GATEWAY_TLS_KEY_PASSWORD its password?"
+            ) from exc
+        except OSError as exc:
+            raise ValueError(f"{named}: {exc.strerror or exc}") from exc
+        return True
 
 
 def _refused(denied: Denied) -> JSONResponse:
@@ -239,9 +271,20 @@ def create_app(settings: Settings) -> Starlette:
     return Starlette(routes=routes, lifespan=lifespan)
 
 
+def server_options(settings: Settings) -> dict[str, Any]:
+    """How uvicorn serves the gateway: its address, and its certificate and key when it serves HTTPS."""
+    options: dict[str, Any] = {"host": settings.host, "port": settings.port, "log_level": "warning"}
+    tls = settings.tls()
+    if tls:
+        options |= {"ssl_certfile": settings.tls_cert_file, "ssl_keyfile": settings.tls_key_file}
+        options["ssl_keyfile_password"] = settings.tls_key_password or None
+    log.info("the gateway serves %s://%s:%d", "https" if tls else "http", settings.host, settings.port)
+    return options
+
+
 def main() -> None:
     settings = from_env(Settings, prefix="GATEWAY_")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
+    uvicorn.run(create_app(settings), **server_options(settings))
 
 
 if __name__ == "__main__":

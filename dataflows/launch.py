@@ -163,7 +163,7 @@ def run_process(
     from bytewax._bytewax import cli_main
     from bytewax.recovery import RecoveryConfig
 
-    from operators.failures import Failure, FailureBoard, cluster_key, guard
+    from operators.failures import Failure, FailureBoard, cluster_key, failures_topic, guard
 
     ensure_recovery(recovery, partitions=0 if process_id else 1)
     # As bytewax.run's flags would: each process's metrics port, and the recovery its metrics publish.
@@ -172,7 +172,9 @@ def run_process(
         os.environ["BYTEWAX_PROCESS_ID"] = str(process_id)
     started_ms = wall_ms()
     flow = import_module(f"dataflows.{dataflow}").build()
-    board = FailureBoard(default_brokers(), cluster_key(flow.flow_id, addresses or [])) if addresses else None
+    board = None
+    if addresses:
+        board = FailureBoard(default_brokers(), cluster_key(flow.flow_id, addresses), topic=failures_topic())
     if board is not None:
         board.ensure()
     first: list[Failure] = []

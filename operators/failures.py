@@ -10,15 +10,16 @@ only ``PanicException: Send thread panic``. Two pieces put the cause back:
   sinks and their partitions): the first exception a step raises is handed to
   ``on_failure`` with the step's id before it goes on into Bytewax;
 - :class:`FailureBoard` publishes that cause to a Kafka topic (``patternflow.failures``
-  unless named), keyed by the cluster (the dataflow and its process addresses),
-  and reads it back: a process that stopped without a cause of its own (a peer
-  failed) names its peer's.
+  unless named: :func:`failures_topic`), keyed by the cluster (the dataflow and its
+  process addresses), and reads it back: a process that stopped without a cause of
+  its own (a peer failed) names its peer's.
 
 ``python -m dataflows.launch`` uses both; ``python -m bytewax.run`` does not.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import traceback
@@ -36,9 +37,10 @@ from confluent_kafka import Producer
 from operators.kafka import TopicSpec, ensure_topics, producer_config
 from operators.kafka.tools import read_batches
 
-__all__ = ["FAILURES_TOPIC", "Failure", "FailureBoard", "cluster_key", "guard"]
+__all__ = ["FAILURES_TOPIC", "FAILURES_TOPIC_ENV", "Failure", "FailureBoard", "cluster_key", "failures_topic", "guard"]
 
 FAILURES_TOPIC = "patternflow.failures"
+FAILURES_TOPIC_ENV = "PATTERNFLOW_FAILURES_TOPIC"
 OnFailure = Callable[[str, BaseException], None]
 
 # What Bytewax calls in each core step: functions, and objects (a source, a sink) whose methods it calls;
@@ -172,6 +174,12 @@ class FailureBoard:
             if time.monotonic() > deadline:
                 return None
             time.sleep(0.5)
+
+
+def failures_topic() -> str:
+    """``$PATTERNFLOW_FAILURES_TOPIC``, or :data:`FAILURES_TOPIC`: where the launcher's clusters publish
+    their failures (on a secured cluster, a topic each dataflow's principal may read and write)."""
+    return os.environ.get(FAILURES_TOPIC_ENV) or FAILURES_TOPIC
 
 
 def cluster_key(flow_id: str, addresses: list[str]) -> str:

@@ -17,7 +17,7 @@ from operators.kafka import read_topic
 from patternflow import free_port
 from tests.support.batch import JOB, committed_more, fill, job_env, output_ids
 from tests.support.event_counts import counts_by_id, events, expected_counts, prepare, run_to_end, start_dataflow
-from tests.support.fraud import Fraud
+from tests.support.fraud import Fraud, under
 from tests.support.kafka import Broker
 from tests.support.online import Load, Server
 from tests.support.processes import Logged, wait_for
@@ -111,7 +111,7 @@ def test_a_batch_job_rides_out_a_restart_and_writes_every_row_once(broker: Broke
 def test_fraud_detection_decides_every_payment_and_labels_every_chargeback_through_a_restart(
     broker: Broker, tmp_path: Path
 ) -> None:
-    fraud = Fraud(broker.address, "restart-fraud", tmp_path)
+    fraud = Fraud(broker.address, under("restart-fraud"), tmp_path)
     traffic = fraud.feed(60_000)
     run = fraud.start("run")
     decisions = fraud.topics["decisions"]

@@ -17,6 +17,7 @@ from clients.agents import AgentTopics
 from dataflows.agent.program import topic_specs
 from dataflows.event_counts import Settings
 from dataflows.launch import LONG_RUNNING
+from operators.failures import FAILURES_TOPIC
 from scripts.kafka_acls import grants, load
 from tests.support.commands import DATAFLOWS, default_port, env_prefix
 from tests.support.processes import ROOT
@@ -174,6 +175,8 @@ def test_the_acl_matrix_grants_each_dataflow_the_topics_it_declares_and_nobody_m
     for name, topics in declared.items():
         for topic in topics:
             assert any(may(name, op, topic) for op in ("READ", "WRITE")), (name, topic)
+    for name in LONG_RUNNING:  # as a cluster, its processes tell each other their first failure there
+        assert may(name, "READ", FAILURES_TOPIC) and may(name, "WRITE", FAILURES_TOPIC), name
     # Topics are made beforehand: nobody creates, alters or deletes anything.
     assert {g.operation for g in granted} == {"READ", "WRITE", "DESCRIBE", "DESCRIBE_CONFIGS"}
     # No forged tool results or approvals, and a client reads no dataflow's input.

@@ -8,11 +8,10 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
 import orjson
 import pytest
 
@@ -21,8 +20,12 @@ from clients.jobs import JobsClient
 from dataflows.agent.program import topic_specs
 from dataflows.async_jobs import Settings as JobsSettings
 from dataflows.event_counts import Settings
+from dataflows.fraud_detection import Settings as FraudSettings
 from dataflows.launch import AgentStack, run_command
+from dataflows.telemetry_anomalies import Settings as TelemetrySettings
+from models.quality import roc_auc
 from models.scripted_llm import RECORDINGS, ScriptedModel, serve
+from operators.failures import FAILURES_TOPIC, FAILURES_TOPIC_ENV, FailureBoard
 from operators.kafka import (
     KafkaDeliveryError,
     KafkaMessage,
@@ -35,33 +38,29 @@ from operators.kafka import (
     read_topic,
 )
 from patternflow import free_port
+from scripts.evaluate_anomalies import shuttle
 from tests.support.batch import JOB, fill, job_env, output_ids
 from tests.support.event_counts import events, expected_counts, run_to_end, start_dataflow
+from tests.support.fraud import Fraud, topics_of
 from tests.support.online import Server, inputs, raw_request
 from tests.support.processes import ROOT, Logged, wait_for
 from tests.support.rag import DOCS, Rag, ask, doc_message, top
-from tests.support.secured import CANARY, SecuredBroker
+from tests.support.secured import CANARY, SecuredBroker, Tenant, as_user, deployed
+from tests.support.telemetry import Telemetry
 
 
-@dataclass(frozen=True)
-class Tenant:
-    """The matrix applied for one test: its topics start with ``topics``, its principals with ``users``."""
-
-    topics: str
-    users: str
-
-
-@pytest.fixture
-def tenant(secured: SecuredBroker) -> Tenant:
-    name = uuid.uuid4().hex[:8]
-    made = Tenant(f"s{name}.", f"s{name}-")
-    secured.apply_matrix(made.topics, made.users)
-    return made
+def no_canary_in(root: Path, *texts: str) -> None:
+    """Nothing under ``root`` (logs, recovery snapshots, state) nor any of ``texts`` holds a password."""
+    written = [p for p in root.rglob("*") if p.is_file()]
+    assert written and not [p for p in written if CANARY.encode() in p.read_bytes()]
+    assert not [text for text in texts if CANARY in text]
 
 
-def as_user(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
+def scrape(port: int) -> str:
+    """A running dataflow's metrics, as Prometheus sees them."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    assert "patternflow_dataflow_info" in text  # its settings, as labels: where a password would show
+    return text
 
 
 def test_a_wrong_password_fails_fast_naming_the_settings(
@@ -123,8 +122,28 @@ def test_a_dataflow_runs_as_its_own_principal_and_no_password_reaches_its_output
         run_to_end(start_dataflow(topic, tmp_path, secured.address, extra={"EVENT_COUNTS_OUTPUT_TOPIC": counts}))
     rows = [orjson.loads(m.value or b"") for m in read_topic(secured.address, counts)]
     assert {row["id"]: row["count"] for row in rows} == expected_counts(msgs)
-    written = [p for p in tmp_path.rglob("*") if p.is_file()]  # its log, recovery snapshots and state
-    assert written and not [p for p in written if CANARY.encode() in p.read_bytes()]
+    no_canary_in(tmp_path)
+
+
+def test_a_dataflow_runs_as_a_cluster_of_its_principal_telling_its_failures_on_the_matrix_topic(
+    secured: SecuredBroker, tenant: Tenant, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    topic, counts = f"{tenant.topics}events", f"{tenant.topics}event-counts"
+    failures = f"{tenant.topics}{FAILURES_TOPIC}"
+    as_user(monkeypatch, secured.admin_env())
+    ensure_topics(secured.address, Settings(input_topic=topic, output_topic=counts, input_partitions=2).topics())
+    FailureBoard(secured.address, "", topic=failures).ensure()  # made beforehand, as the dataflows' topics
+    msgs = events(topic, 2_000)
+    produce(secured.address, msgs)
+
+    env = {**os.environ, **secured.env(f"{tenant.users}event_counts"), FAILURES_TOPIC_ENV: failures}
+    extra = {"EVENT_COUNTS_OUTPUT_TOPIC": counts}
+    with monkeypatch.context() as m:
+        m.setattr(os, "environ", env)  # start_dataflow hands os.environ to the launcher
+        run_to_end(start_dataflow(topic, tmp_path, secured.address, extra=extra, processes=2))
+    rows = [orjson.loads(m.value or b"") for m in read_topic(secured.address, counts)]
+    assert {row["id"]: row["count"] for row in rows} == expected_counts(msgs)
+    no_canary_in(tmp_path)
 
 
 def test_the_online_server_serves_clients_as_principals_and_keeps_replies_within_its_rule(
@@ -147,7 +166,7 @@ def test_the_online_server_serves_clients_as_principals_and_keeps_replies_within
             attack = raw_request(f"{base}.requests", value, correlation_id="doc-00", reply_topic=documents.name)
             produce(secured.address, [attack])
             assert client.predict("tabular-risk", inputs(3), timeout_s=30)["status"] == "ok"
-        scraped = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        scraped = scrape(port)
         assert CANARY not in scraped and CANARY not in server.procs[0].log.read_text(errors="replace")
     finally:
         server.stop()
@@ -168,9 +187,7 @@ def test_a_batch_job_runs_as_its_own_principal_and_its_manifest_holds_no_passwor
     done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(output_ids(tmp_path / "nightly" / "output")) == sorted(f"c{i}" for i in range(500))
-    manifest = (tmp_path / "nightly" / "manifest.json").read_text()
-    assert CANARY not in manifest + done.stdout + done.stderr
-    assert not [p for p in tmp_path.rglob("*") if p.is_file() and CANARY.encode() in p.read_bytes()]
+    no_canary_in(tmp_path, done.stdout, done.stderr)  # the manifest included
 
 
 def test_rag_runs_as_its_own_principal_and_no_query_can_reply_into_its_documents(
@@ -220,8 +237,7 @@ def test_the_agent_loop_runs_as_two_principals_and_a_client_gets_answers(
             result = agents.wait(agents.submit("What is 17 * 23 + 4?"), timeout_s=120)
         stack.check()
     assert result["status"] == "done" and result["answer"] == "17 * 23 + 4 = 395."
-    written = [p for p in tmp_path.rglob("*") if p.is_file()]  # logs, recovery, state, journals
-    assert written and not [p for p in written if CANARY.encode() in p.read_bytes()]
+    no_canary_in(tmp_path)  # logs, recovery, state, journals
 
 
 def test_async_jobs_run_as_their_own_principal_and_a_client_gets_its_results(
@@ -246,5 +262,69 @@ def test_async_jobs_run_as_their_own_principal_and_a_client_gets_its_results(
         workers.kill()
         workers.wait()
     assert done["status"] == "done" and len(done["outputs"]) == 2
-    written = [p for p in tmp_path.rglob("*") if p.is_file()]
-    assert written and not [p for p in written if CANARY.encode() in p.read_bytes()]
+    no_canary_in(tmp_path)
+
+
+def test_telemetry_anomalies_run_as_their_own_principal_on_the_matrix_topics_and_score_every_event(
+    secured: SecuredBroker, tenant: Tenant, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    as_user(monkeypatch, secured.admin_env())  # the admin makes the topics and plays the metrics' producers
+    port = free_port()
+    principal = secured.env(f"{tenant.users}telemetry_anomalies")
+    s = deployed(TelemetrySettings, tenant.topics)
+    telemetry = Telemetry(
+        secured.address, s, tmp_path, **principal, TELEMETRY_BOUNDED="false", TELEMETRY_METRICS_PORT=str(port)
+    )
+    events = list(shuttle(3_000))
+    telemetry.feed([*events, {"series": "shuttle", "ts_ms": "soon", "values": {}}])  # and a dead letter
+    run = telemetry.start()
+    try:
+
+        def scored() -> dict[tuple[str, int], float] | None:
+            assert run.poll() is None, run.output()
+            got = telemetry.scores()
+            return got if len(got) == len(events) else None
+
+        scores = wait_for(scored, "a score for every event", 180, every_s=1)
+        metrics = scrape(port)
+    finally:
+        run.kill()
+        run.wait()
+    labels = [e["label"] for e in events]
+    assert roc_auc(np.array(labels), np.array([scores[("shuttle", int(str(e["ts_ms"])))] for e in events])) > 0.8
+    flagged = {ts for (_, ts), score in scores.items() if score >= s.threshold}
+    assert flagged and {a["ts_ms"] for a in telemetry.anomalies()} == flagged
+    (dead,) = read_topic(secured.address, f"{s.input_topic}.dlq")
+    assert b"ts_ms must be an integer" in (dead.header("dlq.reason") or b"")
+    no_canary_in(tmp_path, metrics)
+
+
+def test_fraud_detection_runs_as_its_own_principal_on_the_matrix_topics_and_decides_every_payment(
+    secured: SecuredBroker, tenant: Tenant, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    as_user(monkeypatch, secured.admin_env())  # the admin makes the topics and plays the payments' producers
+    port = free_port()
+    principal = secured.env(f"{tenant.users}fraud_detection") | {"FRAUD_METRICS_PORT": str(port)}
+    topics = topics_of(deployed(FraudSettings, tenant.topics))  # payments, merchants, payments.decisions, ...
+    fraud = Fraud(secured.address, topics, tmp_path, **principal, FRAUD_BOUNDED="false")
+    traffic = fraud.feed(2_000, (KafkaMessage(b"{not json", topic=topics["payments"]),))
+    run = fraud.start("secured")
+    try:
+
+        def decided() -> dict[str, dict[str, object]] | None:
+            assert run.poll() is None, run.output()
+            got = fraud.decisions()
+            return got if len(got) == len(traffic.payments) else None
+
+        decisions = wait_for(decided, "a decision for every payment", 240, every_s=1)
+        outcomes = wait_for(lambda: read_topic(secured.address, topics["outcomes"]), "the first labelled outcomes")
+        metrics = scrape(port)
+    finally:
+        run.kill()
+        run.wait()
+    assert set(decisions) == {p["payment_id"] for p in traffic.payments}
+    assert {d["decision"] for d in decisions.values()} <= {"block", "allow"}
+    assert {orjson.loads(m.value or b"")["payment_id"] for m in outcomes} <= set(decisions)
+    (dead,) = read_topic(secured.address, f"{topics['payments']}.dlq")
+    assert dead.header("dlq.reason")
+    no_canary_in(tmp_path, metrics)

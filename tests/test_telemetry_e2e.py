@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import signal
 from pathlib import Path
 
 import numpy as np
-import orjson
 import pytest
 
-from dataflows.launch import run_command
 from dataflows.telemetry_anomalies import Settings, parse_metric
 from models.quality import roc_auc
-from operators.kafka import KafkaMessage, ensure_topics, produce, read_topic
+from operators.kafka import read_topic
 from scripts.evaluate_anomalies import evaluate, shuttle
-from tests.support.processes import Logged, wait_for
+from tests.support.processes import wait_for
+from tests.support.telemetry import Telemetry
 
 pytestmark = pytest.mark.e2e
 
@@ -49,46 +47,28 @@ def test_the_shuttle_stream_scores_well_through_the_dataflow(brokers: str, tmp_p
     assert result["roc_auc"] is not None and result["roc_auc"] > 0.85
 
 
-def scores(brokers: str, topic: str) -> dict[tuple[str, int], float]:
-    return {
-        (d["series"], d["ts_ms"]): d["score"]
-        for d in (orjson.loads(m.value or b"") for m in read_topic(brokers, topic))
-    }
-
-
 def test_scores_after_a_kill_9_equal_those_of_a_run_without_it(brokers: str, topic: str, tmp_path: Path) -> None:
     events = [{**e, "series": f"s{i % 3}"} for i, e in enumerate(shuttle(None))]
-    source = f"{topic}.metrics"
-    ensure_topics(brokers, Settings(input_topic=source).topics()[:2])
-    produce(brokers, (KafkaMessage(orjson.dumps(e), key=str(e["series"]).encode(), topic=source) for e in events))
 
-    def start(run: str) -> Logged:
-        s = Settings(input_topic=source, scores_topic=f"{topic}.{run}", anomalies_topic=f"{topic}.{run}-anomalies")
-        ensure_topics(brokers, s.topics())
-        env = {
-            **os.environ,
-            "KAFKA_BOOTSTRAP_SERVERS": brokers,
-            "TELEMETRY_INPUT_TOPIC": source,
-            "TELEMETRY_SCORES_TOPIC": s.scores_topic,
-            "TELEMETRY_ANOMALIES_TOPIC": s.anomalies_topic,
-            "TELEMETRY_BOUNDED": "true",
-            "TELEMETRY_METRICS_PORT": "0",
-        }
-        cmd = run_command("dataflows.telemetry_anomalies:build()", tmp_path / run / "recovery", snapshot_s=1)
-        return Logged(cmd, env, tmp_path / f"{run}.log")
+    def telemetry(run: str) -> Telemetry:  # each run reads the same input, scores to its own topics
+        s = Settings(input_topic=f"{topic}.metrics", scores_topic=f"{topic}.{run}", anomalies_topic=f"{topic}.{run}-a")
+        return Telemetry(brokers, s, tmp_path / run)
 
-    clean = start("clean")
-    assert clean.wait(timeout=300) == 0, clean.output()
-    crashed = start("crashed")
-    wait_for(lambda: crashed.poll() is not None or len(read_topic(brokers, f"{topic}.crashed")) > 25_000, "scores", 120)
-    assert crashed.poll() is None, "the run ended before the kill; give it more events"
+    clean, crashed = telemetry("clean"), telemetry("crashed")
+    clean.feed(events)
+    run = clean.start()
+    assert run.wait(timeout=300) == 0, run.output()
+    killed = crashed.start()
+    scored = crashed.s.scores_topic
+    wait_for(lambda: killed.poll() is not None or len(read_topic(brokers, scored)) > 25_000, "scores", 120)
+    assert killed.poll() is None, "the run ended before the kill; give it more events"
     # past its first snapshots (every second): the kill must resume from one, not from the start
-    crashed.send_signal(signal.SIGKILL)
-    crashed.wait()
-    resumed = start("crashed")
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    resumed = crashed.start()
     assert resumed.wait(timeout=300) == 0, resumed.output()
 
-    expected, got = scores(brokers, f"{topic}.clean"), scores(brokers, f"{topic}.crashed")
+    expected, got = clean.scores(), crashed.scores()
     assert len(expected) == len(events) and got == expected  # replayed events were scored again, identically
     labels = np.array([e["label"] for e in events])
     assert roc_auc(labels, np.array([expected[(str(e["series"]), int(str(e["ts_ms"])))] for e in events])) > 0.8

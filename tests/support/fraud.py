@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +19,25 @@ from scripts.fraud_traffic import Traffic, generate, table_messages
 from tests.support.processes import Logged
 
 VELOCITY = ("count_1m", "count_1h", "count_24h", "log_sum_1h", "amount_z", "log_history", "log_since_previous_s")
+NAMES = ("payments", "chargebacks", "merchants", "decisions", "outcomes", "late")  # Settings' <name>_topic
+
+
+def under(topic: str) -> dict[str, str]:
+    """A test's own topics: ``<topic>.payments``, ``<topic>.decisions``, ..."""
+    return {name: f"{topic}.{name}" for name in NAMES}
+
+
+def topics_of(settings: Settings) -> dict[str, str]:
+    """The topics ``settings`` names."""
+    return {name: getattr(settings, f"{name}_topic") for name in NAMES}
 
 
 class Fraud:
-    """The dataflow on this test's own topics, fed with generated traffic."""
+    """The dataflow on ``topics`` (each of :data:`NAMES` to a topic; created here if missing), fed with
+    generated traffic; ``env`` (a principal's profile, ``FRAUD_*``) wins over what :meth:`start` sets."""
 
-    def __init__(self, brokers: str, topic: str, tmp: Path) -> None:
-        self.brokers, self.tmp = brokers, tmp
-        names = ("payments", "chargebacks", "merchants", "decisions", "outcomes", "late")
-        self.topics = {name: f"{topic}.{name}" for name in names}
+    def __init__(self, brokers: str, topics: Mapping[str, str], tmp: Path, **env: str) -> None:
+        self.brokers, self.tmp, self.topics, self.extra = brokers, tmp, dict(topics), env
         ensure_topics(brokers, from_env(Settings, "FRAUD_", self.env()).topics())
 
     def env(self) -> dict[str, str]:
@@ -57,6 +68,7 @@ class Fraud:
             "FRAUD_ALLOWED_LATENESS_MS": "21600000",  # a replay at full speed
             "FRAUD_STATE_DIR": str(self.tmp / run / "state"),
             "FRAUD_METRICS_PORT": "0",
+            **self.extra,
         }
         cmd = run_command("dataflows.fraud_detection:build()", self.tmp / run / "recovery", snapshot_s=1)
         if processes > 1:
@@ -80,4 +92,4 @@ class Fraud:
 
 @pytest.fixture
 def fraud(brokers: str, topic: str, tmp_path: Path) -> Fraud:
-    return Fraud(brokers, topic, tmp_path)
+    return Fraud(brokers, under(topic), tmp_path)

@@ -56,25 +56,25 @@ class Logged(subprocess.Popen[bytes]):
 
 @contextlib.contextmanager
 def gateway(prefix: str, **settings: Any) -> Iterator[str]:
-    """The HTTP gateway (``clients.gateway``) in a thread; yields its base URL.
+    """The HTTP gateway (``clients.gateway``) in a thread, served as ``python -m clients.gateway``
+    serves it; yields its base URL (``https://`` when ``settings`` name a certificate and key).
 
     Every topic it fronts is named ``<prefix>.<its default name>`` unless ``settings`` name it, so a
     gateway in a test never sees the topics another run (``make demo``) left on the broker.
     """
     import uvicorn
 
-    from clients.gateway import Settings, create_app
+    from clients.gateway import Settings, create_app, server_options
     from patternflow import free_port
 
     topics = {f.name: f"{prefix}.{f.default}" for f in dataclasses.fields(Settings) if f.name.endswith("_topic")}
-    port = free_port()
-    app = create_app(Settings(port=port, **{**topics, **settings}))
-    http = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
+    s = Settings(port=free_port(), **{**topics, **settings})
+    http = uvicorn.Server(uvicorn.Config(create_app(s), **server_options(s)))
     thread = threading.Thread(target=http.run)
     thread.start()
     try:
         wait_for(lambda: http.started, "the gateway to start", 30)
-        yield f"http://127.0.0.1:{port}"
+        yield f"{'https' if s.tls() else 'http'}://127.0.0.1:{s.port}"
     finally:
         http.should_exit = True
         thread.join(timeout=10)

@@ -8,8 +8,11 @@ Every principal's password starts with :data:`CANARY`, so a test can grep what a
 from __future__ import annotations
 
 import secrets
+import uuid
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import pytest
 from confluent_kafka.admin import (
@@ -24,9 +27,19 @@ from patternflow import free_port
 from scripts.kafka_acls import Grant, apply, grants, load
 from tests.support.kafka import Broker
 
-__all__ = ["CANARY", "SecuredBroker", "secured"]
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+__all__ = ["CANARY", "SecuredBroker", "Tenant", "as_user", "deployed", "secured", "tenant"]
 
 CANARY = "canary-7d1e5b"
+S = TypeVar("S", bound="DataclassInstance")
+
+
+def deployed(settings: type[S], prefix: str) -> S:
+    """A dataflow's ``settings`` with each of its topics (the fields named ``*_topic``) named as the ACL
+    matrix names it, its default, under ``prefix``."""
+    return settings(**{f.name: f"{prefix}{f.default}" for f in fields(settings) if f.name.endswith("_topic")})
 
 
 class SecuredBroker:
@@ -42,6 +55,12 @@ class SecuredBroker:
     @property
     def ca(self) -> Path:
         return self.dir / "ca.pem"
+
+    @property
+    def certificate(self) -> tuple[Path, Path]:
+        """A certificate the test CA signed for 127.0.0.1 and localhost (the broker's), and its key
+        (PEM, unencrypted): what a test serves TLS with."""
+        return self.dir / "broker.pem", self.dir / "broker.key"
 
     def env(self, user: str, password: str | None = None) -> dict[str, str]:
         """The client-security profile of ``user`` (the variables every client reads)."""
@@ -91,6 +110,20 @@ class SecuredBroker:
             future.result(timeout=30)
 
 
+@dataclass(frozen=True)
+class Tenant:
+    """The matrix applied for one test: its topics start with ``topics``, its principals with ``users``."""
+
+    topics: str
+    users: str
+
+
+def as_user(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
+    """This process's Kafka clients connect with the profile ``env`` (a principal's, the admin's)."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "secured" in getattr(item, "fixturenames", ()):
@@ -106,3 +139,11 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SecuredBroker]
     finally:
         broker._admin = None  # before the broker goes: it would try to reconnect until the process ends
         broker.broker.stop()
+
+
+@pytest.fixture
+def tenant(secured: SecuredBroker) -> Tenant:
+    name = uuid.uuid4().hex[:8]
+    made = Tenant(f"s{name}.", f"s{name}-")
+    secured.apply_matrix(made.topics, made.users)
+    return made
