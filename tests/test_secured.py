@@ -27,6 +27,7 @@ from models.quality import roc_auc
 from models.scripted_llm import RECORDINGS, ScriptedModel, serve
 from operators.failures import FAILURES_TOPIC, FAILURES_TOPIC_ENV, FailureBoard
 from operators.kafka import (
+    KafkaAdminError,
     KafkaDeliveryError,
     KafkaMessage,
     KafkaSecurityError,
@@ -102,6 +103,8 @@ def test_the_broker_refuses_what_the_acl_matrix_does_not_allow(
             produce(secured.address, message(forged), timeout_s=20)
     with pytest.raises(KafkaSourceError):  # nor reading the runtime's inputs
         read_topic(secured.address, agent.tasks, timeout_s=20)
+    with pytest.raises(KafkaAdminError, match=r"may not create topics .* have an administrator create it"):
+        ensure_topics(secured.address, [TopicSpec(f"{tenant.topics}not-granted")])  # the refusal says what to do
     as_user(monkeypatch, secured.env(f"{tenant.users}reviewer"))
     produce(secured.address, message(agent.human_replies))
 

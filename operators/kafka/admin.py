@@ -121,6 +121,13 @@ def _create_missing(admin: AdminClient, specs: list[TopicSpec], outage: Outage, 
             err = exc.args[0]
             if err.code() == RdKafkaError.TOPIC_ALREADY_EXISTS:
                 continue
+            if err.code() in (RdKafkaError.TOPIC_AUTHORIZATION_FAILED, RdKafkaError.CLUSTER_AUTHORIZATION_FAILED):
+                raise KafkaAdminError(
+                    f"topic {name!r} at {brokers} does not exist or this principal may not see it (no Describe "
+                    f"ACL), and it may not create topics ({err.name()}): have an administrator create it "
+                    "beforehand, or grant this principal (KAFKA_SASL_USERNAME) Describe on it as "
+                    "deploy/kafka/acls.yaml does"
+                ) from exc
             if not is_transient(err):
                 raise KafkaAdminError(f"cannot create topic {name!r} at {brokers}: {exc}") from exc
             raise
