@@ -57,6 +57,7 @@ bench: kafka-up
 	$(PY) -m bench.online --quick
 	$(PY) -m bench.batch --quick
 	$(PY) -m bench.rag --quick
+	$(PY) -m bench.rag_scale --quick
 	$(PY) -m bench.scale --quick
 
 clean:

@@ -79,6 +79,25 @@ def test_event_counts_as_two_processes_counts_exactly_and_every_process_names_a_
     assert "exited first with status 1" in log
 
 
+def test_event_counts_killed_as_three_processes_and_resumed_as_one_counts_exactly(
+    brokers: str, topic: str, tmp_path: Path
+) -> None:
+    msgs = events(topic, 200_000)
+    prepare(brokers, topic, msgs, partitions=4)
+    cluster = start_dataflow(topic, tmp_path, brokers, processes=3)
+
+    def read() -> int:
+        return sum(max(0, offset) for offset in committed(brokers, GROUP, topic, 4).values())
+
+    wait_for(lambda: cluster.poll() is not None or read() > 30_000, "the cluster's first snapshots", 120)
+    assert cluster.poll() is None, "the cluster ended before the kill; give it more events"
+    cluster.send_signal(signal.SIGKILL)  # the launcher; its processes die with it
+    cluster.wait()
+    run_to_end(start_dataflow(topic, tmp_path, brokers))  # one process: every shard moves to it
+    by_id, _ = counts_by_id(brokers, topic)
+    assert by_id == expected_counts(msgs)
+
+
 def test_fraud_detection_killed_as_two_processes_and_resumed_as_three_scores_as_one_process_does(
     fraud: Fraud,
 ) -> None:

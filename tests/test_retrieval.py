@@ -96,6 +96,51 @@ def test_dense_is_exact_and_filters_apply() -> None:
     assert index.bm25(terms("heart"), 10, index.allowed({"year": 1999})) == []
 
 
+def _clustered(rng: np.random.Generator, n: int, dim: int, centers: np.ndarray) -> np.ndarray:
+    """Unit vectors around ``centers``: neighbours are close calls, as with real embeddings."""
+    x = centers[rng.integers(0, len(centers), n)] + 0.35 * rng.normal(size=(n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_approximate_dense_search_finds_what_exact_search_finds_through_upserts_and_deletes() -> None:
+    rng, dim = np.random.default_rng(3), 32
+    centers = rng.normal(size=(40, dim)) / np.sqrt(dim)
+    approx, exact = ShardIndex(dim, ann_min=1), ShardIndex(dim, ann_min=0)
+
+    def put(i: int, vector: np.ndarray) -> None:
+        for index in (approx, exact):
+            index.add(IndexedChunk(f"d{i}#0", f"d{i}", "", "", 0, 0, {}, vector, ()))
+
+    def top(index: ShardIndex, query: np.ndarray, k: int = 10) -> list[str]:
+        return [index.hit(slot, score, False).chunk_id for slot, score in index.dense(query, k, None)]
+
+    for i, vector in enumerate(_clustered(rng, 3_000, dim, centers)):
+        put(i, vector)
+    queries = _clustered(rng, 50, dim, centers)
+    top(approx, queries[0])  # the graph is built here, and follows every change from now on
+    assert approx.ann_bytes > 0 and exact.ann_bytes == 0
+    moved = _clustered(rng, 300, dim, centers)
+    for i in range(300):  # upserts to new vectors, then deletes
+        put(i, moved[i])
+    for index in (approx, exact):
+        for i in range(300, 600):
+            index.remove(f"d{i}#0")
+    recall = [len(set(top(approx, q)) & set(top(exact, q))) / 10 for q in queries]
+    assert sum(recall) / len(recall) >= 0.98
+    found = {cid for q in queries for cid in top(approx, q, 100)}
+    assert not found & {f"d{i}#0" for i in range(300, 600)}, "a deleted chunk came back"
+    for i in (0, 150, 299):
+        (best, score), *_ = approx.dense(moved[i], 1, None)
+        assert approx.hit(best, score, False).chunk_id == f"d{i}#0" and score == pytest.approx(1.0, abs=1e-5)
+    # Scores are the exact ones: a chunk both find scores the same in both.
+    for q in queries[:10]:
+        scored = {approx.hit(s, v, False).chunk_id: v for s, v in approx.dense(q, 10, None)}
+        reference = {exact.hit(s, v, False).chunk_id: v for s, v in exact.dense(q, 10, None)}
+        assert {c: scored[c] for c in scored.keys() & reference.keys()} == pytest.approx(
+            {c: reference[c] for c in scored.keys() & reference.keys()}
+        )
+
+
 def test_fusion_ranks_documents_by_weighted_reciprocal_rank() -> None:
     def hits(*docs: str) -> list[Hit]:
         return [Hit(f"{d}#0", d, 1.0 / (n + 1), 0, 1, text="t" if d != "c" else None) for n, d in enumerate(docs)]

@@ -33,6 +33,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,7 @@ class Settings(TorchSettings):
     embed_batch_size: int = 64
     shards: int = 4
     candidates: int = 100
+    ann_min_chunks: int = 20_000  # a shard's chunks from which dense search is approximate (0: never)
     context_docs: int = 3
     support_threshold: float = 0.45
     dense_weight: float = Fusion.dense_weight
@@ -170,7 +172,8 @@ def build(settings: Settings | None = None) -> Dataflow:
     # Query | Reply (error)
     fanned = op.flat_map_batch("embed_queries", valid.first, lambda batch: _fan_out(batch, embed, s.shards))
     # (shard, (shard, query key, Query)): every query to every shard
-    hits = sharded_state("index", op.merge("to_index", updates, fanned), lambda: IndexShard(dim, s.candidates), state)
+    shard = partial(IndexShard, dim, s.candidates, ann_min=s.ann_min_chunks)
+    hits = sharded_state("index", op.merge("to_index", updates, fanned), shard, state)
     # (query key, ShardHits)
     gathered = op.stateful_flat_map("gather", hits, gather(s.shards))
     # (query key, [ShardHits of every shard])

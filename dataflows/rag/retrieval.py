@@ -26,8 +26,11 @@ from math import log
 from typing import Any
 
 import numpy as np
+from usearch.index import Index
 
 __all__ = ["Fusion", "Hit", "IndexedChunk", "ShardIndex", "best_per_doc", "fuse"]
+
+_BULK = 10_000  # chunks joining the approximate index at once, from which its build uses every core
 
 
 @dataclass(frozen=True)
@@ -70,9 +73,22 @@ def _matches(metadata: Mapping[str, Any], filters: Mapping[str, Any]) -> bool:
 
 @dataclass
 class ShardIndex:
+    """One shard's chunks: their vectors for dense search, their terms for BM25.
+
+    Dense search is exact (every vector scored) below ``ann_min`` chunks; from there it asks
+    an approximate index (usearch's HNSW graph, vectors quantised to int8) for
+    ``ann_oversample`` times the candidates wanted and re-scores them exactly against the
+    float32 vectors, so scores and ties are as exact search gives them and only a missed
+    candidate can differ. The graph follows upserts and deletes; chunks added since the
+    last search join it in one batch at the next (a restore adds every chunk, then the
+    first search builds the graph). ``ann_min=0``: always exact. A filtered search is exact.
+    """
+
     dim: int
     k1: float = 1.5
     b: float = 0.75
+    ann_min: int = 20_000
+    ann_oversample: int = 2
     _slots: dict[str, int] = field(default_factory=dict)
     _chunks: list[IndexedChunk | None] = field(default_factory=list)
     _free: list[int] = field(default_factory=list)
@@ -83,6 +99,8 @@ class ShardIndex:
         self._vectors = np.zeros((0, self.dim), dtype=np.float32)
         self._lengths = np.zeros(0, dtype=np.float32)
         self._alive = np.zeros(0, dtype=bool)
+        self._ann: Index | None = None
+        self._ann_pending: dict[int, None] = {}  # slots added since the graph last caught up, in order
 
     def __len__(self) -> int:
         return len(self._slots)
@@ -99,6 +117,8 @@ class ShardIndex:
         self._vectors[slot] = chunk.vector
         self._lengths[slot] = len(chunk.terms)
         self._alive[slot] = True
+        if self._ann is not None:
+            self._ann_pending[slot] = None
         self._total_terms += len(chunk.terms)
         for term, tf in Counter(chunk.terms).items():
             self._postings.setdefault(term, {})[slot] = tf
@@ -118,6 +138,8 @@ class ShardIndex:
         self._chunks[slot] = None
         self._alive[slot] = False
         self._free.append(slot)
+        if self._ann is not None and self._ann_pending.pop(slot, False) is False:
+            self._ann.remove(slot)
 
     def _grow(self) -> int:
         slot = len(self._chunks)
@@ -129,21 +151,45 @@ class ShardIndex:
         self._chunks.append(None)
         return slot
 
-    def allowed(self, filters: Mapping[str, Any]) -> np.ndarray:
-        """The slots whose chunk's metadata passes ``filters`` (all slots when there are none)."""
+    def allowed(self, filters: Mapping[str, Any]) -> np.ndarray | None:
+        """The slots whose chunk's metadata passes ``filters``; ``None`` (every chunk) when there are none."""
         if not filters:
-            return self._alive[: len(self._chunks)]
+            return None
         return np.fromiter(
             (c is not None and _matches(c.metadata, filters) for c in self._chunks), bool, len(self._chunks)
         )
 
-    def dense(self, vector: np.ndarray, k: int, allowed: np.ndarray) -> list[tuple[int, float]]:
+    def dense(self, vector: np.ndarray, k: int, allowed: np.ndarray | None) -> list[tuple[int, float]]:
         """The top ``k`` allowed slots by cosine similarity to ``vector`` (L2-normalised)."""
+        vector = vector.astype(np.float32)
+        if allowed is None and self.ann_min and len(self._slots) >= self.ann_min:
+            slots = self._ann_candidates(vector, self.ann_oversample * k)
+            scores = self._vectors[slots] @ vector
+            return self._ranked(list(zip(slots.tolist(), scores.tolist(), strict=True)), k)
         n = len(self._chunks)
-        scores = self._vectors[:n] @ vector.astype(np.float32)
-        return self._top(np.where(allowed, scores, -np.inf), k)
+        scores = self._vectors[:n] @ vector
+        return self._top(np.where(self._alive[:n] if allowed is None else allowed, scores, -np.inf), k)
 
-    def bm25(self, query_terms: Iterable[str], k: int, allowed: np.ndarray) -> list[tuple[int, float]]:
+    def _ann_candidates(self, vector: np.ndarray, count: int) -> np.ndarray:
+        if self._ann is None:
+            self._ann = Index(ndim=self.dim, metric="cos", dtype="i8", connectivity=16, expansion_add=64)
+            self._ann_pending = dict.fromkeys(self._slots.values())
+        if self._ann_pending:
+            slots = np.fromiter(self._ann_pending, np.uint64, len(self._ann_pending))
+            # A shard opened from its state builds the whole graph here: on every core (0), not just its worker's.
+            threads = 0 if len(slots) >= _BULK else 1
+            self._ann.add(slots, self._vectors[slots.astype(np.int64)], threads=threads)
+            self._ann_pending.clear()
+        self._ann.expansion_search = max(128, 2 * count)  # type: ignore[misc]  # usearch's setter is untyped
+        found: np.ndarray = self._ann.search(vector, count, threads=1).keys
+        return found.astype(np.int64)
+
+    @property
+    def ann_bytes(self) -> int:
+        """Memory the approximate index holds (0 while dense search is exact)."""
+        return 0 if self._ann is None else int(self._ann.memory_usage)
+
+    def bm25(self, query_terms: Iterable[str], k: int, allowed: np.ndarray | None) -> list[tuple[int, float]]:
         """The top ``k`` allowed slots by BM25 score for ``query_terms`` (slots scoring 0 left out)."""
         n, count = len(self._chunks), len(self._slots)
         if not count:
@@ -158,13 +204,16 @@ class ShardIndex:
             slots = np.fromiter(postings.keys(), np.int64, len(postings))
             tf = np.fromiter(postings.values(), np.float32, len(postings))
             scores[slots] += idf * tf / (tf + norm[slots])
-        return self._top(np.where(allowed & (scores > 0), scores, -np.inf), k)
+        ok = scores > 0 if allowed is None else allowed & (scores > 0)
+        return self._top(np.where(ok, scores, -np.inf), k)
 
     def _top(self, scores: np.ndarray, k: int) -> list[tuple[int, float]]:
         candidates = np.argpartition(-scores, k)[:k] if k < len(scores) else np.arange(len(scores))
-        found = [(int(slot), float(scores[slot])) for slot in candidates if scores[slot] > -np.inf]
+        return self._ranked([(int(slot), float(scores[slot])) for slot in candidates if scores[slot] > -np.inf], k)
+
+    def _ranked(self, found: list[tuple[int, float]], k: int) -> list[tuple[int, float]]:
         # Ties go by chunk id, not by slot: slots depend on the order chunks came in.
-        return sorted(found, key=lambda hit: (-hit[1], self._chunks[hit[0]].chunk_id))  # type: ignore[union-attr]
+        return sorted(found, key=lambda hit: (-hit[1], self._chunks[hit[0]].chunk_id))[:k]  # type: ignore[union-attr]
 
     def hit(self, slot: int, score: float, with_text: bool) -> Hit:
         c = self._chunks[slot]

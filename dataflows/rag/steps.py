@@ -340,11 +340,12 @@ class IndexShard(Expiring[Any]):
     dim: int
     candidates: int = 100
     with_text: int = 10
+    ann_min: int = ShardIndex.ann_min
     _index: ShardIndex | None = None
 
     def _open(self, store: StateStore) -> ShardIndex:
         if self._index is None:
-            self._index = ShardIndex(self.dim)
+            self._index = ShardIndex(self.dim, ann_min=self.ann_min)
             for key, doc in store.items("c:"):
                 self._index.add(_from_state(key[2:], doc))
         return self._index
