@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import Stemmer
 
-from dataflows.rag.retrieval import Fusion, Hit, IndexedChunk, ShardIndex, best_per_doc, fuse
-from dataflows.rag.text import Chunker, sentences, terms
+from dataflows.rag.retrieval import Fusion, Hit, IndexedChunk, ShardIndex, best_per_doc, dbsf_normalise, fuse, rank
+from dataflows.rag.text import Analyzer, Chunker, sentences, terms
 
 CORPUS = [
     "Aspirin reduces the risk of heart attacks in adults over fifty.",
@@ -106,6 +106,78 @@ def test_fusion_ranks_documents_by_weighted_reciprocal_rank() -> None:
     assert [hit.doc_id for hit, _ in fused] == ["c", "a", "b"]
     chunks = [Hit("a#1", "a", 0.2, 0, 1), Hit("a#0", "a", 0.9, 0, 1), Hit("b#0", "b", 0.5, 0, 1)]
     assert [h.chunk_id for h in best_per_doc(chunks)] == ["a#0", "b#0"]
+
+
+def _scored(*pairs: tuple[str, float]) -> list[Hit]:
+    return [Hit(f"{d}#0", d, score, 0, 1) for d, score in pairs]
+
+
+def test_dbsf_maps_mean_minus_and_plus_three_sample_deviations_to_0_and_1() -> None:
+    scores = [10.0, 7.0, 4.0, 3.0]
+    mean, std = float(np.mean(scores)), float(np.std(scores, ddof=1))
+    assert dbsf_normalise(scores) == pytest.approx([(s - mean + 3 * std) / (6 * std) for s in scores])
+    normalised = dbsf_normalise([5.0, 1.0, 0.5, 0.2, 0.1])  # whatever the scores: mean 0.5, deviation 1/6
+    assert (np.mean(normalised), np.std(normalised, ddof=1)) == pytest.approx((0.5, 1 / 6))
+    assert dbsf_normalise([0.7]) == [0.5]
+    assert dbsf_normalise([2.0, 2.0, 2.0]) == [0.5, 0.5, 0.5]
+    assert dbsf_normalise([]) == []
+
+
+def test_dbsf_fusion_sums_weighted_normalised_scores_and_ignores_each_rankings_scale() -> None:
+    dense = _scored(("a", 0.9), ("b", 0.5), ("c", 0.45), ("d", 0.4))
+    bm25 = _scored(("c", 30.0), ("d", 29.0), ("e", 5.0))
+    fusion = Fusion(dense_weight=2.0, bm25_weight=1.0, method="dbsf")
+    scores = {hit.doc_id: score for hit, score in fuse(dense, bm25, fusion)}
+    nd = dict(zip("abcd", dbsf_normalise([0.9, 0.5, 0.45, 0.4]), strict=True))
+    nb = dict(zip("cde", dbsf_normalise([30.0, 29.0, 5.0]), strict=True))
+    assert scores == pytest.approx({"a": 2 * nd["a"], "b": 2 * nd["b"], "c": 2 * nd["c"] + nb["c"],
+                                    "d": 2 * nd["d"] + nb["d"], "e": nb["e"]})  # fmt: skip
+    # Scores, not ranks: BM25 in other units (x100, +7) fuses the same.
+    rescaled = _scored(*((h.doc_id, h.score * 100 + 7) for h in bm25))
+    same, original = fuse(dense, rescaled, fusion), fuse(dense, bm25, fusion)
+    assert [h.doc_id for h, _ in same] == [h.doc_id for h, _ in original]
+    assert [s for _, s in same] == pytest.approx([s for _, s in original])
+    # A dense top document far ahead of the rest stays on top under DBSF, where rank fusion
+    # puts a document both rankings hold, low in each, above it.
+    dense = _scored(("a", 0.9), *((d, 0.1) for d in "bcdghijk"))
+    bm25 = _scored(("e", 30.0), ("f", 29.0), ("c", 5.0))
+    assert next(h.doc_id for h, _ in fuse(dense, bm25, Fusion(1.0, 1.0, method="dbsf"))) == "a"
+    assert next(h.doc_id for h, _ in fuse(dense, bm25, Fusion(1.0, 1.0, rrf_k=5))) == "c"
+
+
+def test_an_unknown_fusion_method_is_refused() -> None:
+    with pytest.raises(ValueError, match="fusion method"):
+        Fusion(method="linear")
+    assert Fusion(method="dbsf").describe() != Fusion().describe()
+
+
+def test_rank_fuses_the_shards_best_chunk_per_document_or_ranks_one_retriever() -> None:
+    dense = [*_scored(("a", 0.9), ("b", 0.8)), Hit("a#1", "a", 0.95, 0, 1)]
+    bm25 = _scored(("b", 3.0), ("c", 1.0))
+    assert [(h.chunk_id, s) for h, s in rank(dense, bm25, "dense", Fusion(), 100, 10)] == [("a#1", 0.95), ("b#0", 0.8)]
+    assert [h.doc_id for h, _ in rank(dense, bm25, "bm25", Fusion(), 1, 10)] == ["b"]
+    assert [h.doc_id for h, _ in rank(dense, bm25, "hybrid", Fusion(1.0, 1.0, 5), 100, 2)] == ["b", "a"]
+
+
+def test_analyzer_drops_its_stop_words_stems_and_counts_the_title() -> None:
+    text = "The patients were not treated with 2 doses of statins; IL-6 levels fell."
+    assert terms(text) == Analyzer().terms(text)
+    lucene, nltk = Analyzer("lucene").terms(text), Analyzer("nltk").terms(text)
+    assert "were" in lucene and "were" not in nltk and "the" not in lucene  # NLTK's list is longer
+    assert "not" not in lucene and "not" not in nltk
+    assert Analyzer(stemmer="").terms("statins treated") == ["statins", "treated"]
+    assert Analyzer(stemmer="english").terms("statins treated") == ["statin", "treat"]
+    # Single characters count only from min_chars=1: "IL-6" is "il" and "6", "2 doses" keeps its number.
+    assert "6" in Analyzer(min_chars=1).terms(text) and "2" in Analyzer(min_chars=1).terms(text)
+    assert "6" not in Analyzer(min_chars=2).terms(text)
+    title = "Statin therapy"
+    assert Analyzer(title_weight=2).document_terms(title, "in adults") == ["statin", "therapi"] * 2 + ["adult"]
+    assert Analyzer(title_weight=0).document_terms(title, "in adults") == ["adult"]
+    # The dataflow's chunks once took the terms of "title\ntext": the same terms, in the same order.
+    assert Analyzer().document_terms(title, text) == terms(f"{title}\n{text}")
+    for bad in ({"stopwords": "klingon"}, {"stemmer": "klingon"}, {"min_chars": 0}, {"title_weight": -1}):
+        with pytest.raises(ValueError):
+            Analyzer(**bad)  # type: ignore[arg-type]
 
 
 class _WhitespaceTokenizer:

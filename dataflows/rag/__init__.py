@@ -41,7 +41,7 @@ import numpy as np
 from bytewax.dataflow import Dataflow
 
 from dataflows.rag.answers import Extractive, Generator, OpenAIChat
-from dataflows.rag.retrieval import Fusion
+from dataflows.rag.retrieval import Fusion, ShardIndex
 from dataflows.rag.steps import (
     Answering,
     Catalog,
@@ -90,6 +90,12 @@ class Settings(TorchSettings):
     candidates: int = 100
     context_docs: int = 3
     support_threshold: float = 0.45
+    # BM25's term-frequency saturation and length normalisation (statistics per shard).
+    bm25_k1: float = ShardIndex.k1
+    bm25_b: float = ShardIndex.b
+    # How the two rankings become one: "rrf" (weighted reciprocal rank, rrf_k) or "dbsf"
+    # (distribution-based score fusion, Qdrant's); both weigh each ranking. See Fusion.
+    fusion: str = Fusion.method
     dense_weight: float = Fusion.dense_weight
     bm25_weight: float = Fusion.bm25_weight
     rrf_k: int = Fusion.rrf_k
@@ -102,10 +108,11 @@ class Settings(TorchSettings):
     def __post_init__(self) -> None:
         if self.llm_url and not self.llm_model:
             raise ValueError("RAG_LLM_URL is set but RAG_LLM_MODEL is not: name the model the server serves")
+        _ = self.fusion_config  # RAG_FUSION names a method Fusion knows, or the dataflow does not start
 
     @property
-    def fusion(self) -> Fusion:
-        return Fusion(self.dense_weight, self.bm25_weight, self.rrf_k)
+    def fusion_config(self) -> Fusion:
+        return Fusion(self.dense_weight, self.bm25_weight, self.rrf_k, self.fusion)
 
     def topics(self) -> list[TopicSpec]:
         return [
@@ -141,9 +148,9 @@ def build(settings: Settings | None = None) -> Dataflow:
     encoder = minilm.model  # type: ignore[attr-defined]
     chunker = Chunker(encoder.tokenizer, s.chunk_tokens, s.overlap_tokens)
     dim = embed(["dimension"]).shape[1]  # sentence-transformers renamed the method that says it
-    version = index_version(f"{spec.name}@{spec.version}", chunker, s.fusion)
+    version = index_version(f"{spec.name}@{spec.version}", chunker, s.fusion_config, (s.bm25_k1, s.bm25_b))
     generate = generator(s, Extractive(embed, s.support_threshold))
-    answering = Answering(s.fusion, generate, s.candidates, s.context_docs, version)
+    answering = Answering(s.fusion_config, generate, s.candidates, s.context_docs, version)
     metrics.RAG_INDEX.info({"version": version})
     rules = app.reply_rules(s.answers_topic, s.reply_topics, s.topics(), "RAG_REPLY_TOPICS")
     state = StateConfig(s.state_dir, shards=s.shards)
@@ -170,7 +177,12 @@ def build(settings: Settings | None = None) -> Dataflow:
     # Query | Reply (error)
     fanned = op.flat_map_batch("embed_queries", valid.first, lambda batch: _fan_out(batch, embed, s.shards))
     # (shard, (shard, query key, Query)): every query to every shard
-    hits = sharded_state("index", op.merge("to_index", updates, fanned), lambda: IndexShard(dim, s.candidates), state)
+    hits = sharded_state(
+        "index",
+        op.merge("to_index", updates, fanned),
+        lambda: IndexShard(dim, s.candidates, k1=s.bm25_k1, b=s.bm25_b),
+        state,
+    )
     # (query key, ShardHits)
     gathered = op.stateful_flat_map("gather", hits, gather(s.shards))
     # (query key, [ShardHits of every shard])

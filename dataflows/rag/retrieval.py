@@ -27,7 +27,17 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Fusion", "Hit", "IndexedChunk", "ShardIndex", "best_per_doc", "fuse"]
+__all__ = [
+    "FUSION_METHODS",
+    "Fusion",
+    "Hit",
+    "IndexedChunk",
+    "ShardIndex",
+    "best_per_doc",
+    "dbsf_normalise",
+    "fuse",
+    "rank",
+]
 
 
 @dataclass(frozen=True)
@@ -160,6 +170,15 @@ class ShardIndex:
             scores[slots] += idf * tf / (tf + norm[slots])
         return self._top(np.where(allowed & (scores > 0), scores, -np.inf), k)
 
+    def search(
+        self, vector: np.ndarray, query_terms: Iterable[str], k: int, allowed: np.ndarray, with_text: int
+    ) -> tuple[tuple[Hit, ...], tuple[Hit, ...]]:
+        """The top ``k`` hits by vector and by BM25, the first ``with_text`` of each with their text."""
+        return tuple(  # type: ignore[return-value]
+            tuple(self.hit(slot, score, n < with_text) for n, (slot, score) in enumerate(ranked))
+            for ranked in (self.dense(vector, k, allowed), self.bm25(query_terms, k, allowed))
+        )
+
     def _top(self, scores: np.ndarray, k: int) -> list[tuple[int, float]]:
         candidates = np.argpartition(-scores, k)[:k] if k < len(scores) else np.arange(len(scores))
         found = [(int(slot), float(scores[slot])) for slot in candidates if scores[slot] > -np.inf]
@@ -183,15 +202,55 @@ def best_per_doc(hits: Iterable[Hit]) -> list[Hit]:
     return out
 
 
+FUSION_METHODS = ("rrf", "dbsf")
+
+
 @dataclass(frozen=True)
 class Fusion:
-    """Weighted reciprocal rank fusion: a document scores ``weight / (rrf_k + rank)``
-    in each ranking it is in (ranks from 1). The defaults are the best of the grid
-    that ``python -m bench.rag`` scores on SciFact's train split."""
+    """How the two rankings of a query become one.
+
+    - ``rrf``, weighted reciprocal rank fusion: a document scores ``weight / (rrf_k + rank)``
+      in each ranking it is in (ranks from 1).
+    - ``dbsf``, distribution-based score fusion as Qdrant defines it: each ranking's
+      scores are mapped to ``(score - (mean - 3 std)) / (6 std)`` (the mean and sample
+      standard deviation of that ranking's scores for this query; a ranking of one
+      document, or of equal scores, gives 0.5), then weighted and summed; a document
+      a ranking does not hold gets nothing from it.
+
+    The defaults are the best that ``python -m scripts.tune_rag fusion`` found on SciFact's
+    train split."""
 
     dense_weight: float = 0.75
     bm25_weight: float = 1.0
     rrf_k: int = 5
+    method: str = "rrf"
+
+    def __post_init__(self) -> None:
+        if self.method not in FUSION_METHODS:
+            raise ValueError(f"fusion method is one of {FUSION_METHODS}, got {self.method!r}")
+
+    def describe(self) -> str:
+        """The fusion in a few characters, for the index version."""
+        weights = f"{self.dense_weight:g}:{self.bm25_weight:g}"
+        return f"{weights}:rrf{self.rrf_k}" if self.method == "rrf" else f"{weights}:dbsf"
+
+
+def dbsf_normalise(scores: Sequence[float]) -> list[float]:
+    """Scores mapped so that the mean minus three sample standard deviations is 0 and the
+    mean plus three is 1 (not clipped); one score, or equal ones, are 0.5 (Qdrant's ``distr_norm``)."""
+    if len(scores) < 2:
+        return [0.5] * len(scores)
+    values = np.asarray(scores, dtype=np.float64)
+    mean, std = float(values.mean()), float(values.std(ddof=1))
+    if std == 0.0:
+        return [0.5] * len(scores)
+    return ((values - (mean - 3 * std)) / (6 * std)).tolist()  # type: ignore[no-any-return]
+
+
+def _contributions(ranking: Sequence[Hit], weight: float, fusion: Fusion) -> list[float]:
+    if fusion.method == "dbsf":
+        return [weight * s for s in dbsf_normalise([hit.score for hit in ranking])]
+    return [weight / (fusion.rrf_k + rank) for rank in range(1, len(ranking) + 1)]
 
 
 def fuse(dense: Sequence[Hit], bm25: Sequence[Hit], fusion: Fusion) -> list[tuple[Hit, float]]:
@@ -201,11 +260,22 @@ def fuse(dense: Sequence[Hit], bm25: Sequence[Hit], fusion: Fusion) -> list[tupl
     # Each document's chunk: the one that brought it the most, one with its text first.
     best: dict[str, tuple[bool, float, Hit]] = {}
     for ranking, weight in ((dense, fusion.dense_weight), (bm25, fusion.bm25_weight)):
-        for rank, hit in enumerate(ranking, 1):
-            contribution = weight / (fusion.rrf_k + rank)
+        for hit, contribution in zip(ranking, _contributions(ranking, weight, fusion), strict=True):
             scores[hit.doc_id] = scores.get(hit.doc_id, 0.0) + contribution
             candidate = (hit.text is not None, contribution, hit)
             if hit.doc_id not in best or candidate[:2] > best[hit.doc_id][:2]:
                 best[hit.doc_id] = candidate
     ranked = sorted(scores, key=lambda doc: -scores[doc])
     return [(best[doc][2], scores[doc]) for doc in ranked]
+
+
+def rank(
+    dense: Iterable[Hit], bm25: Iterable[Hit], retriever: str, fusion: Fusion, candidates: int, k: int
+) -> list[tuple[Hit, float]]:
+    """The top ``k`` documents of a query from its shards' hits: each retriever's best
+    ``candidates`` documents, fused (``retriever`` ``"hybrid"``) or one retriever's alone."""
+    dense_docs = best_per_doc(dense)[:candidates]
+    bm25_docs = best_per_doc(bm25)[:candidates]
+    if retriever == "hybrid":
+        return fuse(dense_docs, bm25_docs, fusion)[:k]
+    return [(hit, hit.score) for hit in (dense_docs if retriever == "dense" else bm25_docs)[:k]]
