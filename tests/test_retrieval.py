@@ -9,7 +9,17 @@ import numpy as np
 import pytest
 import Stemmer
 
-from dataflows.rag.retrieval import Fusion, Hit, IndexedChunk, ShardIndex, best_per_doc, dbsf_normalise, fuse, rank
+from dataflows.rag.retrieval import (
+    Fusion,
+    Hit,
+    IndexedChunk,
+    ShardIndex,
+    best_per_doc,
+    covered_text,
+    dbsf_normalise,
+    fuse,
+    rank,
+)
 from dataflows.rag.text import Analyzer, Chunker, sentences, terms
 
 CORPUS = [
@@ -27,7 +37,7 @@ CORPUS = [
 def _chunk(i: int, text: str, rng: np.random.Generator, metadata: dict | None = None) -> IndexedChunk:
     vector = rng.normal(size=8).astype(np.float32)
     vector /= np.linalg.norm(vector)
-    return IndexedChunk(f"d{i}#0", f"d{i}", "", text, 0, len(text), metadata or {}, vector, terms(text))
+    return IndexedChunk(f"d{i}#0", f"d{i}", "", text, 0, len(text), metadata or {}, vector)
 
 
 def _index(chunks: list[IndexedChunk]) -> ShardIndex:
@@ -44,15 +54,43 @@ def _ranked(index: ShardIndex, found: list[tuple[int, float]]) -> list[tuple[str
 def test_bm25_scores_equal_bm25s() -> None:
     """The reference: bm25s (Lucene's BM25, its English stop words, the Snowball stemmer)."""
     rng = np.random.default_rng(0)
-    index = _index([_chunk(i, text, rng) for i, text in enumerate(CORPUS)])
+    lucene = Analyzer(stopwords="lucene", stemmer="english", min_chars=2, title_weight=1)  # bm25s's defaults
+    index = ShardIndex(8, k1=1.5, b=0.75, analyzer=lucene)
+    for i, text in enumerate(CORPUS):
+        index.add(_chunk(i, text, rng))
     stemmer = Stemmer.Stemmer("english")
     reference = bm25s.BM25(method="lucene", k1=1.5, b=0.75)
     reference.index(bm25s.tokenize(CORPUS, stopwords="en", stemmer=stemmer, show_progress=False), show_progress=False)
     for query in ["heart disease risk", "bone fractures", "memory and sleep", "cholesterol statins heart"]:
         expected = reference.get_scores(bm25s.tokenize(query, stopwords="en", stemmer=stemmer, return_ids=False)[0])
-        got = dict(index.bm25(terms(query), len(CORPUS), index.allowed({})))
+        got = dict(index.bm25(lucene.terms(query), len(CORPUS), index.allowed({})))
         for slot, score in enumerate(expected):
             assert got.get(slot, 0.0) == pytest.approx(score, rel=1e-5), (query, CORPUS[slot])
+
+
+def _piece(doc: str, n: int, text: str, start: int, end: int) -> IndexedChunk:
+    return IndexedChunk(f"{doc}#{n}", doc, "Heart", text[start:end], start, end, {}, np.ones(8, np.float32) / 8**0.5)
+
+
+def test_bm25_scores_a_document_once_over_the_text_its_chunks_cover() -> None:
+    text = CORPUS[0] + " " + CORPUS[2]  # aspirin ... heart attacks ... Regular exercise ... blood pressure
+    overlap_from, cut = text.index("adults"), text.index("Regular")  # the chunks share "adults over fifty."
+    split = _index([_piece("d", 1, text, overlap_from, len(text)), _piece("d", 0, text, 0, cut)])
+    whole = _index([_piece("d", 0, text, 0, len(text))])
+    for index in (split, whole):
+        for other in (1, 3, 4):
+            index.add(_piece(f"o{other}", 0, CORPUS[other], 0, len(CORPUS[other])))
+    for query in ["heart attacks adults", "exercise blood pressure aspirin", "fifty adults"]:
+        assert _ranked(split, split.bm25(terms(query), 10, split.allowed({}))) == _ranked(
+            whole, whole.bm25(terms(query), 10, whole.allowed({}))
+        ), query
+    # A document's hit is its first chunk; without its second chunk it no longer holds "exercise".
+    assert _ranked(split, split.bm25(terms("exercise"), 10, split.allowed({})))[0][0] == "d#0"
+    split.remove("d#1")
+    assert "d#0" not in dict(_ranked(split, split.bm25(terms("exercise"), 10, split.allowed({}))))
+    assert "d#0" in dict(_ranked(split, split.bm25(terms("aspirin"), 10, split.allowed({}))))
+    assert covered_text([_piece("d", 0, "ab cd ef", 0, 5), _piece("d", 1, "ab cd ef", 3, 8)]) == "ab cd ef"
+    assert covered_text([_piece("d", 0, "ab cd ef", 0, 2), _piece("d", 1, "ab cd ef", 6, 8)]) == "ab ef"
 
 
 def test_live_index_equals_a_rebuilt_one() -> None:
@@ -100,7 +138,7 @@ def test_fusion_ranks_documents_by_weighted_reciprocal_rank() -> None:
     def hits(*docs: str) -> list[Hit]:
         return [Hit(f"{d}#0", d, 1.0 / (n + 1), 0, 1, text="t" if d != "c" else None) for n, d in enumerate(docs)]
 
-    fused = fuse(hits("a", "b", "c"), hits("c", "a"), Fusion(dense_weight=1.0, bm25_weight=2.0, rrf_k=0))
+    fused = fuse(hits("a", "b", "c"), hits("c", "a"), Fusion(dense_weight=1.0, bm25_weight=2.0, rrf_k=0, method="rrf"))
     scores = {hit.doc_id: score for hit, score in fused}
     assert scores == pytest.approx({"a": 1 / 1 + 2 / 2, "b": 1 / 2, "c": 1 / 3 + 2 / 1})
     assert [hit.doc_id for hit, _ in fused] == ["c", "a", "b"]
@@ -142,13 +180,13 @@ def test_dbsf_fusion_sums_weighted_normalised_scores_and_ignores_each_rankings_s
     dense = _scored(("a", 0.9), *((d, 0.1) for d in "bcdghijk"))
     bm25 = _scored(("e", 30.0), ("f", 29.0), ("c", 5.0))
     assert next(h.doc_id for h, _ in fuse(dense, bm25, Fusion(1.0, 1.0, method="dbsf"))) == "a"
-    assert next(h.doc_id for h, _ in fuse(dense, bm25, Fusion(1.0, 1.0, rrf_k=5))) == "c"
+    assert next(h.doc_id for h, _ in fuse(dense, bm25, Fusion(1.0, 1.0, rrf_k=5, method="rrf"))) == "c"
 
 
 def test_an_unknown_fusion_method_is_refused() -> None:
     with pytest.raises(ValueError, match="fusion method"):
         Fusion(method="linear")
-    assert Fusion(method="dbsf").describe() != Fusion().describe()
+    assert Fusion(method="dbsf").describe() != Fusion(method="rrf").describe()
 
 
 def test_rank_fuses_the_shards_best_chunk_per_document_or_ranks_one_retriever() -> None:
@@ -156,7 +194,7 @@ def test_rank_fuses_the_shards_best_chunk_per_document_or_ranks_one_retriever() 
     bm25 = _scored(("b", 3.0), ("c", 1.0))
     assert [(h.chunk_id, s) for h, s in rank(dense, bm25, "dense", Fusion(), 100, 10)] == [("a#1", 0.95), ("b#0", 0.8)]
     assert [h.doc_id for h, _ in rank(dense, bm25, "bm25", Fusion(), 1, 10)] == ["b"]
-    assert [h.doc_id for h, _ in rank(dense, bm25, "hybrid", Fusion(1.0, 1.0, 5), 100, 2)] == ["b", "a"]
+    assert [h.doc_id for h, _ in rank(dense, bm25, "hybrid", Fusion(1.0, 1.0, 5, "rrf"), 100, 2)] == ["b", "a"]
 
 
 def test_analyzer_drops_its_stop_words_stems_and_counts_the_title() -> None:
@@ -171,13 +209,16 @@ def test_analyzer_drops_its_stop_words_stems_and_counts_the_title() -> None:
     assert "6" in Analyzer(min_chars=1).terms(text) and "2" in Analyzer(min_chars=1).terms(text)
     assert "6" not in Analyzer(min_chars=2).terms(text)
     title = "Statin therapy"
-    assert Analyzer(title_weight=2).document_terms(title, "in adults") == ["statin", "therapi"] * 2 + ["adult"]
-    assert Analyzer(title_weight=0).document_terms(title, "in adults") == ["adult"]
-    # The dataflow's chunks once took the terms of "title\ntext": the same terms, in the same order.
-    assert Analyzer().document_terms(title, text) == terms(f"{title}\n{text}")
+    assert Analyzer("lucene", title_weight=2).document_terms(title, "in adults") == ["statin", "therapi"] * 2 + [
+        "adult"
+    ]
+    assert Analyzer("lucene", title_weight=0).document_terms(title, "in adults") == ["adult"]
+    assert Analyzer("none", title_weight=1).document_terms(title, "in adults") == ["statin", "therapi", "in", "adult"]
+    # Once title, once text: the terms of "title\ntext", in the same order.
+    assert Analyzer(title_weight=1).document_terms(title, text) == terms(f"{title}\n{text}")
     for bad in ({"stopwords": "klingon"}, {"stemmer": "klingon"}, {"min_chars": 0}, {"title_weight": -1}):
         with pytest.raises(ValueError):
-            Analyzer(**bad)  # type: ignore[arg-type]
+            Analyzer(**bad)
 
 
 class _WhitespaceTokenizer:

@@ -41,7 +41,7 @@ import orjson
 
 from dataflows.rag.answers import Generator, Question
 from dataflows.rag.retrieval import Fusion, Hit, IndexedChunk, ShardIndex, rank
-from dataflows.rag.text import Chunker, document_terms, terms
+from dataflows.rag.text import Chunker, terms
 from operators import metrics
 from operators.dlq import loads_json
 from operators.kafka.message import KafkaMessage
@@ -294,7 +294,7 @@ def embed_documents(
         chunks.setdefault(i, []).append(
             IndexedChunk(
                 f"{doc.doc_id}#{chunk.index}", doc.doc_id, doc.title, chunk.text, chunk.start, chunk.end,
-                doc.metadata, vector, document_terms(doc.title, chunk.text),
+                doc.metadata, vector,
             )
         )  # fmt: skip
     out = []
@@ -327,7 +327,6 @@ def _from_state(chunk_id: str, doc: dict[str, Any]) -> IndexedChunk:
     return IndexedChunk(
         chunk_id, doc["doc"], title, text, doc["start"], doc["end"], doc["metadata"],
         np.frombuffer(base64.b64decode(doc["vector"]), dtype=np.float32),
-        document_terms(title, text),
     )  # fmt: skip
 
 

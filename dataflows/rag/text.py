@@ -2,7 +2,7 @@
 
 - :class:`Analyzer`: what BM25 counts. Lowercased words of ``min_chars`` or
   more word characters, a stop-word list dropped, stemmed with a Snowball
-  stemmer; a chunk's terms are its document's title's, counted ``title_weight``
+  stemmer; a document's terms are its title's, counted ``title_weight``
   times, and its text's. :data:`ANALYZER` is the one the dataflow uses (chosen
   on SciFact's train split: ``python -m scripts.tune_rag bm25``);
   :func:`terms` and :func:`document_terms` are its methods.
@@ -53,10 +53,13 @@ class Analyzer:
     lowercased, the ``stopwords`` list (a key of :data:`STOPWORDS`) dropped, stemmed with
     PyStemmer's ``stemmer`` algorithm (empty: not stemmed)."""
 
-    stopwords: str = "lucene"
+    # The defaults were chosen on SciFact's train split (python -m scripts.tune_rag bm25): no stop
+    # words (BM25's IDF weighs them down), single characters kept ("type 2", "IL-6"), the title
+    # counted three times. bm25s's defaults are Analyzer("lucene", "english", 2, 1).
+    stopwords: str = "none"
     stemmer: str = "english"
-    min_chars: int = 2
-    title_weight: int = 1  # a chunk counts its document's title's terms this many times
+    min_chars: int = 1
+    title_weight: int = 3  # a document counts its title's terms this many times
 
     def __post_init__(self) -> None:
         if self.stopwords not in STOPWORDS:
@@ -72,7 +75,7 @@ class Analyzer:
         return [stem(word) for word in _word_pattern(self.min_chars).findall(text.lower()) if word not in stop]
 
     def document_terms(self, title: str, text: str) -> list[str]:
-        """BM25 terms of a chunk: its document's title's, ``title_weight`` times, then its text's."""
+        """BM25 terms of a document: its title's, ``title_weight`` times, then its text's."""
         return self.terms(title) * self.title_weight + self.terms(text)
 
 
