@@ -17,12 +17,13 @@ state, consistent with the recovery snapshots: after a kill -9 the index is
 exactly the one of the last snapshot, and the replayed documents are applied once.
 
 Query: embedded, fanned out to every shard; each returns its best chunks by
-vector and by BM25; the per-document rankings are fused with weighted
-reciprocal rank fusion (tuned on SciFact's train split) and the generator
+vector and its best documents by BM25; the per-document rankings are fused
+(``RAG_FUSION``: distribution-based score fusion by default, or weighted
+reciprocal rank fusion; tuned on SciFact's train split) and the generator
 answers from the top documents: by default the extractive generator (cited
 sentences, or "not found in the sources"), or an OpenAI-compatible server when
 ``RAG_LLM_URL`` is set. Each reply names the index version (embedding model,
-chunking, fusion); eval runs of ``scripts.eval_rag`` recorded for that version on
+chunking, BM25's k1 and b, fusion); eval runs of ``scripts.eval_rag`` recorded for that version on
 ``rag.evals`` are exported as ``patternflow_rag_eval``. Run::
 
     python -m bytewax.run "dataflows.rag:build()" -r var/recovery/rag -s 1 -b 0
