@@ -10,7 +10,7 @@ live dataflow gives for the same settings, minus float noise in the vectors.
 Choices are made on the train split; test is scored once per chosen configuration.
 
     python -m scripts.tune_rag encode             # chunk and embed the corpus and queries (cached)
-    python -m scripts.tune_rag bm25               # the BM25 grid on train, the best on test
+    python -m scripts.tune_rag bm25               # the BM25 grid on train, the best on test (no vectors needed)
     python -m scripts.tune_rag fusion             # each fusion method tuned on train, scored on test
 """
 
@@ -42,7 +42,7 @@ CACHE = Path(os.environ.get("PATTERNFLOW_CACHE", Path.home() / ".cache" / "patte
 
 @dataclass(frozen=True)
 class Encoded:
-    """The corpus's chunks (document id, chunk, embedded text) with their vectors, and the queries' vectors."""
+    """The corpus's chunks (document id, chunk) with their vectors, and the queries' vectors."""
 
     chunks: list[tuple[str, Any]]  # (document id, Chunk), in corpus order
     chunk_vectors: np.ndarray  # one row per chunk, float32, L2-normalised
