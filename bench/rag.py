@@ -193,15 +193,14 @@ def main() -> None:
                 train_bm25 = ask(client, train_queries, retriever="bm25", what="train, bm25")
                 grid = tune(train_dense, train_bm25, train_qrels)
                 tuned_rows = [
-                    "Fusion grid on the train split (best first; the dataflow's default is "
-                    f"dense_weight={s.dense_weight}, rrf_k={s.rrf_k}):",
+                    "Fusion grid on the train split (best first; dense:bm25 weights, then the method; "
+                    f"the dataflow's default is {s.fusion_config.describe()}):",
                     "",
-                    "| dense weight | rrf k | nDCG@10 train | nDCG@10 test |",
-                    "| --- | --- | --- | --- |",
+                    "| fusion | nDCG@10 train | nDCG@10 test |",
+                    "| --- | --- | --- |",
                     *(
-                        f"| {f.dense_weight} | {f.rrf_k} | {m['ndcg@10']:.4f} | "
-                        f"{hybrid_metric(dense, bm25, f, qrels):.4f} |"
-                        for f, m in grid[:6]
+                        f"| {f.describe()} | {m['ndcg@10']:.4f} | {hybrid_metric(dense, bm25, f, qrels):.4f} |"
+                        for f, m in grid[:8]
                     ),
                     "",
                 ]

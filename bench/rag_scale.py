@@ -59,7 +59,7 @@ def fill(path: Path, rng: np.random.Generator, centres: np.ndarray, chunks: int)
     store, shard = StateStore(RocksDBBackend(path)), IndexShard(DIM, ann_min=0)
     for start in range(0, chunks, BATCH):
         for i, vector in enumerate(vectors(rng, centres, min(BATCH, chunks - start)), start):
-            chunk = IndexedChunk(f"c{i}#0", f"c{i}", "", "", 0, 0, {}, vector, ())
+            chunk = IndexedChunk(f"c{i}#0", f"c{i}", "", "", 0, 0, {}, vector)
             list(shard.on_item(store, f"c{i}", Indexed(f"c{i}", (chunk,), 0)))
         store.commit()
         progress(f"{min(start + BATCH, chunks):,} chunks written")

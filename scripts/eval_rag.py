@@ -25,7 +25,7 @@ import argparse
 import re
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,21 +121,20 @@ def generation_metrics(asked: Asked, corpus: Mapping[str, Mapping[str, str]], em
     }
 
 
-def _hits(doc_ids: Iterable[str]) -> list[Hit]:
-    return [Hit(doc, doc, 0.0, 0, 0) for doc in doc_ids]
+def _hits(asked: Asked, qid: str) -> list[Hit]:
+    """A query's ranking as the reply gave it: document ids and the retriever's scores (DBSF fuses scores)."""
+    return [Hit(h["doc_id"], h["doc_id"], h["score"], 0, 0) for h in asked.replies[qid]["outputs"]["hits"]]
 
 
 def fused_runs(dense: Asked, bm25: Asked, fusion: Fusion, k: int = 100) -> dict[str, list[str]]:
     """The hybrid ranking the dataflow would give with ``fusion``, from the two retrievers' rankings."""
-    return {
-        qid: [hit.doc_id for hit, _ in fuse(_hits(dense.runs[qid]), _hits(bm25.runs[qid]), fusion)[:k]]
-        for qid in dense.runs
-    }
+    return {qid: [hit.doc_id for hit, _ in fuse(_hits(dense, qid), _hits(bm25, qid), fusion)[:k]] for qid in dense.runs}
 
 
 def tune(dense: Asked, bm25: Asked, qrels: Mapping[str, Mapping[str, int]]) -> list[tuple[Fusion, dict[str, float]]]:
-    """Every fusion of a grid, with its figures, best nDCG@10 first."""
-    grid = [Fusion(w, 1.0, k) for w in (0.5, 0.75, 1.0, 1.5, 2.0) for k in (5, 10, 30, 60)]
+    """Every fusion of a grid (weighted RRF and DBSF), with its figures, best nDCG@10 first."""
+    grid = [Fusion(w, 1.0, k, "rrf") for w in (0.5, 0.75, 1.0, 1.5, 2.0) for k in (2, 5, 10, 60)]
+    grid += [Fusion(w, 1.0, method="dbsf") for w in (0.5, 0.7, 0.9, 1.0, 1.2, 1.5)]
     scored = [(f, retrieval_metrics(fused_runs(dense, bm25, f), qrels)) for f in grid]
     return sorted(scored, key=lambda fs: -fs[1]["ndcg@10"])
 

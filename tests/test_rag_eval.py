@@ -20,10 +20,11 @@ from scripts.beir import load
 from tests.support.models import loaded
 
 MINI = Path(__file__).parent / "data" / "scifact-mini"
-# nDCG@10 measured when the gate was set (chunks of 256 tokens, 32 overlap, fusion defaults): BM25
-# 0.7748, MiniLM 0.7563, hybrid 0.7809; the floors leave a margin for floating-point sums taken in
-# another order on other CPUs.
-FLOORS = {"bm25": 0.76, "dense": 0.74, "hybrid": 0.77}
+# nDCG@10 measured when the gate was last raised (chunks of 256 tokens, 32 overlap, BM25 over whole
+# documents with the default Analyzer, k1 1.8, b 0.75, DBSF fusion with dense weight 0.9): BM25 0.7781,
+# MiniLM 0.7563, hybrid 0.7892 (before: BM25 over chunks 0.7748, weighted RRF 0.7809); the floors
+# leave a margin for floating-point sums taken in another order on other CPUs.
+FLOORS = {"bm25": 0.765, "dense": 0.74, "hybrid": 0.78}
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,13 @@ state, consistent with the recovery snapshots: after a kill -9 the index is
 exactly the one of the last snapshot, and the replayed documents are applied once.
 
 Query: embedded, fanned out to every shard; each returns its best chunks by
-vector and by BM25; the per-document rankings are fused with weighted
-reciprocal rank fusion (tuned on SciFact's train split) and the generator
+vector and its best documents by BM25; the per-document rankings are fused
+(``RAG_FUSION``: distribution-based score fusion by default, or weighted
+reciprocal rank fusion; tuned on SciFact's train split) and the generator
 answers from the top documents: by default the extractive generator (cited
 sentences, or "not found in the sources"), or an OpenAI-compatible server when
 ``RAG_LLM_URL`` is set. Each reply names the index version (embedding model,
-chunking, fusion); eval runs of ``scripts.eval_rag`` recorded for that version on
+chunking, BM25's k1 and b, fusion); eval runs of ``scripts.eval_rag`` recorded for that version on
 ``rag.evals`` are exported as ``patternflow_rag_eval``. Run::
 
     python -m bytewax.run "dataflows.rag:build()" -r var/recovery/rag -s 1 -b 0
@@ -42,7 +43,7 @@ import numpy as np
 from bytewax.dataflow import Dataflow
 
 from dataflows.rag.answers import Extractive, Generator, OpenAIChat
-from dataflows.rag.retrieval import Fusion
+from dataflows.rag.retrieval import Fusion, ShardIndex
 from dataflows.rag.steps import (
     Answering,
     Catalog,
@@ -92,6 +93,12 @@ class Settings(TorchSettings):
     ann_min_chunks: int = 20_000  # a shard's chunks from which dense search is approximate (0: never)
     context_docs: int = 3
     support_threshold: float = 0.45
+    # BM25's term-frequency saturation and length normalisation (statistics per shard).
+    bm25_k1: float = ShardIndex.k1
+    bm25_b: float = ShardIndex.b
+    # How the two rankings become one: "rrf" (weighted reciprocal rank, rrf_k) or "dbsf"
+    # (distribution-based score fusion, Qdrant's); both weigh each ranking. See Fusion.
+    fusion: str = Fusion.method
     dense_weight: float = Fusion.dense_weight
     bm25_weight: float = Fusion.bm25_weight
     rrf_k: int = Fusion.rrf_k
@@ -104,10 +111,11 @@ class Settings(TorchSettings):
     def __post_init__(self) -> None:
         if self.llm_url and not self.llm_model:
             raise ValueError("RAG_LLM_URL is set but RAG_LLM_MODEL is not: name the model the server serves")
+        _ = self.fusion_config  # RAG_FUSION names a method Fusion knows, or the dataflow does not start
 
     @property
-    def fusion(self) -> Fusion:
-        return Fusion(self.dense_weight, self.bm25_weight, self.rrf_k)
+    def fusion_config(self) -> Fusion:
+        return Fusion(self.dense_weight, self.bm25_weight, self.rrf_k, self.fusion)
 
     def topics(self) -> list[TopicSpec]:
         return [
@@ -143,9 +151,9 @@ def build(settings: Settings | None = None) -> Dataflow:
     encoder = minilm.model  # type: ignore[attr-defined]
     chunker = Chunker(encoder.tokenizer, s.chunk_tokens, s.overlap_tokens)
     dim = embed(["dimension"]).shape[1]  # sentence-transformers renamed the method that says it
-    version = index_version(f"{spec.name}@{spec.version}", chunker, s.fusion)
+    version = index_version(f"{spec.name}@{spec.version}", chunker, s.fusion_config, (s.bm25_k1, s.bm25_b))
     generate = generator(s, Extractive(embed, s.support_threshold))
-    answering = Answering(s.fusion, generate, s.candidates, s.context_docs, version)
+    answering = Answering(s.fusion_config, generate, s.candidates, s.context_docs, version)
     metrics.RAG_INDEX.info({"version": version})
     rules = app.reply_rules(s.answers_topic, s.reply_topics, s.topics(), "RAG_REPLY_TOPICS")
     state = StateConfig(s.state_dir, shards=s.shards)
@@ -172,7 +180,7 @@ def build(settings: Settings | None = None) -> Dataflow:
     # Query | Reply (error)
     fanned = op.flat_map_batch("embed_queries", valid.first, lambda batch: _fan_out(batch, embed, s.shards))
     # (shard, (shard, query key, Query)): every query to every shard
-    shard = partial(IndexShard, dim, s.candidates, ann_min=s.ann_min_chunks)
+    shard = partial(IndexShard, dim, s.candidates, k1=s.bm25_k1, b=s.bm25_b, ann_min=s.ann_min_chunks)
     hits = sharded_state("index", op.merge("to_index", updates, fanned), shard, state)
     # (query key, ShardHits)
     gathered = op.stateful_flat_map("gather", hits, gather(s.shards))

@@ -40,7 +40,7 @@ import numpy as np
 import orjson
 
 from dataflows.rag.answers import Generator, Question
-from dataflows.rag.retrieval import Fusion, Hit, IndexedChunk, ShardIndex, best_per_doc, fuse
+from dataflows.rag.retrieval import Fusion, Hit, IndexedChunk, ShardIndex, rank
 from dataflows.rag.text import Chunker, terms
 from operators import metrics
 from operators.dlq import loads_json
@@ -166,12 +166,12 @@ def parse_document(msg: KafkaMessage, max_chars: int) -> Document | Deletion:
     return Document(doc_id, title, doc["text"], _metadata(doc.get("metadata") or {}, "metadata"), produced_ms)
 
 
-def index_version(model: str, chunker: Chunker, fusion: Fusion) -> str:
-    """What an eval run's figures hold for: the embedding model's version, the chunking and
-    the fusion. A run recorded for another version says nothing about this index."""
+def index_version(model: str, chunker: Chunker, fusion: Fusion, bm25: tuple[float, float] = (1.5, 0.75)) -> str:
+    """What an eval run's figures hold for: the embedding model's version, the chunking,
+    BM25's ``(k1, b)`` and the fusion. A run recorded for another version says nothing about this index."""
     return (
         f"{model}/chunks {chunker.chunk_tokens}+{chunker.overlap_tokens}"
-        f"/fusion {fusion.dense_weight:g}:{fusion.bm25_weight:g}:rrf{fusion.rrf_k}"
+        f"/bm25 {bm25[0]:g}:{bm25[1]:g}/fusion {fusion.describe()}"
     )
 
 
@@ -290,11 +290,11 @@ def embed_documents(
     vectors = (v for i in range(0, len(texts), batch_size) for v in embed(texts[i : i + batch_size]))
     # By position in the batch: two versions of one document each keep their own chunks.
     chunks: dict[int, list[IndexedChunk]] = {}
-    for (i, doc, chunk, text), vector in zip(pieces, vectors, strict=True):
+    for (i, doc, chunk, _), vector in zip(pieces, vectors, strict=True):
         chunks.setdefault(i, []).append(
             IndexedChunk(
                 f"{doc.doc_id}#{chunk.index}", doc.doc_id, doc.title, chunk.text, chunk.start, chunk.end,
-                doc.metadata, vector, terms(text),
+                doc.metadata, vector,
             )
         )  # fmt: skip
     out = []
@@ -327,7 +327,6 @@ def _from_state(chunk_id: str, doc: dict[str, Any]) -> IndexedChunk:
     return IndexedChunk(
         chunk_id, doc["doc"], title, text, doc["start"], doc["end"], doc["metadata"],
         np.frombuffer(base64.b64decode(doc["vector"]), dtype=np.float32),
-        terms(f"{title}\n{text}" if title else text),
     )  # fmt: skip
 
 
@@ -340,12 +339,14 @@ class IndexShard(Expiring[Any]):
     dim: int
     candidates: int = 100
     with_text: int = 10
+    k1: float = ShardIndex.k1
+    b: float = ShardIndex.b
     ann_min: int = ShardIndex.ann_min
     _index: ShardIndex | None = None
 
     def _open(self, store: StateStore) -> ShardIndex:
         if self._index is None:
-            self._index = ShardIndex(self.dim, ann_min=self.ann_min)
+            self._index = ShardIndex(self.dim, self.k1, self.b, ann_min=self.ann_min)
             for key, doc in store.items("c:"):
                 self._index.add(_from_state(key[2:], doc))
         return self._index
@@ -369,10 +370,7 @@ class IndexShard(Expiring[Any]):
     def search(self, index: ShardIndex, query: Query) -> ShardHits:
         assert query.vector is not None, "queries are embedded before they fan out"
         allowed, k = index.allowed(query.filters), max(query.k, self.candidates)
-        dense, bm25 = (
-            tuple(index.hit(slot, score, rank < self.with_text) for rank, (slot, score) in enumerate(ranked))
-            for ranked in (index.dense(query.vector, k, allowed), index.bm25(terms(query.text), k, allowed))
-        )
+        dense, bm25 = index.search(query.vector, terms(query.text), k, allowed, self.with_text)
         return ShardHits(query, dense, bm25)
 
 
@@ -422,12 +420,9 @@ def answer(gathered: list[list[ShardHits]], how: Answering) -> list[Reply]:
         if request.deadline_ms is not None and request.deadline_ms <= how.now_ms():
             replies.append(Reply(request, "timeout", error="deadline passed before the answer"))
             continue
-        dense = best_per_doc(h for part in parts for h in part.dense)[: how.candidates]
-        bm25 = best_per_doc(h for part in parts for h in part.bm25)[: how.candidates]
-        if query.retriever == "hybrid":
-            fused = fuse(dense, bm25, how.fusion)[: query.k]
-        else:
-            fused = [(hit, hit.score) for hit in (dense if query.retriever == "dense" else bm25)[: query.k]]
+        dense = (h for part in parts for h in part.dense)
+        bm25 = (h for part in parts for h in part.bm25)
+        fused = rank(dense, bm25, query.retriever, how.fusion, how.candidates, query.k)
         contexts = tuple(hit for hit, _ in fused[: how.context_docs] if hit.text is not None)
         assert query.vector is not None
         if query.answer:

@@ -1,8 +1,11 @@
 """Text for retrieval: BM25 terms, token-window chunks with character offsets, sentences.
 
-- :func:`terms`: what BM25 counts. Lowercased words of two or more word
-  characters, Lucene's English stop words dropped, Snowball-stemmed: the
-  defaults of bm25s, so scores can be checked against it.
+- :class:`Analyzer`: what BM25 counts. Lowercased words of ``min_chars`` or
+  more word characters, a stop-word list dropped, stemmed with a Snowball
+  stemmer; a document's terms are its title's, counted ``title_weight``
+  times, and its text's. :data:`ANALYZER` is the one the dataflow uses (chosen
+  on SciFact's train split: ``python -m scripts.tune_rag bm25``);
+  :func:`terms` and :func:`document_terms` are its methods.
 - :class:`Chunker`: windows of ``chunk_tokens`` tokens of the embedding model's
   own tokenizer, overlapping by ``overlap_tokens``; each chunk keeps the
   character offsets of its text in the document, for citations.
@@ -14,23 +17,71 @@ No Bytewax here.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Any
 
 import Stemmer
-from bm25s.stopwords import STOPWORDS_EN
+from bm25s.stopwords import STOPWORDS_EN, STOPWORDS_EN_PLUS
 
-__all__ = ["Chunk", "Chunker", "sentences", "terms"]
+__all__ = ["ANALYZER", "STOPWORDS", "Analyzer", "Chunk", "Chunker", "document_terms", "sentences", "terms"]
 
-_WORD = re.compile(r"(?u)\b\w\w+\b")
-_STOPWORDS = frozenset(STOPWORDS_EN)
-_stem = lru_cache(maxsize=200_000)(Stemmer.Stemmer("english").stemWord)
+# Lucene's English stop words (33, bm25s's "en"); NLTK's English list (179, bm25s's "en_plus").
+STOPWORDS: dict[str, frozenset[str]] = {
+    "lucene": frozenset(STOPWORDS_EN),
+    "nltk": frozenset(STOPWORDS_EN_PLUS),
+    "none": frozenset(),
+}
 
 
-def terms(text: str) -> list[str]:
-    """BM25 terms of ``text``, in order, repeats kept."""
-    return [_stem(word) for word in _WORD.findall(text.lower()) if word not in _STOPWORDS]
+@cache
+def _word_pattern(min_chars: int) -> re.Pattern[str]:
+    return re.compile(rf"(?u)\b\w{{{min_chars},}}\b")
+
+
+@cache
+def _stemmer(algorithm: str) -> Callable[[str], str]:
+    if not algorithm:
+        return str
+    return lru_cache(maxsize=200_000)(Stemmer.Stemmer(algorithm).stemWord)
+
+
+@dataclass(frozen=True)
+class Analyzer:
+    """How text becomes BM25 terms: words of at least ``min_chars`` word characters,
+    lowercased, the ``stopwords`` list (a key of :data:`STOPWORDS`) dropped, stemmed with
+    PyStemmer's ``stemmer`` algorithm (empty: not stemmed)."""
+
+    # The defaults were chosen on SciFact's train split (python -m scripts.tune_rag bm25): no stop
+    # words (BM25's IDF weighs them down), single characters kept ("type 2", "IL-6"), the title
+    # counted three times. bm25s's defaults are Analyzer("lucene", "english", 2, 1).
+    stopwords: str = "none"
+    stemmer: str = "english"
+    min_chars: int = 1
+    title_weight: int = 3  # a document counts its title's terms this many times
+
+    def __post_init__(self) -> None:
+        if self.stopwords not in STOPWORDS:
+            raise ValueError(f"stopwords is one of {sorted(STOPWORDS)}, got {self.stopwords!r}")
+        if self.stemmer and self.stemmer not in Stemmer.algorithms():
+            raise ValueError(f"stemmer is empty or one of PyStemmer's algorithms, got {self.stemmer!r}")
+        if self.min_chars < 1 or self.title_weight < 0:
+            raise ValueError(f"need min_chars >= 1, title_weight >= 0; got {self.min_chars}, {self.title_weight}")
+
+    def terms(self, text: str) -> list[str]:
+        """BM25 terms of ``text``, in order, repeats kept."""
+        stop, stem = STOPWORDS[self.stopwords], _stemmer(self.stemmer)
+        return [stem(word) for word in _word_pattern(self.min_chars).findall(text.lower()) if word not in stop]
+
+    def document_terms(self, title: str, text: str) -> list[str]:
+        """BM25 terms of a document: its title's, ``title_weight`` times, then its text's."""
+        return self.terms(title) * self.title_weight + self.terms(text)
+
+
+ANALYZER = Analyzer()
+terms = ANALYZER.terms
+document_terms = ANALYZER.document_terms
 
 
 @dataclass(frozen=True)
