@@ -18,7 +18,7 @@ from operators.kafka import KafkaMessage, ensure_topics, read_topic
 from operators.protocol import request_headers
 from patternflow import free_port
 from tests.support.processes import gateway, wait_for
-from tests.support.rag import DOCS, Rag, ask, dead_letters, doc_message, top
+from tests.support.rag import DOCS, Rag, ask, assert_same_hits, dead_letters, doc_message, top
 
 pytestmark = pytest.mark.e2e
 
@@ -59,14 +59,8 @@ def test_index_answers_updates_deletes_and_survives_kill_9(rag: Rag) -> None:
         rag.proc.wait()
         rag.start()
         rag.wait_ready(client)
-        # The index after recovery is the one before it, deletion and replacement included. Scores
-        # to float rounding: DBSF fuses raw scores, and a rebuilt shard holds its rows in another order.
-        got = {q: ask(client, q, k=4, answer=False)["hits"] for q in expected}
-        assert {q: [{**h, "score": 0} for h in hits] for q, hits in got.items()} == {
-            q: [{**h, "score": 0} for h in hits] for q, hits in expected.items()
-        }
-        for q, hits in got.items():
-            assert [h["score"] for h in hits] == pytest.approx([h["score"] for h in expected[q]], rel=1e-6)
+        # The index after recovery is the one before it, deletion and replacement included.
+        assert_same_hits({q: ask(client, q, k=4, answer=False)["hits"] for q in expected}, expected)
 
 
 def test_bad_documents_and_queries_get_reasons_and_the_dataflow_goes_on(rag: Rag, brokers: str, topic: str) -> None:

@@ -116,3 +116,13 @@ def ask(client: InferenceClient, query: str, **inputs: Any) -> dict[str, Any]:
 
 def top(outputs: dict[str, Any]) -> list[str]:
     return [hit["doc_id"] for hit in outputs["hits"]]
+
+
+def assert_same_hits(got: dict[str, list[dict[str, Any]]], expected: dict[str, list[dict[str, Any]]]) -> None:
+    """The same hits per query in the same order, their scores equal to float rounding: a shard rebuilt
+    from its state holds its vectors in other rows, and a matrix product's last bits depend on the row."""
+    assert {q: [{**h, "score": 0} for h in hits] for q, hits in got.items()} == {
+        q: [{**h, "score": 0} for h in hits] for q, hits in expected.items()
+    }
+    for q, hits in got.items():
+        assert [h["score"] for h in hits] == pytest.approx([h["score"] for h in expected[q]], rel=1e-6)
