@@ -54,6 +54,19 @@ def jsonl(path: Path, limit: int | None) -> Iterator[dict[str, object]]:
                 yield orjson.loads(line)
 
 
+def replay_env(brokers: str, settings: Settings) -> dict[str, str]:
+    """The environment of a bounded run of the dataflow on ``settings``' topics, without a metrics server."""
+    return {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": brokers,
+        "TELEMETRY_INPUT_TOPIC": settings.input_topic,
+        "TELEMETRY_SCORES_TOPIC": settings.scores_topic,
+        "TELEMETRY_ANOMALIES_TOPIC": settings.anomalies_topic,
+        "TELEMETRY_BOUNDED": "true",
+        "TELEMETRY_METRICS_PORT": "0",
+    }
+
+
 def evaluate(events: list[dict[str, object]], name: str, brokers: str, workdir: Path) -> dict[str, float | None]:
     prefix = f"eval-{uuid.uuid4().hex[:8]}"
     settings = Settings(
@@ -64,15 +77,7 @@ def evaluate(events: list[dict[str, object]], name: str, brokers: str, workdir: 
         brokers,
         (KafkaMessage(orjson.dumps(e), key=str(e["series"]).encode(), topic=settings.input_topic) for e in events),
     )
-    env = {
-        **os.environ,
-        "KAFKA_BOOTSTRAP_SERVERS": brokers,
-        "TELEMETRY_INPUT_TOPIC": settings.input_topic,
-        "TELEMETRY_SCORES_TOPIC": settings.scores_topic,
-        "TELEMETRY_ANOMALIES_TOPIC": settings.anomalies_topic,
-        "TELEMETRY_BOUNDED": "true",
-        "TELEMETRY_METRICS_PORT": "0",
-    }
+    env = replay_env(brokers, settings)
     start = time.perf_counter()
     subprocess.run(
         run_command("dataflows.telemetry_anomalies:build()", workdir / "recovery", snapshot_s=5), env=env, check=True

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import orjson
 from dataflows.launch import run_command
 from dataflows.telemetry_anomalies import Settings
 from operators.kafka import KafkaMessage, ensure_topics, produce, read_topic
+from scripts.evaluate_anomalies import replay_env
 from tests.support.processes import Logged
 
 __all__ = ["Telemetry"]
@@ -24,16 +24,7 @@ class Telemetry:
     def __init__(self, brokers: str, settings: Settings, tmp: Path, **env: str) -> None:
         self.brokers, self.s, self.tmp = brokers, settings, tmp
         tmp.mkdir(parents=True, exist_ok=True)
-        self.env = {
-            **os.environ,
-            "KAFKA_BOOTSTRAP_SERVERS": brokers,
-            "TELEMETRY_INPUT_TOPIC": settings.input_topic,
-            "TELEMETRY_SCORES_TOPIC": settings.scores_topic,
-            "TELEMETRY_ANOMALIES_TOPIC": settings.anomalies_topic,
-            "TELEMETRY_BOUNDED": "true",
-            "TELEMETRY_METRICS_PORT": "0",
-            **env,
-        }
+        self.env = {**replay_env(brokers, settings), **env}
         ensure_topics(brokers, settings.topics())
 
     def feed(self, events: Iterable[dict[str, Any]]) -> None:
